@@ -1,0 +1,183 @@
+"""Adapter directories on disk.
+
+Two layouts, told apart by their files (never by the directory name):
+- peft (LoRA, RoAd): `adapter_config.json` + `adapter_model.safetensors`, readable and writable by peft;
+- deltafleet (kinds peft lacks, e.g. low-rank deltas): `adapter_model.safetensors` with the same key layout
+  (`base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.{param}`) and no `adapter_config.json`.
+Both get a manifest `deltafleet.json` (schema version, kind, typed config, base-model fingerprint, sizes);
+peft ignores it. Weights are read only from safetensors; a pickle `.bin` is refused unopened.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltafleet.adapters.adapter import Adapter
+from deltafleet.adapters.peft_format import KEY_RE, PEFT_FORMATS, PEFT_KEY_PREFIX, peft_format_for_kind
+from deltafleet.adapters.registry import get_kind
+from deltafleet.errors import ArtifactError, DeltafleetError
+from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.store.safetensors_io import load_tensors, refuse_pickles, save_tensors
+
+SCHEMA_VERSION = 1
+MANIFEST = "deltafleet.json"
+PEFT_CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _group(proj: str) -> str:
+    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(path, "must hold a JSON object")
+    return data
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    m = _read_json(path)
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(path, f"schema_version={m.get('schema_version')!r}; this deltafleet reads {SCHEMA_VERSION}")
+    return m
+
+
+def _weights_file(directory: Path) -> Path:
+    path = directory / WEIGHTS
+    if not path.is_file():
+        refuse_pickles(directory, WEIGHTS)
+        raise ArtifactError(path, "adapter weights file not found")
+    return path
+
+
+def _split_params(tensors: dict[str, torch.Tensor], path: Path,
+                  suffix_to_param: dict[str, str]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    params: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = KEY_RE.match(key)
+        if m is None:
+            raise ArtifactError(path, f"tensor {key!r} is not a decoder-layer projection parameter")
+        layer, group, proj, suffix = int(m[1]), m[2], m[3], m[4]
+        if proj not in PROJECTIONS or _group(proj) != group:
+            raise ArtifactError(path, f"tensor {key!r} targets unknown module {group}.{proj}")
+        if suffix not in suffix_to_param:
+            raise ArtifactError(path, f"tensor {key!r}: unknown parameter {suffix!r} "
+                                      f"(expected one of {sorted(suffix_to_param)})")
+        params.setdefault((layer, proj), {})[suffix_to_param[suffix]] = t
+    if not params:
+        raise ArtifactError(path, "holds no adapter tensors")
+    return params
+
+
+def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
+                 expected_fingerprint: str | None = None) -> Adapter:
+    """Read a peft or deltafleet adapter directory; shapes are checked against `model_cfg` when given."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DeltafleetError(f"{d}: adapter directory not found")
+    manifest = read_manifest(d)
+    if expected_fingerprint and manifest and manifest.get("base_fingerprint") not in (None, expected_fingerprint):
+        raise ArtifactError(
+            d / MANIFEST,
+            f"made for base {manifest['base_fingerprint']}, but the loaded base is {expected_fingerprint}",
+        )
+    if (d / PEFT_CONFIG).is_file():
+        adapter = _load_peft(d)
+    elif manifest is not None:
+        adapter = _load_native(d, manifest)
+    else:
+        refuse_pickles(d, WEIGHTS)
+        raise ArtifactError(d, f"not an adapter directory: needs {PEFT_CONFIG} (peft) or {MANIFEST} (deltafleet)")
+    if model_cfg is not None:
+        try:
+            adapter.check_shapes(model_cfg, source=str(d / WEIGHTS))
+        except ValueError as e:
+            raise ArtifactError(d / WEIGHTS, str(e).split(": ", 1)[-1]) from None
+    return adapter
+
+
+def _load_peft(d: Path) -> Adapter:
+    cfg_path = d / PEFT_CONFIG
+    cfg = _read_json(cfg_path)
+    peft_type = cfg.get("peft_type")
+    fmt = PEFT_FORMATS.get(peft_type)
+    if fmt is None:
+        raise ArtifactError(cfg_path, f"peft_type={peft_type!r} is not supported; supported: {sorted(PEFT_FORMATS)}")
+    weights = _weights_file(d)
+    suffix_to_param = {v: k for k, v in fmt.key_suffix.items()}
+    params = _split_params(load_tensors(weights), weights, suffix_to_param)
+    targets = tuple(p for p in PROJECTIONS if any(proj == p for _, proj in params))
+    config = fmt.config_from_peft(cfg, targets, cfg_path)
+    _check_complete(params, get_kind(fmt.kind).param_names, weights)
+    return Adapter(config, params)
+
+
+def _load_native(d: Path, manifest: dict[str, Any]) -> Adapter:
+    kind = get_kind(str(manifest.get("kind")))
+    try:
+        config = kind.config_from_dict(manifest["config"])
+    except KeyError:
+        raise ArtifactError(d / MANIFEST, "missing field 'config'") from None
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(d / MANIFEST, f"field 'config': {e}") from None
+    weights = _weights_file(d)
+    params = _split_params(load_tensors(weights), weights, {n: n for n in kind.param_names})
+    _check_complete(params, kind.param_names, weights)
+    return Adapter(config, params)
+
+
+def _check_complete(params, names, path: Path) -> None:
+    for (layer, proj), p in params.items():
+        missing = [n for n in names if n not in p]
+        if missing:
+            raise ArtifactError(path, f"layers.{layer}.{proj} lacks parameter {missing[0]!r}")
+
+
+def _key(layer: int, proj: str, suffix: str) -> str:
+    return f"{PEFT_KEY_PREFIX}model.layers.{layer}.{_group(proj)}.{proj}.{suffix}"
+
+
+def save_adapter(adapter: Adapter, directory: str | Path, *, model_cfg: ModelConfig | None = None,
+                 base_fingerprint: str | None = None, base_model: str | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write peft's layout when peft knows the kind, else deltafleet's; always with the manifest."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fmt = peft_format_for_kind(adapter.config.kind)
+    suffix = fmt.key_suffix if fmt else {n: n for n in adapter.kind.param_names}
+    tensors = {_key(layer, proj, suffix[n]): t for (layer, proj), p in sorted(adapter.params.items())
+               for n, t in p.items()}
+    save_tensors(tensors, d / WEIGHTS, metadata={"format": "pt"})
+    if fmt:
+        peft_cfg = fmt.config_to_peft(adapter.config)
+        num_layers = model_cfg.num_layers if model_cfg else max(adapter.layers) + 1
+        full = {(layer, proj) for layer in range(num_layers) for proj in adapter.config.targets}
+        if set(adapter.params) != full:  # partial coverage: name each adapted module exactly
+            peft_cfg["target_modules"] = [f"model.layers.{layer}.{_group(proj)}.{proj}"
+                                          for layer, proj in sorted(adapter.params)]
+        peft_cfg.update(base_model_name_or_path=base_model, task_type="CAUSAL_LM", inference_mode=True)
+        (d / PEFT_CONFIG).write_text(json.dumps(peft_cfg, indent=2))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "format": "peft" if fmt else "deltafleet",
+        "kind": adapter.config.kind,
+        "config": adapter.config.to_dict(),
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
+        "num_params": adapter.num_params,
+        "bytes": adapter.nbytes,
+        **(extra or {}),
+    }
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return d

@@ -1,0 +1,108 @@
+"""The adapter-kind registry: one entry per kind (LoRA, RoAd, low-rank delta), filled by each kind's package.
+
+A kind is a bundle of pure functions over one projection's parameters (STYLE principle 2):
+
+    apply(cfg, params, x (..., in), y (..., out)) -> y'  (..., out)   adapted output, y = W x + b
+    delta_weight(cfg, params, W (out, in)) -> dW (out, in)             W_merged = W + dW
+    merge(cfg, params, W, b) -> (W', b')       unmerge(cfg, params, W', b') -> (W, b)
+
+plus the shapes of its parameters and an initialiser. Merge, serving and compression all reuse them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from deltafleet.errors import DeltafleetError
+from deltafleet.models.config import PROJECTIONS
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields every kind shares. `targets`: which of the seven projections carry the adapter."""
+
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("targets: must name at least one projection")
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"targets: unknown projection {unknown[0]!r}; must be among {PROJECTIONS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return {"kind": self.kind, **d}
+
+
+class AdapterKind(ABC):
+    """One adapter family's math. Subclasses hold no state; instances live in `KINDS`."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[AdapterConfig]]
+    param_names: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def param_shapes(self, cfg: AdapterConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of one projection's parameters."""
+
+    @abstractmethod
+    def init_params(self, cfg: AdapterConfig, out_features: int, in_features: int, *, identity: bool,
+                    generator: torch.Generator) -> Params:
+        """identity=True: the adapter leaves the projection unchanged (training start); else a random one."""
+
+    @abstractmethod
+    def apply(self, cfg: AdapterConfig, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        """Adapted output of one projection, from its input x (..., in) and base output y (..., out)."""
+
+    @abstractmethod
+    def delta_weight(self, cfg: AdapterConfig, params: Params, weight: Tensor) -> Tensor:
+        """dW (out, in) with apply(x, W x) == (W + dW) x for a bias-free projection."""
+
+    def merge(self, cfg: AdapterConfig, params: Params, weight: Tensor,
+              bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Weights that compute apply() without the adapter. Additive kinds leave the bias alone."""
+        return weight + self.delta_weight(cfg, params, weight).to(weight.dtype), bias
+
+    def unmerge(self, cfg: AdapterConfig, params: Params, weight: Tensor,
+                bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return weight - self.delta_weight(cfg, params, weight).to(weight.dtype), bias
+
+    def config_from_dict(self, d: dict[str, Any]) -> AdapterConfig:
+        d = {k: v for k, v in d.items() if k != "kind"}
+        d["targets"] = tuple(d.get("targets", ()))
+        return self.config_cls(**d)
+
+
+KINDS: dict[str, AdapterKind] = {}
+
+
+def register_kind(kind: AdapterKind) -> AdapterKind:
+    """Add a kind to the registry; checked here so a broken plugin fails at import, not mid-request."""
+    for attr in ("name", "config_cls", "param_names"):
+        if not getattr(kind, attr, None):
+            raise TypeError(f"adapter kind {type(kind).__name__} must define {attr}")
+    if kind.name in KINDS:
+        raise ValueError(f"adapter kind {kind.name!r} registered twice")
+    if kind.config_cls.kind != kind.name:
+        raise TypeError(f"{kind.config_cls.__name__}.kind={kind.config_cls.kind!r} != kind name {kind.name!r}")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> AdapterKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise DeltafleetError(f"unknown adapter kind {name!r}; registered kinds: {sorted(KINDS)}") from None

@@ -1,0 +1,92 @@
+"""RoAd math as pure functions.
+
+For output y (..., out) split into groups of G, with h = G/2, element j of a group pairs with j + h:
+
+    y'_j     = c_j     * y_j     - s_j     * y_{j+h}
+    y'_{j+h} = c_{j+h} * y_{j+h} + s_{j+h} * y_j
+
+i.e. y' = y * c + rotate_half(y) * s with c = alpha cos(theta), s = alpha sin(theta) expanded to (out,) per
+variant. A batch mixing many RoAd adapters therefore needs only a gather of each row's (c, s) and element-wise
+work. Merged: W' = R W, b' = R b with R = road_matrix (out, out); unmerge uses R^-1 (R is not orthogonal
+when alpha != 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from deltafleet.adapters.registry import AdapterKind, Params
+from deltafleet.adapters.road.config import RoadConfig
+
+
+def road_cols(variant: str, group_size: int, theta: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """(theta, alpha) as stored -> (c, s), each (out,)."""
+    h = group_size // 2
+    if variant == "road_1":  # one angle per pair: the h parameters of a group serve both halves
+        theta = theta.reshape(-1, 1, h).expand(-1, 2, h).reshape(-1)
+        alpha = alpha.reshape(-1, 1, h).expand(-1, 2, h).reshape(-1)
+        return alpha * theta.cos(), alpha * theta.sin()
+    if variant == "road_2":
+        return alpha * theta.cos(), alpha * theta.sin()
+    if variant == "road_4":  # per group: G params for the cos column, then G for the sin column
+        theta = theta.reshape(-1, 2, group_size)
+        alpha = alpha.reshape(-1, 2, group_size)
+        return (alpha[:, 0] * theta[:, 0].cos()).reshape(-1), (alpha[:, 1] * theta[:, 1].sin()).reshape(-1)
+    raise ValueError(f"variant={variant!r}: must be road_1, road_2 or road_4")
+
+
+def rotate_half_grouped(y: Tensor, group_size: int) -> Tensor:
+    """y (..., out) -> per group [-y[h:], y[:h]]."""
+    g = y.unflatten(-1, (-1, 2, group_size // 2))
+    return torch.stack((-g[..., 1, :], g[..., 0, :]), dim=-2).flatten(-3)
+
+
+def road_apply(y: Tensor, c: Tensor, s: Tensor, group_size: int) -> Tensor:
+    """y (..., out), c and s broadcastable to y -> R y."""
+    return y * c + rotate_half_grouped(y, group_size) * s
+
+
+def road_matrix(variant: str, group_size: int, theta: Tensor, alpha: Tensor) -> Tensor:
+    """R (out, out) in fp32 such that road_apply(y) == y @ R^T."""
+    c, s = road_cols(variant, group_size, theta.float(), alpha.float())
+    eye = torch.eye(c.shape[0])
+    return road_apply(eye, c, s, group_size).t()
+
+
+class RoadKind(AdapterKind):
+    name = "road"
+    config_cls = RoadConfig
+    param_names = ("theta", "alpha")
+
+    def param_shapes(self, cfg: RoadConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        n = cfg.num_params(out_features)
+        return {"theta": (n,), "alpha": (n,)}
+
+    def init_params(self, cfg: RoadConfig, out_features: int, in_features: int, *, identity: bool,
+                    generator: torch.Generator) -> Params:
+        n = cfg.num_params(out_features)
+        if identity:
+            return {"theta": torch.zeros(n), "alpha": torch.ones(n)}
+        return {"theta": torch.randn(n, generator=generator) * 0.5,
+                "alpha": 1.0 + torch.randn(n, generator=generator) * 0.2}
+
+    def apply(self, cfg: RoadConfig, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        c, s = road_cols(cfg.variant, cfg.group_size, params["theta"], params["alpha"])
+        return road_apply(y, c.to(y.dtype), s.to(y.dtype), cfg.group_size)
+
+    def delta_weight(self, cfg: RoadConfig, params: Params, weight: Tensor) -> Tensor:
+        R = road_matrix(cfg.variant, cfg.group_size, params["theta"], params["alpha"])
+        return R @ weight.float() - weight.float()
+
+    def merge(self, cfg: RoadConfig, params: Params, weight: Tensor,
+              bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        R = road_matrix(cfg.variant, cfg.group_size, params["theta"], params["alpha"])
+        new_bias = None if bias is None else (R @ bias.float()).to(bias.dtype)
+        return (R @ weight.float()).to(weight.dtype), new_bias
+
+    def unmerge(self, cfg: RoadConfig, params: Params, weight: Tensor,
+                bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        R_inv = torch.linalg.inv(road_matrix(cfg.variant, cfg.group_size, params["theta"], params["alpha"]))
+        new_bias = None if bias is None else (R_inv @ bias.float()).to(bias.dtype)
+        return (R_inv @ weight.float()).to(weight.dtype), new_bias

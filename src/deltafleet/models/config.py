@@ -1,0 +1,164 @@
+"""Typed config of a Llama-family decoder, read from a Hugging Face `config.json`.
+
+Supported `model_type`s: llama (optionally llama3 RoPE scaling), qwen2 (q/k/v bias) and mistral without a
+sliding window. Anything else is refused with `UnsupportedModelError` naming the file and the rule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltafleet.errors import ArtifactError, UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r}: must be one of {SUPPORTED_ROPE_TYPES}")
+        if self.theta <= 0:
+            raise ValueError(f"rope theta={self.theta}: must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim}: must be even for RoPE")
+
+    def linear_shape(self, proj: str) -> tuple[int, int]:
+        """(out_features, in_features) of one of the seven projections."""
+        h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        shapes = {
+            "q_proj": (self.num_heads * hd, h),
+            "k_proj": (self.num_kv_heads * hd, h),
+            "v_proj": (self.num_kv_heads * hd, h),
+            "o_proj": (h, self.num_heads * hd),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
+        if proj not in shapes:
+            raise ValueError(f"projection {proj!r}: must be one of {PROJECTIONS}")
+        return shapes[proj]
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from a transformers config dict (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"{source}: model_type={model_type!r} is not a Llama-family decoder; "
+                f"deltafleet supports {SUPPORTED_MODEL_TYPES}"
+            )
+        if cfg.get("use_sliding_window") or (model_type == "mistral" and cfg.get("sliding_window")):
+            raise UnsupportedModelError(f"{source}: sliding-window attention is not supported")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"{source}: hidden_act={act!r}; only SwiGLU ('silu') is supported")
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            rope_src = dict(cfg.get("rope_parameters") or {})
+            rope_src.update(cfg.get("rope_scaling") or {})
+            theta = rope_src.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            rope_type = rope_src.get("rope_type", rope_src.get("type", "default"))
+            rope = RopeConfig(
+                theta=float(theta),
+                rope_type=rope_type,
+                factor=float(rope_src.get("factor", 1.0)),
+                low_freq_factor=float(rope_src.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope_src.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(
+                    rope_src.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))
+                ),
+            )
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope=rope,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                # Llama's attention_bias covers q, k, v and o; Qwen2 always has q/k/v bias and no o bias.
+                qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+                o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                model_type=model_type,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=cfg.get("eos_token_id"),
+            )
+        except KeyError as e:
+            raise ArtifactError(source, f"missing required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(source, f"invalid value: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(path, "config.json not found; a checkpoint directory needs one") from None
+        except json.JSONDecodeError as e:
+            raise ArtifactError(path, f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(path, "must hold a JSON object")
+        return cls.from_hf_dict(data, source=str(path))

@@ -1,0 +1,263 @@
+"""A compact Llama-family decoder (Llama 2/3, SmolLM2, Qwen2, Mistral without sliding window).
+
+One readable file in the spirit of nanoGPT / gpt-fast. Weight names follow Hugging Face's
+(`model.layers.N.self_attn.q_proj.weight`, ...) so checkpoints load with `load_state_dict(assign=True)` and
+peft adapter keys map one to one. The seven projections stay separate named `nn.Linear`s: adapters act on them
+through a *projection hook* `hook(layer, proj, x, y) -> y` that sees the projection's input `x` and base
+output `y` (LoRA and low-rank deltas add a term computed from `x`; RoAd transforms `y`). The serving engine
+passes a hook that reads the batch's adapter layout; a plain forward passes none.
+
+Shape vocabulary: B batch, T tokens (this call), S key positions, H hidden, nh heads, nkv KV heads,
+hd head dim, V vocab, L layers, N cache slots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltafleet.models.config import ModelConfig, RopeConfig
+
+ProjectionHook = Callable[[int, str, Tensor, Tensor], Tensor]
+"""hook(layer_index, projection_name, x (..., in), y (..., out)) -> adapted y (..., out)."""
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
+    """Inverse frequencies (hd/2,) in fp32, with Llama 3.1 frequency-dependent scaling when configured."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "default":
+        return inv_freq
+    # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    old_ctx = rope.original_max_position_embeddings
+    low_freq_wavelen = old_ctx / rope.low_freq_factor
+    high_freq_wavelen = old_ctx / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions (B, T) int -> cos, sin (B, 1, T, hd), computed in fp32 then cast."""
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, nh, T, hd) rotated by position."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------- cache
+@dataclass
+class KVCache:
+    """Keys and values for N sequence slots, allocated once: k, v (L, N, nkv, S_max, hd).
+
+    A sequence owns one slot; a forward writes its new keys at their positions and reads the slot's prefix.
+    Nothing is reallocated per step.
+    """
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> KVCache:
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs for one forward, computed once per call."""
+
+    cos: Tensor  # (B, 1, T, hd)
+    sin: Tensor  # (B, 1, T, hd)
+    mask: Tensor  # (B, 1, T, S) bool: query may attend key
+    cache: KVCache | None
+    slots: Tensor | None  # (B,) cache slot per sequence
+    write_b: Tensor | None  # (M,) batch index of each token written to the cache
+    write_t: Tensor | None  # (M,) token index of each token written
+    write_pos: Tensor | None  # (M,) position it is written at
+    key_len: int  # S
+
+
+# ----------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _project(linear: nn.Linear, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:
+    y = linear(x)
+    return y if hook is None else hook(layer, name, x, y)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: Tensor, a: AttentionInputs, hook: ProjectionHook | None) -> Tensor:
+        B, T, _ = x.shape
+        q = _project(self.q_proj, self.layer, "q_proj", x, hook).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = _project(self.k_proj, self.layer, "k_proj", x, hook).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = _project(self.v_proj, self.layer, "v_proj", x, hook).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)  # (B, nh|nkv, T, hd)
+        if a.cache is not None:
+            ck, cv = a.cache.k[self.layer], a.cache.v[self.layer]  # (N, nkv, S_max, hd)
+            slot = a.slots[a.write_b]
+            ck[slot, :, a.write_pos] = k[a.write_b, :, a.write_t].to(ck.dtype)
+            cv[slot, :, a.write_pos] = v[a.write_b, :, a.write_t].to(cv.dtype)
+            k, v = ck[a.slots, :, : a.key_len], cv[a.slots, :, : a.key_len]  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=a.mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return _project(self.o_proj, self.layer, "o_proj", y, hook)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor, hook: ProjectionHook | None) -> Tensor:
+        g = _project(self.gate_proj, self.layer, "gate_proj", x, hook)
+        u = _project(self.up_proj, self.layer, "up_proj", x, hook)
+        return _project(self.down_proj, self.layer, "down_proj", F.silu(g) * u, hook)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, x: Tensor, a: AttentionInputs, hook: ProjectionHook | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), a, hook)
+        return x + self.mlp(self.post_attention_layernorm(x), hook)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Llama-family causal LM. `forward` returns logits (B, T, V), or (M, V) for `logits_index`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def linear(self, layer: int, proj: str) -> nn.Linear:
+        """The named projection `proj` of decoder layer `layer`."""
+        block = self.model.layers[layer]
+        parent = block.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
+        return getattr(parent, proj)
+
+    def _attention_inputs(self, positions: Tensor, valid: Tensor, cache: KVCache | None,
+                          slots: Tensor | None, dtype: torch.dtype) -> AttentionInputs:
+        B, T = positions.shape
+        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        if cache is None:
+            key_pos, key_valid = positions, valid  # keys are this call's tokens
+            write = (None, None, None)
+            key_len = T
+        else:
+            if slots is None:
+                raise ValueError("cache_slots is required when a KV cache is given")
+            key_len = int(positions[valid].max()) + 1 if bool(valid.any()) else 1
+            if key_len > cache.max_len:
+                raise ValueError(f"position {key_len - 1} exceeds the KV cache length {cache.max_len}")
+            key_pos = torch.arange(key_len, device=positions.device).expand(B, key_len)
+            key_valid = torch.ones_like(key_pos, dtype=torch.bool)
+            wb, wt = valid.nonzero(as_tuple=True)
+            write = (wb, wt, positions[wb, wt])
+        mask = (key_pos[:, None, :] <= positions[:, :, None]) & key_valid[:, None, :]  # (B, T, S)
+        # A padding query may have no key to attend; give it one so softmax stays finite (its output is unused).
+        mask[:, :, 0] |= ~mask.any(-1)
+        return AttentionInputs(cos, sin, mask[:, None], cache, slots, *write, key_len)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: Tensor | None = None,
+        hook: ProjectionHook | None = None,
+        logits_index: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids (B, T); positions (B, T) default arange; attention_mask (B, T) 1 = real token.
+
+        With `cache`, each sequence b reads and writes cache slot `cache_slots[b]`; padding tokens are not
+        written. `logits_index` (M,) selects flattened B*T positions so the LM head runs only where needed.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.to(torch.bool))
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        a = self._attention_inputs(positions, valid, cache, cache_slots, x.dtype)
+        for block in self.model.layers:
+            x = block(x, a, hook)
+        x = self.model.norm(x)
+        if logits_index is not None:
+            x = x.reshape(B * T, -1)[logits_index]
+        return self.lm_head(x)

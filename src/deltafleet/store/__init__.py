@@ -1,0 +1,1 @@
+"""Artifact formats: safe safetensors I/O, manifests, base-model fingerprints."""

@@ -7,8 +7,9 @@ For output y (..., out) split into groups of G, with h = G/2, element j of a gro
 
 i.e. y' = y * c + rotate_half(y) * s with c = alpha cos(theta), s = alpha sin(theta) expanded to (out,) per
 variant. A batch mixing many RoAd adapters therefore needs only a gather of each row's (c, s) and element-wise
-work. Merged: W' = R W, b' = R b with R = road_matrix (out, out); unmerge uses R^-1 (R is not orthogonal
-when alpha != 1).
+work. Merged: W' = R W, b' = R b with R the block-rotation (out, out), applied column-wise without forming R.
+Unmerge applies R^-1, which is again of this form: each 2x2 block [[c_j, -s_j], [s_k, c_k]] (k = j + h)
+inverts in closed form (R is not orthogonal when alpha != 1, so this is an inverse, not a transpose).
 """
 
 from __future__ import annotations
@@ -47,11 +48,27 @@ def road_apply(y: Tensor, c: Tensor, s: Tensor, group_size: int) -> Tensor:
     return y * c + rotate_half_grouped(y, group_size) * s
 
 
+def swap_halves(v: Tensor, group_size: int) -> Tensor:
+    """v (out,) -> per group [v[h:], v[:h]]: each element's partner."""
+    return v.unflatten(-1, (-1, 2, group_size // 2)).flip(-2).flatten(-3)
+
+
+def road_inverse_cols(c: Tensor, s: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(c, s) of R^-1: for block [[c_j, -s_j], [s_k, c_k]], det = c_j c_k + s_j s_k."""
+    det = c * swap_halves(c, group_size) + s * swap_halves(s, group_size)
+    return swap_halves(c, group_size) / det, -s / det
+
+
+def road_left_multiply(W: Tensor, c: Tensor, s: Tensor, group_size: int) -> Tensor:
+    """R W for W (out, ...) in fp32, without forming R (out, out)."""
+    Wt = W.float().movedim(0, -1)
+    return road_apply(Wt, c, s, group_size).movedim(-1, 0)
+
+
 def road_matrix(variant: str, group_size: int, theta: Tensor, alpha: Tensor) -> Tensor:
-    """R (out, out) in fp32 such that road_apply(y) == y @ R^T."""
+    """R (out, out) in fp32 such that road_apply(y) == y @ R^T (for tests and inspection)."""
     c, s = road_cols(variant, group_size, theta.float(), alpha.float())
-    eye = torch.eye(c.shape[0])
-    return road_apply(eye, c, s, group_size).t()
+    return road_left_multiply(torch.eye(c.shape[0]), c, s, group_size)
 
 
 class RoadKind(AdapterKind):
@@ -68,25 +85,32 @@ class RoadKind(AdapterKind):
         n = cfg.num_params(out_features)
         if identity:
             return {"theta": torch.zeros(n), "alpha": torch.ones(n)}
-        return {"theta": torch.randn(n, generator=generator) * 0.5,
-                "alpha": 1.0 + torch.randn(n, generator=generator) * 0.2}
+        # Angles of ~0.2 rad and scales near 1 keep every 2x2 block well-conditioned (unmerge inverts them);
+        # wider draws (peft's init_weights=False) can make a block nearly singular.
+        return {"theta": torch.randn(n, generator=generator) * 0.2,
+                "alpha": 1.0 + torch.randn(n, generator=generator) * 0.1}
 
     def apply(self, cfg: RoadConfig, params: Params, x: Tensor, y: Tensor) -> Tensor:
         c, s = road_cols(cfg.variant, cfg.group_size, params["theta"], params["alpha"])
         return road_apply(y, c.to(y.dtype), s.to(y.dtype), cfg.group_size)
 
+    def _cols(self, cfg: RoadConfig, params: Params) -> tuple[Tensor, Tensor]:
+        return road_cols(cfg.variant, cfg.group_size, params["theta"].float(), params["alpha"].float())
+
     def delta_weight(self, cfg: RoadConfig, params: Params, weight: Tensor) -> Tensor:
-        R = road_matrix(cfg.variant, cfg.group_size, params["theta"], params["alpha"])
-        return R @ weight.float() - weight.float()
+        return road_left_multiply(weight, *self._cols(cfg, params), cfg.group_size) - weight.float()
 
     def merge(self, cfg: RoadConfig, params: Params, weight: Tensor,
               bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        R = road_matrix(cfg.variant, cfg.group_size, params["theta"], params["alpha"])
-        new_bias = None if bias is None else (R @ bias.float()).to(bias.dtype)
-        return (R @ weight.float()).to(weight.dtype), new_bias
+        return self._left_multiply(weight, bias, *self._cols(cfg, params), cfg.group_size)
 
     def unmerge(self, cfg: RoadConfig, params: Params, weight: Tensor,
                 bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        R_inv = torch.linalg.inv(road_matrix(cfg.variant, cfg.group_size, params["theta"], params["alpha"]))
-        new_bias = None if bias is None else (R_inv @ bias.float()).to(bias.dtype)
-        return (R_inv @ weight.float()).to(weight.dtype), new_bias
+        c, s = road_inverse_cols(*self._cols(cfg, params), cfg.group_size)
+        return self._left_multiply(weight, bias, c, s, cfg.group_size)
+
+    @staticmethod
+    def _left_multiply(weight, bias, c, s, group_size):
+        new_w = road_left_multiply(weight, c, s, group_size).to(weight.dtype)
+        new_b = None if bias is None else road_left_multiply(bias, c, s, group_size).to(bias.dtype)
+        return new_w, new_b

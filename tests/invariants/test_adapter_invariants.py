@@ -1,0 +1,120 @@
+"""Invariants every registered adapter kind must satisfy, on a tiny model with non-trivial inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltafleet.adapters import (KINDS, AdapterConfig, get_kind, load_adapter, merge_adapter, random_adapter,
+                                 save_adapter, unmerge_adapter)
+from deltafleet.models.loading import load_model
+from tests.conftest import TOL, token_batch
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# One non-default config per kind; a kind added to the registry without an entry here fails the test below.
+CONFIGS: dict[str, AdapterConfig] = {
+    "lora": KINDS["lora"].config_cls(r=5, alpha=7.0, targets=ALL),
+    "road": KINDS["road"].config_cls(variant="road_4", group_size=32, targets=ALL),
+    "lowrank": KINDS["lowrank"].config_cls(rank=6, targets=ALL),
+}
+
+
+def test_every_registered_kind_is_covered():
+    assert set(CONFIGS) == set(KINDS)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints):
+    return load_model(tiny_checkpoints["qwen2-bias"])[0]  # has biases: exercises RoAd's bias merge
+
+
+@pytest.fixture
+def ids(model):
+    return token_batch(model.config.vocab_size, 3, 13, seed=11)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_identity_init_equals_base(model, ids, kind):
+    adapter = random_adapter(model.config, CONFIGS[kind], identity=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, hook=adapter.hook()), model(ids), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_nonidentity_differs_from_base(model, ids, kind):
+    adapter = random_adapter(model.config, CONFIGS[kind], seed=1)
+    with torch.no_grad():
+        diff = (model(ids, hook=adapter.hook()) - model(ids)).abs().max()
+    assert diff > 1e-2
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_merged_equals_unmerged_and_unmerge_restores(model, ids, kind):
+    adapter = random_adapter(model.config, CONFIGS[kind], seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        unmerged = model(ids, hook=adapter.hook())
+        merge_adapter(model, adapter)
+        merged = model(ids)
+        unmerge_adapter(model, adapter)
+    torch.testing.assert_close(merged, unmerged, **TOL[torch.float32])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_delta_weight_matches_apply(model, kind):
+    """apply(x, W x + b) == (W + dW) x + b' for every projection shape (b' = b except for RoAd)."""
+    k = get_kind(kind)
+    cfg = CONFIGS[kind]
+    g = torch.Generator().manual_seed(0)
+    for proj in ALL:
+        out_f, in_f = model.config.linear_shape(proj)
+        p = k.init_params(cfg, out_f, in_f, identity=False, generator=g)
+        W, x = torch.randn(out_f, in_f, generator=g), torch.randn(5, in_f, generator=g)
+        want = k.apply(cfg, p, x, x @ W.t())
+        torch.testing.assert_close(x @ (W + k.delta_weight(cfg, p, W)).t(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_is_bit_exact(model, tmp_path, kind, dtype):
+    adapter = random_adapter(model.config, CONFIGS[kind], seed=4, layers=[0]).to(dtype)
+    save_adapter(adapter, tmp_path / kind, model_cfg=model.config, base_fingerprint="sha256:0123")
+    loaded = load_adapter(tmp_path / kind, model.config, expected_fingerprint="sha256:0123")
+    assert loaded.config == adapter.config
+    assert loaded.params.keys() == adapter.params.keys()
+    for key, p in adapter.params.items():
+        for name, t in p.items():
+            assert loaded.params[key][name].dtype == dtype
+            assert torch.equal(loaded.params[key][name], t)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_bf16_adapter_close_to_fp32(tiny_checkpoints, ids, kind):
+    path = tiny_checkpoints["llama"]
+    m32, m16 = load_model(path)[0], load_model(path, dtype=torch.bfloat16)[0]
+    adapter = random_adapter(m32.config, CONFIGS[kind], seed=5)
+    with torch.no_grad():
+        a = m32(ids, hook=adapter.hook())
+        b = m16(ids, hook=adapter.to(torch.bfloat16).hook()).float()
+    torch.testing.assert_close(b, a, **TOL[torch.bfloat16])
+
+
+def test_road_matrix_and_closed_form_inverse():
+    """R from the element-wise form equals the block matrix; the closed-form inverse is R^-1."""
+    from deltafleet.adapters.road.functional import road_cols, road_inverse_cols, road_left_multiply, road_matrix
+
+    g = torch.Generator().manual_seed(0)
+    for variant, n in (("road_1", 16), ("road_2", 32), ("road_4", 64)):
+        theta, alpha = torch.randn(n, generator=g), 1 + 0.3 * torch.randn(n, generator=g)
+        R = road_matrix(variant, 8, theta, alpha)
+        c, s = road_cols(variant, 8, theta, alpha)
+        for j in range(32):  # R[j, j] = c_j, R[j, partner] = -s_j (first half) or +s_j (second half)
+            partner = j + 4 if j % 8 < 4 else j - 4
+            assert R[j, j] == c[j]
+            assert R[j, partner] == (-s[j] if j % 8 < 4 else s[j])
+            assert torch.count_nonzero(R[j]) <= 2
+        R_inv = road_left_multiply(torch.eye(32), *road_inverse_cols(c, s, 8), 8)
+        torch.testing.assert_close(R_inv @ R, torch.eye(32), atol=1e-5, rtol=0)

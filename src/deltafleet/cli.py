@@ -68,9 +68,7 @@ def info(
                     at.add_row(sub.name, "[red]invalid[/red]", str(e), "", "", "")
                     continue
                 c = a.config
-                detail = {"lora": lambda: f"r={c.r}", "road": lambda: f"{c.variant} g={c.group_size}",
-                          "lowrank": lambda: f"rank={c.rank}"}.get(c.kind, lambda: "")()
-                at.add_row(sub.name, c.kind, detail, ",".join(c.targets), str(len(a.layers)), f"{a.nbytes:,}")
+                at.add_row(sub.name, c.kind, c.summary, ",".join(c.targets), str(len(a.layers)), f"{a.nbytes:,}")
             console.print(at)
     except DeltafleetError as e:
         _fail(e)

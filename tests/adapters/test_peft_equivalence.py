@@ -9,8 +9,15 @@ from peft import PeftModel, get_peft_model
 from peft import RoadConfig as PeftRoad
 from transformers import AutoModelForCausalLM
 
-from deltafleet.adapters import (LoraConfig, RoadConfig, load_adapter, merge_adapter, random_adapter,
-                                 save_adapter, unmerge_adapter)
+from deltafleet.adapters import (
+    LoraConfig,
+    RoadConfig,
+    load_adapter,
+    merge_adapter,
+    random_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
 from deltafleet.models.loading import load_model
 from tests.conftest import TOL, token_batch
 

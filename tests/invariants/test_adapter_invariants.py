@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltafleet.adapters import (KINDS, AdapterConfig, get_kind, load_adapter, merge_adapter, random_adapter,
-                                 save_adapter, unmerge_adapter)
+from deltafleet.adapters import (
+    KINDS,
+    AdapterConfig,
+    get_kind,
+    load_adapter,
+    merge_adapter,
+    random_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
 from deltafleet.models.loading import load_model
 from tests.conftest import TOL, token_batch
 

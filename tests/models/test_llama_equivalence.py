@@ -42,7 +42,7 @@ def test_padded_batch_matches_transformers(tiny_checkpoints, name):
         valid = mask.bool()
         torch.testing.assert_close(a[valid], b[valid], **TOL[torch.float32])
         # Each row also equals that prompt run alone, unpadded.
-        for i, n in enumerate(lengths):
+        for i in range(len(lengths)):
             alone = ours(ids[i][valid[i]][None])[0]
             torch.testing.assert_close(a[i][valid[i]], alone, **TOL[torch.float32])
 

@@ -38,6 +38,11 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"targets: unknown projection {unknown[0]!r}; must be among {PROJECTIONS}")
 
+    @property
+    def summary(self) -> str:
+        """Short description of the kind-specific settings (rank, variant, ...)."""
+        return ""
+
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 

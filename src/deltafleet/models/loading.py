@@ -48,18 +48,22 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of a checkpoint directory, and the file each came from."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         refuse_pickles(path, "model.safetensors")
         raise ArtifactError(path, "no *.safetensors weight file in the checkpoint directory")
     tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, Path] = {}
     for f in files:
-        tensors.update(load_tensors(f))
-    return tensors
+        for k, v in load_tensors(f).items():
+            tensors[k], sources[k] = v, f
+    return tensors, sources
 
 
-def validate_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def validate_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sources: dict[str, Path],
+                   path: Path) -> dict[str, torch.Tensor]:
     """Check names and shapes against the config; returns the tensors the model takes."""
     want = expected_shapes(cfg)
     state = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
@@ -71,10 +75,11 @@ def validate_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: Pat
         raise ArtifactError(path, f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     unexpected = sorted(set(state) - set(want))
     if unexpected:
-        raise ArtifactError(path, f"unexpected tensor {unexpected[0]!r}: not part of a {cfg.model_type} model")
+        name = unexpected[0]
+        raise ArtifactError(sources[name], f"unexpected tensor {name!r}: not part of a {cfg.model_type} model")
     for k, shape in want.items():
         if tuple(state[k].shape) != shape:
-            raise ArtifactError(path, f"tensor {k!r} has shape {tuple(state[k].shape)}, config implies {shape}")
+            raise ArtifactError(sources[k], f"tensor {k!r} has shape {tuple(state[k].shape)}, config implies {shape}")
     return state
 
 
@@ -83,7 +88,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
     """Load our Transformer; returns it (eval mode) and the checkpoint directory it came from."""
     path = resolve_base(name_or_path, progress)
     cfg = ModelConfig.from_file(path / "config.json")
-    state = validate_state(cfg, read_checkpoint_tensors(path), path)
+    state = validate_state(cfg, *read_checkpoint_tensors(path), path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)

@@ -6,6 +6,7 @@ The fingerprint is the SHA-256 of the checkpoint's safetensors files (sorted by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -35,8 +36,6 @@ def base_fingerprint(checkpoint_dir: str | Path) -> str:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
     fp = "sha256:" + h.hexdigest()[:16]
-    try:
+    with contextlib.suppress(OSError):  # a read-only checkpoint directory recomputes next time
         cache.write_text(json.dumps({"stamp": stamp, "fingerprint": fp}))
-    except OSError:
-        pass  # read-only checkpoint directory: recompute next time
     return fp

@@ -24,5 +24,9 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"alpha={self.alpha!r}: must be > 0")
 
     @property
+    def summary(self) -> str:
+        return f"r={self.r}" + (" rslora" if self.use_rslora else "")
+
+    @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

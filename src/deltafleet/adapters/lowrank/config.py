@@ -17,3 +17,7 @@ class LowRankConfig(AdapterConfig):
         super().__post_init__()
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank={self.rank!r}: must be a positive integer")
+
+    @property
+    def summary(self) -> str:
+        return f"rank={self.rank}"

@@ -24,6 +24,10 @@ class RoadConfig(AdapterConfig):
         if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 2:
             raise ValueError(f"group_size={self.group_size!r}: must be a positive even integer")
 
+    @property
+    def summary(self) -> str:
+        return f"{self.variant} g={self.group_size}"
+
     def num_params(self, out_features: int) -> int:
         if out_features % self.group_size:
             raise ValueError(

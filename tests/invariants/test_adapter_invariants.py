@@ -126,3 +126,26 @@ def test_road_matrix_and_closed_form_inverse():
             assert torch.count_nonzero(R[j]) <= 2
         R_inv = road_left_multiply(torch.eye(32), *road_inverse_cols(c, s, 8), 8)
         torch.testing.assert_close(R_inv @ R, torch.eye(32), atol=1e-5, rtol=0)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(variant=st.sampled_from(["road_1", "road_2", "road_4"]), half=st.integers(1, 8), groups=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_road_merge_unmerge_roundtrip_any_group_size(variant, half, groups, seed):
+    """For any even group size and out size, merge then unmerge restores W and b; merged W matches apply."""
+    from deltafleet.adapters import RoadConfig
+
+    kind, cfg = get_kind("road"), RoadConfig(variant=variant, group_size=2 * half)
+    out_f, in_f = 2 * half * groups, 5
+    g = torch.Generator().manual_seed(seed)
+    p = kind.init_params(cfg, out_f, in_f, identity=False, generator=g)
+    W, b, x = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g), torch.randn(3, in_f, generator=g)
+    W2, b2 = kind.merge(cfg, p, W, b)
+    torch.testing.assert_close(x @ W2.t() + b2, kind.apply(cfg, p, x, x @ W.t() + b), atol=1e-5, rtol=1e-5)
+    W3, b3 = kind.unmerge(cfg, p, W2, b2)
+    torch.testing.assert_close(W3, W, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b3, b, atol=1e-5, rtol=1e-5)

@@ -101,8 +101,9 @@ class AttentionInputs:
     sin: Tensor  # (B, 1, T, hd)
     mask: Tensor  # (B, 1, T, S) bool: query may attend key
     cache: KVCache | None
-    slots: Tensor | None  # (B,) cache slot per sequence
-    write_b: Tensor | None  # (M,) batch index of each token written to the cache
+    slots: Tensor | slice | None  # cache slot per sequence: (B,) indices, or a slice (a view, no gather)
+    write_slot: Tensor | None  # (M,) cache slot of each token written to the cache
+    write_b: Tensor | None  # (M,) batch index of each token written
     write_t: Tensor | None  # (M,) token index of each token written
     write_pos: Tensor | None  # (M,) position it is written at
     key_len: int  # S
@@ -144,9 +145,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)  # (B, nh|nkv, T, hd)
         if a.cache is not None:
             ck, cv = a.cache.k[self.layer], a.cache.v[self.layer]  # (N, nkv, S_max, hd)
-            slot = a.slots[a.write_b]
-            ck[slot, :, a.write_pos] = k[a.write_b, :, a.write_t].to(ck.dtype)
-            cv[slot, :, a.write_pos] = v[a.write_b, :, a.write_t].to(cv.dtype)
+            ck[a.write_slot, :, a.write_pos] = k[a.write_b, :, a.write_t].to(ck.dtype)
+            cv[a.write_slot, :, a.write_pos] = v[a.write_b, :, a.write_t].to(cv.dtype)
             k, v = ck[a.slots, :, : a.key_len], cv[a.slots, :, : a.key_len]  # (B, nkv, S, hd)
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=a.mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
@@ -211,12 +211,12 @@ class Transformer(nn.Module):
         return getattr(parent, proj)
 
     def _attention_inputs(self, positions: Tensor, valid: Tensor, cache: KVCache | None,
-                          slots: Tensor | None, dtype: torch.dtype) -> AttentionInputs:
+                          slots: Tensor | slice | None, dtype: torch.dtype) -> AttentionInputs:
         B, T = positions.shape
         cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
         if cache is None:
             key_pos, key_valid = positions, valid  # keys are this call's tokens
-            write = (None, None, None)
+            write = (None, None, None, None)
             key_len = T
         else:
             if slots is None:
@@ -227,7 +227,8 @@ class Transformer(nn.Module):
             key_pos = torch.arange(key_len, device=positions.device).expand(B, key_len)
             key_valid = torch.ones_like(key_pos, dtype=torch.bool)
             wb, wt = valid.nonzero(as_tuple=True)
-            write = (wb, wt, positions[wb, wt])
+            slot_of_row = torch.arange(slots.start, slots.start + B) if isinstance(slots, slice) else slots
+            write = (slot_of_row[wb], wb, wt, positions[wb, wt])
         mask = (key_pos[:, None, :] <= positions[:, :, None]) & key_valid[:, None, :]  # (B, T, S)
         # A padding query may have no key to attend; give it one so softmax stays finite (its output is unused).
         mask[:, :, 0] |= ~mask.any(-1)
@@ -239,14 +240,14 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
-        cache_slots: Tensor | None = None,
+        cache_slots: Tensor | slice | None = None,
         hook: ProjectionHook | None = None,
         logits_index: Tensor | None = None,
     ) -> Tensor:
         """input_ids (B, T); positions (B, T) default arange; attention_mask (B, T) 1 = real token.
 
-        With `cache`, each sequence b reads and writes cache slot `cache_slots[b]`; padding tokens are not
-        written. `logits_index` (M,) selects flattened B*T positions so the LM head runs only where needed.
+        With `cache`, each sequence b reads and writes cache slot `cache_slots[b]` (a slice start:start+B reads
+        the cache as a view instead of gathering); padding tokens are not written. `logits_index` (M,) selects flattened B*T positions so the LM head runs only where needed.
         """
         B, T = input_ids.shape
         if positions is None:

@@ -1,0 +1,1 @@
+"""Serving: the multi-tenant engine (engine/) and, on top of it, the HTTP API."""

@@ -1,0 +1,47 @@
+"""Typed engine configuration, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """
+    max_batch: running sequences at most (one KV-cache slot each).
+    max_model_len: prompt + generated tokens per sequence (the KV slot length).
+    kv_cache_bytes: if set, caps max_batch so the KV cache fits this budget.
+    prefill_tokens: prompt tokens processed per step at most (longer prompts are chunked).
+    lora_slots / max_lora_rank: resident additive adapters up to that rank (LoRA, small low-rank deltas).
+    delta_slots / max_delta_rank: resident additive adapters of larger rank (compressed full fine-tunes).
+    road_slots / road_group_size: resident element-wise (RoAd) adapters with that group size.
+    host_cache_bytes: loaded adapters kept in host memory (LRU).
+    max_queue: waiting requests at most; more are refused (QueueFullError).
+    """
+
+    dtype: str = "bfloat16"
+    backend: str = "cpu"
+    max_batch: int = 32
+    max_model_len: int = 2048
+    kv_cache_bytes: int | None = None
+    prefill_tokens: int = 1024
+    lora_slots: int = 32
+    max_lora_rank: int = 16
+    delta_slots: int = 4
+    max_delta_rank: int = 256
+    road_slots: int = 64
+    road_group_size: int = 64
+    host_cache_bytes: int = 4 << 30
+    max_queue: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_model_len", "prefill_tokens", "max_queue", "host_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("lora_slots", "max_lora_rank", "delta_slots", "max_delta_rank", "road_slots"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.road_group_size < 2 or self.road_group_size % 2:
+            raise ValueError(f"road_group_size={self.road_group_size}: must be a positive even integer")
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: must be bfloat16, float32 or float16")

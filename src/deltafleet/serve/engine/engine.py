@@ -1,0 +1,427 @@
+"""The multi-tenant generation engine: continuous batching over one base model and many adapters.
+
+Each `step()`:
+1. takes newly submitted requests from the inbox and admits waiting ones while KV slots are free and their
+   adapter is resident or can be made so (loading happens on a background thread; a request whose adapter
+   is still loading waits without blocking others);
+2. prefills admitted prompts (chunked to `prefill_tokens` per step), sampling a first token where a prompt
+   completes;
+3. decodes one token for every sequence already decoding;
+4. retires finished sequences, compacting the KV cache so running sequence i always owns cache slot i
+   (decode then reads the cache as a view, with no per-step gather).
+
+The batch adapter layout (`BatchLayout`) is computed once per forward and read by every layer. Base-only
+requests, LoRA, RoAd and low-rank deltas mix freely in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltafleet.errors import DeltafleetError
+from deltafleet.models.llama import KVCache, Transformer
+from deltafleet.serve.engine.adapters import AdapterManager, UnknownAdapterError
+from deltafleet.serve.engine.backends import make_backend
+from deltafleet.serve.engine.config import EngineConfig
+from deltafleet.serve.engine.detok import Detokenizer
+from deltafleet.serve.engine.layout import BatchLayout
+from deltafleet.serve.engine.pools import AdditivePool, ElementwisePool, Pool
+from deltafleet.serve.engine.sampling import sample
+from deltafleet.serve.engine.types import FinishReason, Request, RequestOutput, TokenEvent
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class QueueFullError(DeltafleetError):
+    """More requests are waiting than `max_queue` allows."""
+
+
+class PromptTooLongError(DeltafleetError):
+    """prompt tokens + max_tokens exceed the engine's max_model_len."""
+
+
+class EngineShutdownError(DeltafleetError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class _Seq:
+    req: Request
+    on_event: Callable[[TokenEvent], None] | None
+    detok: Detokenizer | None
+    gen: torch.Generator | None
+    stop_ids: frozenset[int]
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_last: float = 0.0
+    kv: int = -1
+    adapter_slot: tuple[Pool, int] | None = None
+    computed: int = 0  # prompt tokens in the KV cache
+    out: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+    error: str | None = None
+    aborted: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    result: RequestOutput | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < self.prompt_len
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None,
+                 adapters_dir: str | Path | None = None, base_fingerprint: str | None = None):
+        self.config = config = config or EngineConfig()
+        self.dtype = DTYPES[config.dtype]
+        self.model = model.to(self.dtype).eval()
+        self.tokenizer = tokenizer
+        mcfg = model.config
+        self.backend = make_backend(config.backend)
+        max_batch = config.max_batch
+        per_seq = KVCache.bytes_per_token(mcfg, self.dtype) * config.max_model_len
+        if config.kv_cache_bytes is not None:
+            max_batch = min(max_batch, config.kv_cache_bytes // per_seq)
+            if max_batch < 1:
+                raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of "
+                                 f"max_model_len={config.max_model_len} ({per_seq} bytes each)")
+        self.max_batch = max_batch
+        self.cache = KVCache.allocate(mcfg, max_batch, config.max_model_len, self.dtype)
+        pools: list[Pool] = []
+        if config.lora_slots:
+            pools.append(AdditivePool("lora", mcfg, config.lora_slots, config.max_lora_rank, self.dtype))
+        if config.delta_slots:
+            pools.append(AdditivePool("delta", mcfg, config.delta_slots, config.max_delta_rank, self.dtype))
+        if config.road_slots:
+            pools.append(ElementwisePool("road", mcfg, config.road_slots, config.road_group_size, self.dtype))
+        self.adapters = AdapterManager(mcfg, self.dtype, pools, config.host_cache_bytes, base_fingerprint)
+        if adapters_dir is not None:
+            self.adapters.scan(adapters_dir)
+        eos = set(mcfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self._inbox: deque[_Seq] = deque()
+        self._by_id: dict[str, _Seq] = {}
+        self._lock = threading.Lock()  # guards the inbox and _by_id
+        self._step_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "steps": 0}
+        self.ttft: deque[float] = deque(maxlen=4096)
+        self.itl: deque[float] = deque(maxlen=16384)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_pretrained(cls, base: str | Path, adapters_dir: str | Path | None = None,
+                        config: EngineConfig | None = None) -> Engine:
+        from deltafleet.models.loading import load_model, load_tokenizer
+        from deltafleet.store.fingerprint import base_fingerprint
+
+        config = config or EngineConfig()
+        model, path = load_model(base, dtype=DTYPES[config.dtype])
+        try:
+            tokenizer = load_tokenizer(path)
+        except DeltafleetError:
+            tokenizer = None
+        return cls(model, tokenizer, config, adapters_dir, base_fingerprint(path))
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Register an adapter directory under `name` and start loading it in the background."""
+        self.adapters.add(name, path)
+        self.adapters.ensure_loading(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests for `name` fail at once; running ones finish first."""
+        self.adapters.remove(name)
+
+    # ------------------------------------------------------------------ submission (any thread)
+    def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> _Seq:
+        if self._stopping:
+            raise EngineShutdownError("the engine is shutting down")
+        p = request.params
+        total = len(request.prompt_ids) + p.max_tokens
+        if total > self.config.max_model_len:
+            raise PromptTooLongError(
+                f"prompt of {len(request.prompt_ids)} tokens + max_tokens {p.max_tokens} = {total} exceeds the "
+                f"context length {self.config.max_model_len}"
+            )
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise ValueError(f"prompt_ids: token ids must be in [0, {vocab})")
+        if request.adapter is not None:
+            if request.adapter not in self.adapters.names():
+                raise UnknownAdapterError(f"adapter {request.adapter!r} not found")
+            self.adapters.ensure_loading(request.adapter)
+        if p.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer; this engine has none")
+        gen = None if p.greedy else torch.Generator()
+        if gen is not None:
+            gen.manual_seed(p.seed if p.seed is not None else torch.seed())
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        detok = Detokenizer(self.tokenizer, p.stop) if self.tokenizer is not None else None
+        seq = _Seq(request, on_event, detok, gen, stop_ids)
+        with self._lock:
+            if len(self.waiting) + len(self._inbox) >= self.config.max_queue:
+                raise QueueFullError(f"queue full: {self.config.max_queue} requests waiting")
+            if request.request_id in self._by_id:
+                raise ValueError(f"request_id {request.request_id!r} is already in use")
+            self._by_id[request.request_id] = seq
+            self._inbox.append(seq)
+        self._wake.set()
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its batch slot and KV cache are freed at the next step."""
+        with self._lock:
+            seq = self._by_id.get(request_id)
+        if seq is not None:
+            seq.aborted = True
+            self._wake.set()
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduling iteration; returns whether any model work was done."""
+        with self._step_lock:
+            with self._lock:
+                while self._inbox:
+                    self.waiting.append(self._inbox.popleft())
+            self._reap_aborted()
+            self._admit()
+            decoding = [s for s in self.running if not s.in_prefill and s.finish is None]
+            prefilling = [s for s in self.running if s.in_prefill]
+            if prefilling:
+                self._prefill(prefilling)
+            if decoding:
+                self._decode(decoding)
+            self._retire()
+            if prefilling or decoding:
+                self.counters["steps"] += 1
+            return bool(prefilling or decoding)
+
+    def _reap_aborted(self) -> None:
+        for s in list(self.waiting):
+            if s.aborted:
+                self.waiting.remove(s)
+                self._finish(s, FinishReason.ABORT)
+                self._complete(s)
+        for s in self.running:
+            if s.aborted and s.finish is None:
+                self._finish(s, FinishReason.ABORT)
+
+    def _admit(self) -> None:
+        for s in list(self.waiting):
+            if len(self.running) >= self.max_batch:
+                return
+            name = s.req.adapter
+            if name is not None:
+                try:
+                    err = self.adapters.error(name)
+                    slot = None if err else self.adapters.acquire(name)
+                except UnknownAdapterError as e:
+                    err, slot = str(e), None
+                if err:
+                    self.waiting.remove(s)
+                    s.error = err
+                    self._finish(s, FinishReason.ERROR)
+                    self._complete(s)
+                    continue
+                if slot is None:
+                    continue  # still loading, or every slot of its pool is busy
+                s.adapter_slot = slot
+            self.waiting.remove(s)
+            s.kv = len(self.running)
+            self.running.append(s)
+
+    def _rows(self, seqs: list[_Seq]) -> list[tuple[Pool | None, int]]:
+        return [s.adapter_slot if s.adapter_slot is not None else (None, -1) for s in seqs]
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        budget = self.config.prefill_tokens
+        chunks: list[tuple[_Seq, int]] = []
+        for s in seqs:
+            if budget <= 0:
+                break
+            n = min(s.prompt_len - s.computed, budget)
+            chunks.append((s, n))
+            budget -= n
+        T = max(n for _, n in chunks)
+        B = len(chunks)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        last_rows, last_index = [], []
+        for b, (s, n) in enumerate(chunks):
+            ids[b, :n] = torch.tensor(s.req.prompt_ids[s.computed:s.computed + n])
+            mask[b, :n] = True
+            pos[b] = s.computed + torch.arange(T)
+            if s.computed + n == s.prompt_len:
+                last_rows.append(b)
+                last_index.append(b * T + n - 1)
+        layout = BatchLayout.build(self._rows([s for s, _ in chunks]), T)
+        slots = torch.tensor([s.kv for s, _ in chunks])
+        logits = self.model(ids, positions=pos, attention_mask=mask, cache=self.cache, cache_slots=slots,
+                            hook=layout.hook(self.backend),
+                            logits_index=torch.tensor(last_index) if last_index else torch.zeros(0, dtype=torch.long))
+        for s, n in chunks:
+            s.computed += n
+            self.counters["prompt_tokens"] += n
+        if last_rows:
+            done = [chunks[b][0] for b in last_rows]
+            self._emit(done, sample(logits, [s.req.params for s in done], [s.gen for s in done]))
+
+    def _decode(self, seqs: list[_Seq]) -> None:
+        B = len(seqs)
+        ids = torch.tensor([[s.out[-1]] for s in seqs])
+        pos = torch.tensor([[s.prompt_len + len(s.out) - 1] for s in seqs])
+        kv = [s.kv for s in seqs]
+        slots = slice(0, B) if kv == list(range(B)) else torch.tensor(kv)
+        layout = BatchLayout.build(self._rows(seqs), 1)
+        logits = self.model(ids, positions=pos, cache=self.cache, cache_slots=slots,
+                            hook=layout.hook(self.backend), logits_index=torch.arange(B))
+        self._emit(seqs, sample(logits, [s.req.params for s in seqs], [s.gen for s in seqs]))
+
+    def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
+        now = time.perf_counter()
+        for s, tok in zip(seqs, tokens, strict=True):
+            if s.t_first is None:
+                s.t_first = now
+                self.ttft.append(now - s.t_submit)
+            elif s.out:
+                self.itl.append(now - s.t_last)
+            s.t_last = now
+            s.out.append(tok)
+            self.counters["generated_tokens"] += 1
+            is_stop_token = tok in s.stop_ids
+            hit_stop_string = s.detok.push(tok, visible=not is_stop_token) if s.detok else False
+            if is_stop_token or hit_stop_string:
+                self._finish(s, FinishReason.STOP)
+            elif len(s.out) >= s.req.params.max_tokens or s.prompt_len + len(s.out) >= self.config.max_model_len:
+                self._finish(s, FinishReason.LENGTH)
+            if s.on_event is not None:
+                text = s.detok.take(final=s.finish is not None) if s.detok else ""
+                s.on_event(TokenEvent(s.req.request_id, tok, text, s.finish, s.prompt_len, len(s.out), s.error))
+
+    def _finish(self, s: _Seq, reason: FinishReason) -> None:
+        if s.finish is None:
+            s.finish = reason
+
+    def _retire(self) -> None:
+        if not any(s.finish is not None for s in self.running):
+            return
+        survivors = []
+        for s in self.running:
+            if s.finish is None:
+                survivors.append(s)
+                continue
+            if s.adapter_slot is not None:
+                self.adapters.release(s.req.adapter)
+            self._complete(s)
+        for i, s in enumerate(survivors):
+            if s.kv != i:  # compaction: move the sequence's cached keys/values down to slot i
+                n = s.computed + max(len(s.out) - 1, 0)
+                self.cache.k[:, i, :, :n] = self.cache.k[:, s.kv, :, :n]
+                self.cache.v[:, i, :, :n] = self.cache.v[:, s.kv, :, :n]
+                s.kv = i
+        self.running = survivors
+
+    def _complete(self, s: _Seq) -> None:
+        """Publish the final output (and a final event for requests that never reached the model)."""
+        now = time.perf_counter()
+        text = (s.detok.text if s.detok else "")
+        s.result = RequestOutput(
+            request_id=s.req.request_id, adapter=s.req.adapter, prompt_tokens=s.prompt_len, token_ids=list(s.out),
+            text=text, finish_reason=s.finish, time_to_first_token=(s.t_first or now) - s.t_submit,
+            latency=now - s.t_submit, error=s.error,
+        )
+        if s.on_event is not None and (not s.out or s.finish in (FinishReason.ABORT, FinishReason.ERROR)):
+            s.on_event(TokenEvent(s.req.request_id, None, s.detok.take(final=True) if s.detok else "", s.finish,
+                                  s.prompt_len, len(s.out), s.error))
+        self.counters["finished"] += 1
+        with self._lock:
+            self._by_id.pop(s.req.request_id, None)
+        s.done.set()
+
+    # ------------------------------------------------------------------ driving
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
+        """Run requests to completion (in this thread unless the background loop is running)."""
+        handles = [self.submit(r) for r in requests]
+        if self._thread is None:
+            while not all(h.done.is_set() for h in handles):
+                if not self.step():
+                    time.sleep(0.002)  # waiting for an adapter load
+        else:
+            for h in handles:
+                h.done.wait()
+        return [h.result for h in handles]
+
+    def start(self) -> None:
+        """Run the step loop on a background thread (needed by `stream`)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="deltafleet-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not (self._stopping and not self.running and not self.waiting and not self._inbox):
+            if not self.step():
+                self._wake.wait(timeout=0.02)
+                self._wake.clear()
+
+    async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """Per-token events for one request. Leaving the iterator early aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.start()
+        handle = self.submit(request, on_event=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            if not handle.done.is_set():
+                self.abort(request.request_id)
+
+    def shutdown(self, deadline: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish within `deadline` seconds, abort the rest."""
+        self._stopping = True
+        self._wake.set()
+        end = time.monotonic() + deadline
+        while (self.running or self.waiting or self._inbox) and time.monotonic() < end:
+            if self._thread is None:
+                self.step()
+            else:
+                time.sleep(0.01)
+        with self._lock:
+            pending = list(self._by_id.values())
+        for s in pending:
+            self.abort(s.req.request_id)
+        if self._thread is None:
+            self.step()
+        else:
+            self._wake.set()
+            self._thread.join(timeout=5)
+        self.adapters.shutdown()
+
+    def stats(self) -> dict:
+        return {"waiting": len(self.waiting) + len(self._inbox), "running": len(self.running),
+                "max_batch": self.max_batch, "resident_adapters": self.adapters.resident_count,
+                **self.counters, "adapter_cache": vars(self.adapters.stats).copy()}

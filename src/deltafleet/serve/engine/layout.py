@@ -1,0 +1,79 @@
+"""Batch adapter layout, computed once per engine step and read by every layer (STYLE principle 7).
+
+Rows of the step's (B, T) token batch each belong to one sequence, hence one adapter: a (pool, slot) or the
+base model (`NO_ADAPTER`). For each pool that some row uses, `PoolStep` holds the per-token gather index into
+the pool (the pool's null row for every other token), the member tokens, their segments (tokens grouped by
+slot), the widest rank in use and the union of projections the members adapt. The projection hook built from
+it applies each active pool through the backend chosen at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deltafleet.models.llama import ProjectionHook
+from deltafleet.serve.engine.backends import Backend
+from deltafleet.serve.engine.forms import ModuleKey
+from deltafleet.serve.engine.pools import Pool
+from deltafleet.serve.engine.types import NO_ADAPTER
+
+
+@dataclass
+class PoolStep:
+    pool: Pool
+    index: Tensor  # (N,) long: pool row of each token (pool.null for non-members)
+    members: Tensor | None  # (M,) long: tokens that use this pool; None when all N do
+    segments: list[tuple[int, Tensor]]  # (slot, token indices) per distinct slot, in slot order
+    width: int  # widest rank (additive) among members
+    modules: frozenset[ModuleKey]  # projections adapted by at least one member
+
+
+@dataclass
+class BatchLayout:
+    num_tokens: int
+    pool_steps: list[PoolStep]
+
+    @classmethod
+    def build(cls, rows: list[tuple[Pool | None, int]], tokens_per_row: int) -> BatchLayout:
+        """rows[b] = (pool, slot) of row b, or (None, NO_ADAPTER) for the base model."""
+        T, N = tokens_per_row, len(rows) * tokens_per_row
+        by_pool: dict[int, tuple[Pool, list[tuple[int, int]]]] = {}
+        for b, (pool, slot) in enumerate(rows):
+            if pool is None or slot == NO_ADAPTER:
+                continue
+            by_pool.setdefault(id(pool), (pool, []))[1].append((b, slot))
+        steps = []
+        for pool, members in by_pool.values():
+            row_index = torch.full((len(rows),), pool.null, dtype=torch.long)
+            for b, slot in members:
+                row_index[b] = slot
+            index = row_index.repeat_interleave(T)
+            member_rows = torch.tensor([b for b, _ in members])
+            tok = (member_rows[:, None] * T + torch.arange(T)).reshape(-1)
+            slots = sorted({s for _, s in members})
+            segments = [(s, (index == s).nonzero().squeeze(1)) for s in slots]
+            steps.append(PoolStep(
+                pool=pool, index=index, members=None if len(members) == len(rows) else tok,
+                segments=segments, width=max(pool.slot_width[s] for s in slots),
+                modules=frozenset().union(*(pool.slot_modules[s] for s in slots)),
+            ))
+        return cls(N, steps)
+
+    def hook(self, backend: Backend) -> ProjectionHook | None:
+        if not self.pool_steps:
+            return None
+        steps = self.pool_steps
+
+        def apply(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
+            key = (layer, proj)
+            shape = y.shape
+            x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            for st in steps:
+                if key in st.modules:
+                    y2 = backend.apply(st.pool.family, x2, y2, st.pool.tensors[key], st)
+            return y2.reshape(shape)
+
+        return apply

@@ -113,5 +113,12 @@ def demo(
         _fail(e)
 
 
+from deltafleet.tasks.cli import tasks_app  # noqa: E402  (light: heavy imports happen inside the commands)
+from deltafleet.train.cli import train_command  # noqa: E402
+
+app.add_typer(tasks_app, name="tasks")
+app.command("train")(train_command)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,114 @@
+"""The typed configuration of one training run, validated on construction.
+
+Defaults follow the method papers: LoRA (Hu et al. 2021) lr 3e-4, rank 8, alpha 16 on all seven projections;
+RoAd (Liao et al. 2024, "2D Rotary Adaptation", arXiv 2409.00119, sec. 4) about 10x LoRA's lr, 3e-3, group
+size 64; IA3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning", sec. 3.3) lr 3e-3 on keys, values and the feed-forward input; full fine-tuning 2e-5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("bf16", "fp32")
+# Fields that change nothing in the trained weights; a resumed run may differ in them.
+NON_RESULT_FIELDS = ("out", "resume", "save_every", "eval_examples")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run. `lr` and `targets` left as None take the method's default (see `train.methods.METHODS`).
+
+    Effective batch per optimizer step = batch_size * grad_accum examples; the loss is the mean over the
+    answer tokens of the whole step. The learning rate warms up linearly over warmup_ratio * steps, then
+    decays linearly to 0 at `steps`.
+    """
+
+    base: str
+    task: str
+    method: str
+    out: Path
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    targets: tuple[str, ...] | None = None
+    road_variant: str = "road_1"
+    road_group_size: int = 64
+    max_seq_len: int = 512
+    precision: str = "bf16"
+    seed: int = 0
+    save_every: int = 50
+    eval_examples: int = 32
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        from deltafleet.adapters.road.config import ROAD_VARIANTS
+        from deltafleet.models.config import PROJECTIONS
+        from deltafleet.tasks import TASKS
+        from deltafleet.train.methods import METHODS
+
+        object.__setattr__(self, "out", Path(self.out))
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: must be one of {sorted(METHODS)}")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: must be one of {sorted(TASKS)}")
+        method = METHODS[self.method]
+        if self.lr is None:
+            object.__setattr__(self, "lr", method.default_lr)
+        if self.targets is None:
+            object.__setattr__(self, "targets", method.default_targets)
+        object.__setattr__(self, "targets", tuple(self.targets))
+        for name in ("steps", "batch_size", "grad_accum", "lora_rank", "road_group_size", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}={v!r}: must be a positive integer")
+        for name in ("save_every", "eval_examples", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}={v!r}: must be a non-negative integer")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r}: must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            bad = "weight_decay" if self.weight_decay < 0 else "max_grad_norm"
+            raise ValueError(f"{bad}={getattr(self, bad)!r}: must be >= 0")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be > 0")
+        if self.road_group_size % 2:
+            raise ValueError(f"road_group_size={self.road_group_size}: must be even")
+        if self.road_variant not in ROAD_VARIANTS:
+            raise ValueError(f"road_variant={self.road_variant!r}: must be one of {ROAD_VARIANTS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: must be one of {PRECISIONS}")
+        if "targets" in method.options:
+            unknown = [t for t in self.targets if t not in PROJECTIONS]
+            if not self.targets or unknown:
+                raise ValueError(f"targets={self.targets!r}: must name one or more of {PROJECTIONS}")
+        elif self.targets:
+            raise ValueError(f"targets={self.targets!r}: method {self.method!r} trains every weight; "
+                             f"it takes no targets")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_ratio * self.steps)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The fields that shape the trained weights (JSON-ready), without other methods' options."""
+        from deltafleet.train.methods import METHODS
+
+        d = asdict(self)
+        foreign = {o for m in METHODS.values() for o in m.options} - set(METHODS[self.method].options)
+        for k in (*NON_RESULT_FIELDS, *foreign, "base", "task", "method"):
+            d.pop(k)
+        if "targets" in d:
+            d["targets"] = list(self.targets)
+        return d

@@ -1,0 +1,111 @@
+"""The fine-tuning methods, one registry entry each: how to make a model trainable and how to export it.
+
+Adapter methods wrap the transformers model with peft (`get_peft_model`) and export peft's own directory
+layout (`save_pretrained`: `adapter_config.json` + `adapter_model.safetensors`):
+- `lora`: LoRA (Hu et al. 2021, arXiv 2106.09685), W x + (alpha / r) B A x, B = 0 at init;
+- `road`: RoAd (Liao et al. 2024, arXiv 2409.00119), a learned 2x2 rotation-and-scale of output pairs;
+- `ia3`: IA3 (Liu et al. 2022, arXiv 2205.05638), learned scaling of keys, values and the FFN input.
+`full` trains every weight and exports a safetensors Hugging Face checkpoint plus the tokenizer, without a
+`quantization_config`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deltafleet.models.config import PROJECTIONS
+
+if TYPE_CHECKING:
+    from deltafleet.train.config import TrainConfig
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Method:
+    """prepare(model, cfg) -> trainable model (only the method's parameters require grad);
+    export(model, tokenizer, out_dir) -> the format name written to the manifest."""
+
+    name: str
+    kind: str
+    default_lr: float
+    default_targets: tuple[str, ...]
+    options: tuple[str, ...]  # TrainConfig fields that only this method reads (full fine-tuning has no targets)
+    prepare: Callable
+    export: Callable
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> None:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} registered twice")
+    METHODS[method.name] = method
+
+
+def _peft(make_config: Callable[[TrainConfig], object]) -> Callable:
+    def prepare(model, cfg: TrainConfig):
+        from peft import get_peft_model
+
+        return get_peft_model(model, make_config(cfg))
+
+    return prepare
+
+
+def _lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.targets),
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+def _road_config(cfg: TrainConfig):
+    from peft import RoadConfig
+
+    return RoadConfig(variant=cfg.road_variant, group_size=cfg.road_group_size, target_modules=list(cfg.targets),
+                      task_type="CAUSAL_LM")
+
+
+def _ia3_config(cfg: TrainConfig):
+    from peft import IA3Config
+
+    return IA3Config(target_modules=list(cfg.targets),
+                     feedforward_modules=[t for t in cfg.targets if t in MLP_PROJECTIONS], task_type="CAUSAL_LM")
+
+
+def _export_peft(model, tokenizer, out: Path) -> str:
+    model.save_pretrained(str(out))
+    return "peft"
+
+
+def _prepare_full(model, cfg: TrainConfig):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _export_full(model, tokenizer, out: Path) -> str:
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        config_path.write_text(json.dumps(config, indent=2))
+    return "hf-checkpoint"
+
+
+register_method(Method("lora", "lora", 3e-4, PROJECTIONS, ("targets", "lora_rank", "lora_alpha"),
+                       _peft(_lora_config), _export_peft))
+register_method(Method("road", "road", 3e-3, PROJECTIONS, ("targets", "road_variant", "road_group_size"),
+                       _peft(_road_config), _export_peft))
+register_method(Method("ia3", "ia3", 3e-3, ("k_proj", "v_proj", "down_proj"), ("targets",),
+                       _peft(_ia3_config), _export_peft))
+register_method(Method("full", "full", 2e-5, (), (), _prepare_full, _export_full))

@@ -1,0 +1,73 @@
+"""`deltafleet train` through typer's runner, and a real SIGINT (Ctrl-C) during training."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+from typer.testing import CliRunner
+
+from deltafleet.cli import app
+from deltafleet.train.checkpoint import latest_checkpoint
+from deltafleet.train.config import TrainConfig
+from deltafleet.train.recipe import DeferredInterrupt, train
+
+runner = CliRunner()
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_train_command_writes_an_adapter(chat_tiny, tmp_path):
+    out = tmp_path / "tenant"
+    args = ["train", "--base", str(chat_tiny), "--task", "multiplication", "--method", "lora", "--steps", "3",
+            "--batch-size", "2", "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj", "--precision", "fp32",
+            "--eval-examples", "2", "--out", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    text = _plain(result.output)
+    assert result.exit_code == 0, text
+    assert re.search(r"3 steps in [\d.]+ s training \([\d.]+ s wall\), \d+ tokens/s; 2,048 trainable params; "
+                     r"loss [\d.]+ -> [\d.]+", text), text
+    assert re.search(r"val_loss [\d.]+, val_accuracy [\d.]+", text)
+    peft_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert peft_cfg["r"] == 4 and peft_cfg["lora_alpha"] == 8 and sorted(peft_cfg["target_modules"]) == [
+        "q_proj", "v_proj"]
+    hp = json.loads((out / "deltafleet.json").read_text())["hyperparameters"]
+    assert hp["lora_rank"] == 4 and hp["targets"] == ["q_proj", "v_proj"] and hp["lr"] == 3e-4
+
+
+def test_train_command_refuses_bad_settings(tmp_path):
+    result = runner.invoke(app, ["train", "--task", "sort", "--method", "dora", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "method='dora': must be one of" in _plain(result.output)
+    result = runner.invoke(app, ["train", "--task", "sort", "--method", "road", "--road-variant", "road_8",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "road_variant='road_8'" in _plain(result.output)
+
+
+def test_sigint_is_deferred_to_a_safe_point():
+    with DeferredInterrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.requested
+        try:
+            interrupt.check()
+            raise AssertionError("check() must raise after a SIGINT")
+        except KeyboardInterrupt:
+            pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_training_saves_a_checkpoint(chat_tiny, tmp_path):
+    def ctrl_c(step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = TrainConfig(base=str(chat_tiny), task="caesar", method="road", out=tmp_path, steps=5, batch_size=2,
+                      precision="fp32", eval_examples=2)
+    result = train(cfg, show_progress=False, on_step=ctrl_c)
+    assert not result.completed and result.steps == 2
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+    assert json.loads((tmp_path / "deltafleet.json").read_text())["completed"] is False
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

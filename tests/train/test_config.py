@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.train.config import TrainConfig
+from deltafleet.train.config import TrainConfig, native_bf16
 
 
 def _cfg(**kw):
@@ -20,6 +20,8 @@ def test_method_defaults():
     assert full.lr == 2e-5 and full.targets == ()
     assert _cfg(lr=1e-3).lr == 1e-3
     assert _cfg(steps=50, warmup_ratio=0.1).warmup_steps == 5
+    assert _cfg().precision == ("bf16" if native_bf16() else "fp32")  # auto: bf16 only with hardware support
+    assert _cfg(precision="bf16").precision == "bf16" and _cfg(precision="fp32").precision == "fp32"
 
 
 def test_hyperparameters_hold_only_this_methods_options():

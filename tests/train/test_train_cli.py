@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from deltafleet.cli import app
 from deltafleet.train.checkpoint import latest_checkpoint
-from deltafleet.train.config import TrainConfig
+from deltafleet.train.config import TrainConfig, native_bf16
 from deltafleet.train.recipe import DeferredInterrupt, train
 
 runner = CliRunner()
@@ -24,7 +24,7 @@ def _plain(text: str) -> str:
 def test_train_command_writes_an_adapter(chat_tiny, tmp_path):
     out = tmp_path / "tenant"
     args = ["train", "--base", str(chat_tiny), "--task", "multiplication", "--method", "lora", "--steps", "3",
-            "--batch-size", "2", "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj", "--precision", "fp32",
+            "--batch-size", "2", "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj",
             "--eval-examples", "2", "--out", str(out)]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     text = _plain(result.output)
@@ -37,6 +37,7 @@ def test_train_command_writes_an_adapter(chat_tiny, tmp_path):
         "q_proj", "v_proj"]
     hp = json.loads((out / "deltafleet.json").read_text())["hyperparameters"]
     assert hp["lora_rank"] == 4 and hp["targets"] == ["q_proj", "v_proj"] and hp["lr"] == 3e-4
+    assert hp["precision"] == ("bf16" if native_bf16() else "fp32")
 
 
 def test_train_command_refuses_bad_settings(tmp_path):

@@ -21,27 +21,35 @@ def train_command(
     steps: int = typer.Option(100, help="Optimizer steps."),
     batch_size: int = typer.Option(8, help="Examples per micro-batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float | None = typer.Option(None, help="Peak learning rate [default: lora 3e-4, road/ia3 3e-3, full 2e-5]."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: lora 3e-4, road/ia3 3e-3, full 2e-5)."),
     warmup_ratio: float = typer.Option(0.1, help="Fraction of steps with linear warmup; then linear decay to 0."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
     rank: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha/rank)."),
     targets: str | None = typer.Option(
-        None, help="Comma-separated projections [default: all seven for lora/road; k_proj,v_proj,down_proj for ia3]."),
+        None, help="Comma-separated projections (default: all seven for lora/road; k_proj,v_proj,down_proj for ia3)."),
     road_variant: str = typer.Option("road_1", help="RoAd variant: road_1, road_2 or road_4."),
     road_group_size: int = typer.Option(64, help="RoAd group size."),
     max_seq_len: int = typer.Option(512, help="Longest example in tokens (longer answers are cut)."),
-    precision: str = typer.Option("bf16", help="bf16 (autocast, fp32 weights) or fp32."),
+    precision: str = typer.Option(
+        "auto", help="bf16 (CPU autocast, fp32 weights), fp32, or auto: bf16 where the CPU has native bf16 "
+                     "matmuls (AVX512-BF16/AMX), else fp32."),
     seed: int = typer.Option(0, help="Seed of the data order and adapter initialisation."),
     save_every: int = typer.Option(50, help="Checkpoint every N steps (0: only at the end or on Ctrl-C)."),
     eval_examples: int = typer.Option(32, help="Validation examples for the final metrics."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
     """Fine-tune a base model on a task with LoRA, RoAd, IA3 or full fine-tuning; Ctrl-C saves a checkpoint."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from deltafleet.train.config import TrainConfig
     from deltafleet.train.recipe import train
 
+    hf_logging.disable_progress_bar()  # the rich bar below is the one progress display
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
     try:
         t0 = time.perf_counter()
         cfg = TrainConfig(

@@ -12,9 +12,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that change nothing in the trained weights; a resumed run may differ in them.
 NON_RESULT_FIELDS = ("out", "resume", "save_every", "eval_examples")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (oneDNN's own test, as torch's test-suite uses)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,11 @@ class TrainConfig:
     Effective batch per optimizer step = batch_size * grad_accum examples; the loss is the mean over the
     answer tokens of the whole step. The learning rate warms up linearly over warmup_ratio * steps, then
     decays linearly to 0 at `steps`.
+
+    precision: `bf16` runs forward passes under CPU bf16 autocast (weights, gradients and optimizer state stay
+    fp32); `fp32` runs them in fp32; `auto` (default) resolves on construction to bf16 where the CPU has native
+    bf16 matmuls (AVX512-BF16 / AMX, per oneDNN) and to fp32 elsewhere: on an AVX2-only CPU, bf16 training of
+    SmolLM2 measured 6 tokens/s against 107 in fp32.
     """
 
     base: str
@@ -43,7 +55,7 @@ class TrainConfig:
     road_variant: str = "road_1"
     road_group_size: int = 64
     max_seq_len: int = 512
-    precision: str = "bf16"
+    precision: str = "auto"
     seed: int = 0
     save_every: int = 50
     eval_examples: int = 32
@@ -89,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"road_variant={self.road_variant!r}: must be one of {ROAD_VARIANTS}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: must be one of {PRECISIONS}")
+        if self.precision == "auto":
+            object.__setattr__(self, "precision", "bf16" if native_bf16() else "fp32")
         if "targets" in method.options:
             unknown = [t for t in self.targets if t not in PROJECTIONS]
             if not self.targets or unknown:

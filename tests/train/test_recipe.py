@@ -4,6 +4,7 @@ outputs load back (peft, deltafleet's loader, transformers), resume equals an un
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -124,3 +125,13 @@ def test_resume_after_interrupt_equals_uninterrupted_run(chat_tiny, tmp_path):
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
     assert resumed.final_metrics["val_loss"] == pytest.approx(whole.final_metrics["val_loss"], rel=1e-5)
+
+
+def test_open_text_task_reports_perplexity(chat_tiny, tmp_path):
+    result = train(_cfg(chat_tiny, tmp_path / "out", "lora", task="shakespeare", steps=2, batch_size=2,
+                        max_seq_len=256), show_progress=False)
+    metrics = result.final_metrics
+    assert set(metrics) == {"val_loss", "val_perplexity"}
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
+    no_eval = train(_cfg(chat_tiny, tmp_path / "quiet", "ia3", steps=1, eval_examples=0), show_progress=False)
+    assert no_eval.completed and no_eval.final_metrics == {}

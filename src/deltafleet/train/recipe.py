@@ -117,15 +117,16 @@ def train(cfg: TrainConfig, *, console: Console | None = None, show_progress: bo
 
     # Model and optimizer.
     torch.manual_seed(cfg.seed)  # adapter initialisation (LoRA's A) is seeded
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-    model = method.prepare(model, cfg)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    model = method.prepare(causal_lm, cfg)  # peft injects its layers into causal_lm in place and wraps it
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     progress = ckpt.Progress()
     if cfg.resume and (last := ckpt.latest_checkpoint(cfg.out)) is not None:
         progress = ckpt.load_checkpoint(last, params, optimizer, run)
         console.print(f"[dim]resumed from {last} (step {progress.step}/{cfg.steps})[/dim]")
+    elif cfg.resume:
+        console.print(f"[dim]no checkpoint in {cfg.out}: starting at step 0[/dim]")
 
     # The loop.
     per_step = cfg.batch_size * cfg.grad_accum
@@ -178,7 +179,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None, show_progress: bo
 
     # Validation and export.
     metrics: dict[str, float] = {}
-    if completed:
+    if completed and val_examples:
         with console.status("validating"):
             metrics = validation_metrics(task, model, causal_lm, tokenizer, val_examples, cfg.batch_size,
                                          cfg.max_seq_len, cfg.precision)

@@ -196,3 +196,23 @@ def test_non_llama_checkpoint(tiny_llama, tmp_path, model_type):
 def test_unknown_base_name():
     with pytest.raises(DeltafleetError, match="neither an embedded model"):
         load_model("no-such-model-xyz")
+
+
+@pytest.mark.parametrize("pad", [0, 1, 7])
+def test_valid_file_whose_header_starts_with_0x80_loads(tmp_path, pad):
+    """A header of length 128 mod 256 makes the file's first byte 0x80, the pickle PROTO opcode."""
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    path = tmp_path / "w.safetensors"
+    for name_len in range(1, 300):
+        save_tensors(tensors, path, metadata={"k": "x" * name_len, "pad": "y" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(load_tensors(path)["w"], tensors["w"])
+
+
+def test_torch_save_zip_is_refused_as_pickle(tmp_path):
+    path = tmp_path / "w.safetensors"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(ArtifactError, match="pickle/zip"):
+        load_tensors(path)

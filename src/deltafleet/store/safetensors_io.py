@@ -31,24 +31,37 @@ def refuse_pickles(directory: Path, wanted: str) -> None:
         )
 
 
+def _looks_like_pickle(head: bytes) -> bool:
+    """torch.save zip archives, or a raw pickle stream (PROTO opcode 0x80 then protocol 2-5)."""
+    return head[:4] == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def _check_header(path: Path) -> dict:
-    """Validate the safetensors header against the file size before handing the file to the library."""
+    """Validate the safetensors header against the file size before handing the file to the library.
+
+    The header is parsed first: a valid header whose length is 128 mod 256 also starts with byte 0x80, so
+    the pickle diagnosis is only given to a file that fails to parse as safetensors and looks like a pickle.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
-            if head[:4] == _ZIP_MAGIC or head[:1] == b"\x80":
-                raise ArtifactError(path, "is a pickle/zip file, not safetensors; it is never unpickled")
-            if len(head) < 8:
-                raise ArtifactError(path, f"truncated: {size} bytes, a safetensors file has an 8-byte header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ArtifactError(path, f"truncated or malformed: header claims {n} bytes, file has {size}")
-            header = json.loads(f.read(n))
+            try:
+                if len(head) < 8:
+                    raise ArtifactError(path, f"truncated: {size} bytes, a safetensors file has an 8-byte header")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    raise ArtifactError(path, f"truncated or malformed: header claims {n} bytes, file has {size}")
+                try:
+                    header = json.loads(f.read(n))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    raise ArtifactError(path, "malformed safetensors header (not JSON)") from None
+            except ArtifactError:
+                if _looks_like_pickle(head):
+                    raise ArtifactError(path, "is a pickle/zip file, not safetensors; it is never unpickled") from None
+                raise
     except FileNotFoundError:
         raise ArtifactError(path, "file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ArtifactError(path, "malformed safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise ArtifactError(path, "malformed safetensors header (not a JSON object)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)

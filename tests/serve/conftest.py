@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltafleet.adapters import (LoraConfig, LowRankConfig, RoadConfig, load_adapter, merge_adapter,
-                                 random_adapter, save_adapter, unmerge_adapter)
+from deltafleet.adapters import (
+    LoraConfig,
+    LowRankConfig,
+    RoadConfig,
+    load_adapter,
+    merge_adapter,
+    random_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
 from deltafleet.models.config import ModelConfig
 from deltafleet.models.generate import greedy_generate
 from deltafleet.models.loading import load_model

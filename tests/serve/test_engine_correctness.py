@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from deltafleet.serve.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from deltafleet.models.loading import load_model
+from deltafleet.serve.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from tests.serve.conftest import ADAPTER_CONFIGS
 
 NAMES = sorted(ADAPTER_CONFIGS)
@@ -95,7 +95,7 @@ def test_stop_token_ids(tiny_llama, adapters_dir, solo):
     prompt = [9, 8, 7, 6]
     full = solo(prompt, 8, "road1-all")
     stop_at = next(i for i in range(1, 8) if full[i] not in full[:i])
-    out = engine.generate([Request(prompt, SamplingParams(max_tokens=8, stop_token_ids=(full[stop_at],), ignore_eos=True),
-                                   adapter="road1-all")])[0]
+    params = SamplingParams(max_tokens=8, stop_token_ids=(full[stop_at],), ignore_eos=True)
+    out = engine.generate([Request(prompt, params, adapter="road1-all")])[0]
     assert out.finish_reason == FinishReason.STOP
     assert out.token_ids == full[: stop_at + 1]

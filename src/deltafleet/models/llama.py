@@ -247,7 +247,8 @@ class Transformer(nn.Module):
         """input_ids (B, T); positions (B, T) default arange; attention_mask (B, T) 1 = real token.
 
         With `cache`, each sequence b reads and writes cache slot `cache_slots[b]` (a slice start:start+B reads
-        the cache as a view instead of gathering); padding tokens are not written. `logits_index` (M,) selects flattened B*T positions so the LM head runs only where needed.
+        the cache as a view instead of gathering); padding tokens are not written. `logits_index` (M,) selects
+        flattened B*T positions so the LM head runs only where needed.
         """
         B, T = input_ids.shape
         if positions is None:

@@ -17,6 +17,7 @@ requests, LoRA, RoAd and low-rank deltas mix freely in one batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -36,6 +37,8 @@ from deltafleet.serve.engine.layout import BatchLayout
 from deltafleet.serve.engine.pools import AdditivePool, ElementwisePool, Pool
 from deltafleet.serve.engine.sampling import sample
 from deltafleet.serve.engine.types import FinishReason, Request, RequestOutput, TokenEvent
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -317,7 +320,16 @@ class Engine:
                 self._finish(s, FinishReason.LENGTH)
             if s.on_event is not None:
                 text = s.detok.take(final=s.finish is not None) if s.detok else ""
-                s.on_event(TokenEvent(s.req.request_id, tok, text, s.finish, s.prompt_len, len(s.out), s.error))
+                self._notify(s, TokenEvent(s.req.request_id, tok, text, s.finish, s.prompt_len, len(s.out), s.error))
+
+    def _notify(self, s: _Seq, ev: TokenEvent) -> None:
+        """Deliver an event; a failing listener (e.g. a closed event loop) aborts its request, never the engine."""
+        try:
+            s.on_event(ev)
+        except Exception as e:  # noqa: BLE001 (any listener failure)
+            log.warning("request %s: event listener failed (%s); aborting it", s.req.request_id, e)
+            s.on_event = None
+            s.aborted = True
 
     def _finish(self, s: _Seq, reason: FinishReason) -> None:
         if s.finish is None:
@@ -352,8 +364,8 @@ class Engine:
             latency=now - s.t_submit, error=s.error,
         )
         if s.on_event is not None and (not s.out or s.finish in (FinishReason.ABORT, FinishReason.ERROR)):
-            s.on_event(TokenEvent(s.req.request_id, None, s.detok.take(final=True) if s.detok else "", s.finish,
-                                  s.prompt_len, len(s.out), s.error))
+            self._notify(s, TokenEvent(s.req.request_id, None, s.detok.take(final=True) if s.detok else "", s.finish,
+                                       s.prompt_len, len(s.out), s.error))
         self.counters["finished"] += 1
         with self._lock:
             self._by_id.pop(s.req.request_id, None)
@@ -380,9 +392,22 @@ class Engine:
 
     def _loop(self) -> None:
         while not (self._stopping and not self.running and not self.waiting and not self._inbox):
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception as e:  # noqa: BLE001 (the loop must outlive a failed step)
+                log.exception("engine step failed; failing the running requests")
+                self._fail_running(f"engine step failed: {type(e).__name__}: {e}")
+                continue
+            if not worked:
                 self._wake.wait(timeout=0.02)
                 self._wake.clear()
+
+    def _fail_running(self, message: str) -> None:
+        with self._step_lock:
+            for s in self.running:
+                s.error = s.error or message
+                self._finish(s, FinishReason.ERROR)
+            self._retire()
 
     async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
         """Per-token events for one request. Leaving the iterator early aborts the request."""

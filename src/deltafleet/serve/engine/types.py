@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 NO_ADAPTER: int = -1
 """Slot index meaning "base model, no adapter" in every batch layout."""
@@ -12,7 +12,7 @@ NO_ADAPTER: int = -1
 _ids = itertools.count()
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # a stop token id or stop string
     LENGTH = "length"  # max_tokens reached (or the context is full)
     ABORT = "abort"  # cancelled by the caller

@@ -115,12 +115,14 @@ def demo(
 
 from deltafleet.tasks.cli import tasks_app  # noqa: E402  (light: heavy imports happen inside the commands)
 from deltafleet.train.cli import train_command  # noqa: E402
+from deltafleet.serve.http.cli import serve_command  # noqa: E402
 
 bench_app = typer.Typer(help="Benchmarks that print figures and ratios from one run.", no_args_is_help=True)
 
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
+app.command("serve")(serve_command)
 
 
 if __name__ == "__main__":

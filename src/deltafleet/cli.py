@@ -113,9 +113,9 @@ def demo(
         _fail(e)
 
 
+from deltafleet.serve.http.cli import serve_command  # noqa: E402
 from deltafleet.tasks.cli import tasks_app  # noqa: E402  (light: heavy imports happen inside the commands)
 from deltafleet.train.cli import train_command  # noqa: E402
-from deltafleet.serve.http.cli import serve_command  # noqa: E402
 
 bench_app = typer.Typer(help="Benchmarks that print figures and ratios from one run.", no_args_is_help=True)
 

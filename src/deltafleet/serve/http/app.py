@@ -28,9 +28,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltafleet.serve.http import protocol as P
-from deltafleet.serve.http.gateway import (AdapterConflict, Event, Gateway, GatewayError, Generation,
-                                           InvalidRequest, PromptTooLong, QueueFull, ShuttingDown, Stream,
-                                           UnknownModel)
+from deltafleet.serve.http.gateway import (
+    AdapterConflict,
+    Event,
+    Gateway,
+    GatewayError,
+    Generation,
+    InvalidRequest,
+    PromptTooLong,
+    QueueFull,
+    ShuttingDown,
+    Stream,
+    UnknownModel,
+)
 from deltafleet.serve.http.metrics import Metrics
 from deltafleet.serve.http.tenancy import Principal, Tenancy
 

@@ -17,10 +17,28 @@ from deltafleet.adapters.peft_format import PEFT_FORMATS
 from deltafleet.adapters.registry import get_kind
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.serve.engine import (Engine, EngineConfig, EngineShutdownError, PromptTooLongError,
-                                     QueueFullError, Request, SamplingParams, TokenEvent, UnknownAdapterError)
-from deltafleet.serve.http.gateway import (AdapterConflict, AdapterInfo, Event, Generation, InvalidRequest,
-                                           PromptTooLong, QueueFull, ShuttingDown, UnknownModel)
+from deltafleet.serve.engine import (
+    Engine,
+    EngineConfig,
+    EngineShutdownError,
+    PromptTooLongError,
+    QueueFullError,
+    Request,
+    SamplingParams,
+    TokenEvent,
+    UnknownAdapterError,
+)
+from deltafleet.serve.http.gateway import (
+    AdapterConflict,
+    AdapterInfo,
+    Event,
+    Generation,
+    InvalidRequest,
+    PromptTooLong,
+    QueueFull,
+    ShuttingDown,
+    UnknownModel,
+)
 
 _STATES = {"resident": "resident", "host": "host_memory", "loading": "loading", "disk": "on_disk"}
 

@@ -14,7 +14,7 @@ from deltafleet.models.config import ModelConfig
 from deltafleet.models.loading import load_model
 from deltafleet.serve.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from deltafleet.serve.engine.adapters import UnknownAdapterError
-from deltafleet.serve.engine.backends import make_backend
+from deltafleet.serve.engine.backends import CpuBackend, make_backend
 from deltafleet.serve.engine.engine import EngineShutdownError, PromptTooLongError, QueueFullError
 from deltafleet.serve.engine.forms import to_serving_form
 from deltafleet.serve.engine.layout import BatchLayout
@@ -98,10 +98,11 @@ ROW_PATTERNS = {
 }
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "segments-or-bmm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", sorted(ROW_PATTERNS))
 @pytest.mark.parametrize("tokens_per_row", [1, 3])
-def test_cpu_backend_matches_reference(tiny_llama, dtype, pattern, tokens_per_row):
+def test_cpu_backend_matches_reference(tiny_llama, dtype, pattern, tokens_per_row, grouped):
     model, _ = load_model(tiny_llama, dtype=dtype)
     lora, road = _pools(model.config, dtype)
     pools = {"lora": lora, "road": road, None: None}
@@ -111,7 +112,7 @@ def test_cpu_backend_matches_reference(tiny_llama, dtype, pattern, tokens_per_ro
     ids = torch.randint(0, model.config.vocab_size, (len(rows), tokens_per_row), generator=gen)
     with torch.no_grad():
         want = model(ids, hook=layout.hook(make_backend("reference")))
-        got = model(ids, hook=layout.hook(make_backend("cpu")))
+        got = model(ids, hook=layout.hook(CpuBackend(grouped=grouped)))
         if pattern != "all-base":
             assert not torch.allclose(want, model(ids), atol=1e-2)
     torch.testing.assert_close(got, want, **TOL[dtype])

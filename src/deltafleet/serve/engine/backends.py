@@ -6,9 +6,10 @@ Semantics (the reference backend spells them out token by token; fast backends m
 Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchanged.
 
 - `reference`: a plain loop over tokens; the oracle in tests.
-- `cpu`: batched. Additive uses segments (one matmul pair per distinct adapter, Punica SGMV-like) when a
-  few adapters cover many tokens (prefill, skewed batches), else a gather + batched matmul per token
-  (BGMV-like, decode with many distinct adapters). Elementwise is one gather and element-wise ops.
+- `cpu`: batched. Additive is two grouped matmuls (`torch._grouped_mm`, Punica's SGMV): member tokens sorted
+  by slot once per step, each slot's A and B read in place from the pool (no gathered copy of adapter
+  weights). Without grouped_mm it falls back to one matmul pair per segment when few adapters cover many
+  tokens, else a gather + batched matmul per token (BGMV-like). Elementwise is one gather and element-wise ops.
 """
 
 from __future__ import annotations
@@ -67,11 +68,29 @@ class ReferenceBackend(Backend):
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, segment_ratio: int = 8):
+    def __init__(self, segment_ratio: int = 8, grouped: bool | None = None):
         # Segments pay off when each distinct adapter covers at least `segment_ratio` tokens on average.
         self.segment_ratio = segment_ratio
+        self.grouped = _grouped_mm_works() if grouped is None else grouped
 
     def additive(self, x, y, A, B, step):
+        # grouped_mm wants 16-byte strides: rank padded to a multiple of 8 (pool rows are zero past a slot's
+        # rank, so padding is exact), feature sizes multiples of 8.
+        r = -(-step.width // 8) * 8
+        if (self.grouped and x.dtype in _GROUPED_DTYPES and r <= A.shape[1]
+                and A.shape[2] % 8 == 0 and B.shape[2] % 8 == 0):
+            return self._additive_grouped(x, y, A, B, step, r)
+        return self._additive_fallback(x, y, A, B, step)
+
+    @staticmethod
+    def _additive_grouped(x, y, A, B, step, r):
+        G = step.offs.numel()
+        xs = x[step.order]  # (M, in) sorted by slot
+        h = torch._grouped_mm(xs, A[:G, :r].transpose(1, 2).to(x.dtype), offs=step.offs)  # (M, r)
+        delta = torch._grouped_mm(h, B[:G, :r].to(x.dtype), offs=step.offs)  # (M, out)
+        return y.index_add(0, step.order, delta)
+
+    def _additive_fallback(self, x, y, A, B, step):
         r = step.width
         n_members = x.shape[0] if step.members is None else step.members.numel()
         if len(step.segments) * self.segment_ratio <= n_members:
@@ -93,6 +112,18 @@ class CpuBackend(Backend):
     def elementwise(self, y, c, s, step):
         idx = step.index
         return y * c[idx].to(y.dtype) + rotate_half_grouped(y, step.pool.width) * s[idx].to(y.dtype)
+
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _grouped_mm_works() -> bool:
+    """Whether this torch build runs `_grouped_mm` on CPU (checked once, on a 2-group problem)."""
+    try:
+        out = torch._grouped_mm(torch.ones(3, 8), torch.ones(2, 8, 8), offs=torch.tensor([1, 3], dtype=torch.int32))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return out.shape == (3, 8) and bool((out == 8).all())
 
 
 BACKENDS: dict[str, type[Backend]] = {}

@@ -26,9 +26,17 @@ class PoolStep:
     pool: Pool
     index: Tensor  # (N,) long: pool row of each token (pool.null for non-members)
     members: Tensor | None  # (M,) long: tokens that use this pool; None when all N do
-    segments: list[tuple[int, Tensor]]  # (slot, token indices) per distinct slot, in slot order
+    order: Tensor  # (M,) long: member tokens sorted by slot (stable), the grouped-matmul order
+    offs: Tensor  # (G,) int32: cumulative member counts of slots 0..G-1, G = highest slot in use + 1
     width: int  # widest rank (additive) among members
     modules: frozenset[ModuleKey]  # projections adapted by at least one member
+
+    @property
+    def segments(self) -> list[tuple[int, Tensor]]:
+        """(slot, token indices) per distinct slot in use, in slot order."""
+        counts = torch.diff(self.offs, prepend=self.offs.new_zeros(1)).tolist()
+        parts = torch.split(self.order, counts)
+        return [(slot, part) for slot, part in enumerate(parts) if part.numel()]
 
 
 @dataclass
@@ -51,14 +59,16 @@ class BatchLayout:
             for b, slot in members:
                 row_index[b] = slot
             index = row_index.repeat_interleave(T)
-            member_rows = torch.tensor([b for b, _ in members])
-            tok = (member_rows[:, None] * T + torch.arange(T)).reshape(-1)
-            slots = sorted({s for _, s in members})
-            segments = [(s, (index == s).nonzero().squeeze(1)) for s in slots]
+            by_slot = sorted(members, key=lambda m: m[1])
+            order = (torch.tensor([b for b, _ in by_slot])[:, None] * T + torch.arange(T)).reshape(-1)
+            slots = [s for _, s in by_slot]
+            counts = torch.bincount(torch.tensor(slots), minlength=slots[-1] + 1) * T
             steps.append(PoolStep(
-                pool=pool, index=index, members=None if len(members) == len(rows) else tok,
-                segments=segments, width=max(pool.slot_width[s] for s in slots),
-                modules=frozenset().union(*(pool.slot_modules[s] for s in slots)),
+                pool=pool, index=index,
+                members=None if len(members) == len(rows) else order.sort().values,
+                order=order, offs=counts.cumsum(0).to(torch.int32),
+                width=max(pool.slot_width[s] for s in set(slots)),
+                modules=frozenset().union(*(pool.slot_modules[s] for s in set(slots))),
             ))
         return cls(N, steps)
 

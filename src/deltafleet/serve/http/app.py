@@ -313,8 +313,8 @@ def create_app(gateway: Gateway, tenancy: Tenancy | None = None, metrics: Metric
         ids = gateway.chat_prompt([m.for_template() for m in req.messages])
         max_tokens = req.max_completion_tokens or req.max_tokens or gateway.max_model_len - len(ids)
         if max_tokens < 1:
-            raise PromptTooLong(f"messages: the prompt has {len(ids)} tokens, the context length is "
-                                f"{gateway.max_model_len}", "messages")
+            raise PromptTooLong(f"messages: a prompt of {len(ids)} tokens leaves no room to answer in the context "
+                                f"length {gateway.max_model_len}", "messages")
         gen = sampling(req, ids, max_tokens, adapter)
         return await respond(request, gen, req.model, True, *stream_flags(req), t0)
 

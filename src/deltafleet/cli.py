@@ -113,7 +113,7 @@ def demo(
         _fail(e)
 
 
-from deltafleet.serve.http.cli import serve_command  # noqa: E402
+from deltafleet.serve.http.cli import bench_serve_command, serve_command  # noqa: E402
 from deltafleet.tasks.cli import tasks_app  # noqa: E402  (light: heavy imports happen inside the commands)
 from deltafleet.train.cli import train_command  # noqa: E402
 
@@ -121,8 +121,13 @@ bench_app = typer.Typer(help="Benchmarks that print figures and ratios from one 
 
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(bench_app, name="bench")
+
+from deltafleet.eval.cli import bench_engine_command  # noqa: E402
+
+bench_app.command("engine")(bench_engine_command)
 app.command("train")(train_command)
 app.command("serve")(serve_command)
+bench_app.command("serve")(bench_serve_command)
 
 
 if __name__ == "__main__":

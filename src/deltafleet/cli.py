@@ -113,7 +113,7 @@ def demo(
         _fail(e)
 
 
-from deltafleet.serve.http.cli import bench_serve_command, serve_command  # noqa: E402
+from deltafleet.serve.http.cli import bench_serve_command, serve_command, serve_demo_command  # noqa: E402
 from deltafleet.tasks.cli import tasks_app  # noqa: E402  (light: heavy imports happen inside the commands)
 from deltafleet.train.cli import train_command  # noqa: E402
 
@@ -127,6 +127,7 @@ from deltafleet.eval.cli import bench_engine_command  # noqa: E402
 bench_app.command("engine")(bench_engine_command)
 app.command("train")(train_command)
 app.command("serve")(serve_command)
+app.command("serve-demo")(serve_demo_command)
 bench_app.command("serve")(bench_serve_command)
 
 

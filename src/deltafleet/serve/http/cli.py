@@ -151,3 +151,18 @@ def bench_serve_command(
     cache = res["adapter_cache"]
     out.print("adapter cache: " + ", ".join(f"{k.removeprefix('deltafleet_adapter_cache_').removesuffix('_total')} "
                                             f"{v:.0f}" for k, v in cache.items()))
+
+
+def serve_demo_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
+    dtype: str = typer.Option("auto", help="auto, bfloat16 or float32."),
+) -> None:
+    """The multi-tenant demo: train two small tenant adapters (once, cached), serve them with the base model,
+    send every tenant's requests at once through the openai client, print the answers, drain the server."""
+    from deltafleet.serve.http.demo import run_demo
+
+    try:
+        run_demo(base, resolve_dtype(dtype), Console())
+    except DeltafleetError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(code=2) from None

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/deltafleet demo
+	$(VENV)/bin/deltafleet serve-demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -162,7 +162,8 @@ def serve_demo_command(
     from deltafleet.serve.http.demo import run_demo
 
     try:
-        run_demo(base, resolve_dtype(dtype), Console())
+        out = Console()
+        run_demo(base, resolve_dtype(dtype), out if out.is_terminal else Console(width=150))
     except DeltafleetError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None

@@ -103,6 +103,12 @@ async def _ask(url: str, key: str, model: str, prompt: str) -> tuple[str, int, f
     return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - t0
 
 
+def _short(text: str, n: int) -> str:
+    """One line, at most n characters (the middle elided): prompts end with the part that matters."""
+    text = " ".join(text.split())
+    return text if len(text) <= n else f"{text[:n // 2 - 2]} ... {text[-(n // 2 - 3):]}"
+
+
 def run_demo(base: str, dtype: str, console: Console) -> None:
     from deltafleet.serve.engine import EngineConfig
     from deltafleet.serve.http.app import create_app
@@ -141,15 +147,17 @@ def run_demo(base: str, dtype: str, console: Console) -> None:
     wall = time.perf_counter() - t1
     kinds = {a.name: a.kind for a in gateway.adapters()}
 
-    table = Table(title=f"{len(jobs)} concurrent chat requests, 3 tenants, one base model ({wall:.1f} s wall)")
+    total = sum(tokens for _, tokens, _ in answers)
+    table = Table(title=f"{len(jobs)} concurrent chat requests, 3 tenants, one base model: {total} tokens in "
+                        f"{wall:.1f} s ({total / wall:.1f} tokens/s in all)")
     for col in ("tenant", "model", "kind", "prompt", "answer", "ok", "latency", "tok/s"):
         table.add_column(col, justify="right" if col in ("latency", "tok/s") else "left",
-                         overflow="fold", max_width={"prompt": 44, "answer": 34}.get(col))
+                         overflow="fold", max_width={"prompt": 56, "answer": 40, "ok": 24}.get(col))
     for (t, model, prompt, expected), (answer, tokens, latency) in zip(jobs, answers, strict=True):
         ok = "" if expected is None else ("[green]yes[/green]" if normalize(answer) == normalize(expected)
                                           else f"[red]no[/red] ({expected})")
         kind = "base" if model == gateway.model_name else kinds.get(model, "-")
-        table.add_row(t.name, model, kind, prompt, answer, ok, f"{latency:.1f} s",
+        table.add_row(t.name, model, kind, _short(prompt, 90), _short(answer, 80), ok, f"{latency:.1f} s",
                       f"{tokens / latency:.1f}" if tokens else "-")
     console.print(table)
     t2 = time.perf_counter()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from deltafleet.adapters import load_adapter
+from deltafleet.adapters import Adapter, load_adapter
 from deltafleet.adapters.io import read_manifest
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
@@ -41,7 +41,7 @@ class AdapterStats:
 
 @dataclass
 class _Entry:
-    path: Path
+    path: Path | None  # None: added in memory (kept in host memory, never evicted from it)
     removed: bool = False
     error: str | None = None
     future: Future | None = None
@@ -85,7 +85,32 @@ class AdapterManager:
                 raise DeltafleetError(f"adapter {name!r} is already registered")
             if old is not None and old.refs:
                 raise DeltafleetError(f"adapter {name!r} is still being removed (in use by {old.refs} requests)")
-            self.entries[name] = _Entry(Path(path))
+            self.entries[name] = _Entry(None if path is None else Path(path))
+
+    def add_loaded(self, name: str, adapter: Adapter) -> None:
+        """Register an adapter object already in memory (tests, benchmarks, freshly trained adapters)."""
+        form = self._form(name, adapter)
+        self.add(name, None)
+        with self._lock:
+            e = self.entries[name]
+            e.info = self._info(adapter, form, None)
+            self.host[name] = form
+            self.stats.loads += 1
+
+    def _form(self, name: str, adapter: Adapter) -> ServingForm:
+        form = to_serving_form(adapter, self.dtype)
+        if not any(p.accepts(form) for p in self.pools):
+            raise DeltafleetError(
+                f"adapter {name!r} ({adapter.config.kind}, {form.family} width {form.width}) fits no slot "
+                f"pool: {', '.join(f'{p.name} ({p.family} width {p.width})' for p in self.pools)}"
+            )
+        return form
+
+    @staticmethod
+    def _info(adapter: Adapter, form: ServingForm, path: Path | None) -> dict:
+        return {"kind": adapter.config.kind, "summary": adapter.config.summary,
+                "targets": list(adapter.config.targets), "bytes": form.nbytes,
+                "manifest": (read_manifest(path) or {}) if path is not None else {}}
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -116,15 +141,8 @@ class AdapterManager:
     def _load(self, name: str, path: Path) -> None:
         try:
             adapter = load_adapter(path, self.cfg, expected_fingerprint=self.fingerprint)
-            form = to_serving_form(adapter, self.dtype)
-            if not any(p.accepts(form) for p in self.pools):
-                raise DeltafleetError(
-                    f"adapter {name!r} ({adapter.config.kind}, {form.family} width {form.width}) fits no slot "
-                    f"pool: {', '.join(f'{p.name} ({p.family} width {p.width})' for p in self.pools)}"
-                )
-            info = {"kind": adapter.config.kind, "summary": adapter.config.summary,
-                    "targets": list(adapter.config.targets), "bytes": form.nbytes,
-                    "manifest": read_manifest(path) or {}}
+            form = self._form(name, adapter)
+            info = self._info(adapter, form, path)
         except (DeltafleetError, ValueError, OSError) as err:
             with self._lock:
                 if name in self.entries:
@@ -145,7 +163,8 @@ class AdapterManager:
         for name in list(self.host):
             if total <= self.host_cache_bytes:
                 break
-            if self.entries[name].refs == 0 and len(self.host) > 1:
+            e = self.entries[name]
+            if e.refs == 0 and e.path is not None and len(self.host) > 1:
                 total -= self.host.pop(name).nbytes
                 self.stats.host_evictions += 1
 
@@ -245,7 +264,8 @@ class AdapterManager:
             out = []
             for name in self.names():
                 e = self.entries[name]
-                out.append({"name": name, "path": str(e.path), "state": self.status(name), **e.info})
+                out.append({"name": name, "path": None if e.path is None else str(e.path),
+                            "state": self.status(name), **e.info})
             return out
 
     @property

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from deltafleet.adapters import Adapter
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import KVCache, Transformer
 from deltafleet.serve.engine.adapters import AdapterManager, UnknownAdapterError
@@ -125,7 +126,8 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "steps": 0}
+        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "steps": 0,
+                         "decode_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0}
         self.ttft: deque[float] = deque(maxlen=4096)
         self.itl: deque[float] = deque(maxlen=16384)
 
@@ -145,9 +147,12 @@ class Engine:
         return cls(model, tokenizer, config, adapters_dir, base_fingerprint(path))
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, name: str, path: str | Path) -> None:
-        """Register an adapter directory under `name` and start loading it in the background."""
-        self.adapters.add(name, path)
+    def add_adapter(self, name: str, source: str | Path | Adapter) -> None:
+        """Register an adapter directory (loaded in the background) or an in-memory `Adapter` under `name`."""
+        if isinstance(source, Adapter):
+            self.adapters.add_loaded(name, source)
+            return
+        self.adapters.add(name, source)
         self.adapters.ensure_loading(name)
 
     def remove_adapter(self, name: str) -> None:
@@ -211,9 +216,14 @@ class Engine:
             decoding = [s for s in self.running if not s.in_prefill and s.finish is None]
             prefilling = [s for s in self.running if s.in_prefill]
             if prefilling:
+                t0 = time.perf_counter()
                 self._prefill(prefilling)
+                self.counters["prefill_seconds"] += time.perf_counter() - t0
             if decoding:
+                t0 = time.perf_counter()
                 self._decode(decoding)
+                self.counters["decode_seconds"] += time.perf_counter() - t0
+                self.counters["decode_tokens"] += len(decoding)
             self._retire()
             if prefilling or decoding:
                 self.counters["steps"] += 1

@@ -1,0 +1,271 @@
+"""`deltafleet bench engine`: decode throughput of mixed multi-adapter batches against the base model and peft.
+
+Every scenario runs the same prompts and lengths through one engine on the embedded base: base only; one
+adapter; 8, 32 and 128 distinct LoRA adapters (r=16 on all seven projections) mixed uniformly; Zipf-mixed
+adapters; 32 distinct RoAd (`road_1`) adapters; and peft's own mixed-batch generation (`adapter_names=`) on
+the LoRA-32 workload. Decode throughput counts only decode steps (prefill is timed apart, as time to first
+token).
+
+The hardware limit printed next to each ratio: a decode step must at least compute the base step and read the
+step's distinct adapter bytes once, so limit = t_base / (t_base + bytes / bandwidth), with the bandwidth measured
+here by a streaming read. S-LoRA (Sheng et al. 2023, section 7) and Punica (Chen et al. 2023) report the same
+quantities on GPUs; ../shared/reference/serving.md summarises them.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from deltafleet.adapters import LoraConfig, RoadConfig, random_adapter
+from deltafleet.models.config import PROJECTIONS
+from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+
+LORA = LoraConfig(r=16, alpha=32.0, targets=PROJECTIONS)
+ROAD = RoadConfig(variant="road_1", group_size=64, targets=PROJECTIONS)
+
+
+@dataclass
+class BenchConfig:
+    base: str = "smollm2-135m"
+    dtype: str = "float32"
+    batch: int = 32
+    prompt_len: int = 64
+    max_tokens: int = 32
+    waves: int = 2  # the 128-adapter scenario runs batch * waves requests so batches rotate through adapters
+    rounds: int = 2  # scenarios run round-robin this many times; each figure is the median over rounds
+    quick: bool = False
+    seed: int = 0
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+
+
+@dataclass
+class Result:
+    name: str
+    decode_tok_s: float
+    ttft_ms: float
+    step_ms: float
+    distinct_per_step: float
+    adapter_bytes_per_step: float
+    rss_mb: float
+    extra: dict = field(default_factory=dict)
+
+
+def _zipf_choice(rng: random.Random, n: int, k: int, s: float = 1.0) -> list[int]:
+    weights = [1.0 / (i + 1) ** s for i in range(n)]
+    return rng.choices(range(n), weights=weights, k=k)
+
+
+# scenario -> (adapter pool prefix, number of adapters registered, request count factor, chooser)
+SCENARIOS: dict[str, tuple[str | None, int, str]] = {
+    "base": (None, 0, "none"),
+    "lora1": ("lora", 1, "uniform"),
+    "lora8": ("lora", 8, "uniform"),
+    "lora32": ("lora", 32, "uniform"),
+    "lora128": ("lora", 128, "rotate"),
+    "zipf128": ("lora", 128, "zipf"),
+    "road32": ("road", 32, "uniform"),
+    "peft32": ("lora", 32, "peft"),
+}
+
+
+def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Streaming read bandwidth in bytes/s (a sum over a buffer larger than the caches)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def _prompts(cfg: BenchConfig, vocab: int, n: int) -> list[list[int]]:
+    rng = random.Random(cfg.seed)
+    return [[rng.randrange(100, vocab) for _ in range(cfg.prompt_len)] for _ in range(n)]
+
+
+def _adapter_names(kind: str, count: int, chooser: str, n_requests: int, rng: random.Random) -> list[str | None]:
+    if chooser == "none":
+        return [None] * n_requests
+    if chooser in ("uniform", "peft"):
+        return [f"{kind}{i % count}" for i in range(n_requests)]
+    if chooser == "rotate":  # every adapter used, each batch a different distinct subset
+        order = list(range(count))
+        rng.shuffle(order)
+        return [f"{kind}{order[i % count]}" for i in range(n_requests)]
+    return [f"{kind}{i}" for i in _zipf_choice(rng, count, n_requests)]
+
+
+def run_engine_scenario(engine: Engine, cfg: BenchConfig, name: str, prompts: list[list[int]]) -> Result:
+    """Drive the engine step by step; decode throughput is the median over full-batch decode-only steps."""
+    kind, count, chooser = SCENARIOS[name]
+    n_requests = cfg.batch * (cfg.waves if chooser == "rotate" else 1)
+    names = _adapter_names(kind or "", count, chooser, n_requests, random.Random(cfg.seed + 1))
+    params = SamplingParams(max_tokens=cfg.max_tokens, ignore_eos=True)
+    reqs = [Request(prompts[i % len(prompts)], params, adapter=a) for i, a in enumerate(names)]
+    # Warm-up outside the measurement: the first batch's adapters become resident, allocators settle.
+    engine.generate([Request(prompts[0], SamplingParams(max_tokens=2, ignore_eos=True), adapter=a)
+                     for a in list(dict.fromkeys(names))[: engine.max_batch]])
+    c = engine.counters
+    handles = [engine.submit(r) for r in reqs]
+    rates, steps = [], []
+    while not all(h.done.is_set() for h in handles):
+        pre, tok = c["prefill_seconds"], c["decode_tokens"]
+        t = time.perf_counter()
+        worked = engine.step()
+        dt = time.perf_counter() - t
+        if not worked:
+            time.sleep(0.001)
+        elif c["prefill_seconds"] == pre and c["decode_tokens"] - tok == cfg.batch:
+            rates.append(cfg.batch / dt)
+            steps.append(dt)
+    outs = [h.result for h in handles]
+    distinct = [len({n for n in names[w * cfg.batch:(w + 1) * cfg.batch] if n is not None})
+                for w in range(max(1, n_requests // cfg.batch))]
+    per_adapter = _adapter_bytes(engine, kind)
+    return Result(
+        name=name, decode_tok_s=statistics.median(rates),
+        ttft_ms=1e3 * statistics.median(o.time_to_first_token for o in outs[: cfg.batch]),
+        step_ms=1e3 * statistics.median(steps), distinct_per_step=sum(distinct) / len(distinct),
+        adapter_bytes_per_step=per_adapter * sum(distinct) / len(distinct), rss_mb=_rss_mb(),
+        extra={"decode_steps": len(steps)},
+    )
+
+
+def _adapter_bytes(engine: Engine, kind: str | None) -> float:
+    if kind is None:
+        return 0.0
+    sizes = [e.info.get("bytes", 0) for n, e in engine.adapters.entries.items() if n.startswith(kind)]
+    return sum(sizes) / max(len(sizes), 1)
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_peft_scenario(cfg: BenchConfig, prompts: list[list[int]], model_path) -> Result:
+    """peft's own mixed batch: one PeftModel holding 32 LoRA adapters of the same shape (random weights: the
+    values do not change the work), `generate(adapter_names=...)`."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, cfg.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).eval()
+    names = [f"lora{i}" for i in range(32)]
+    pcfg = PeftLora(r=LORA.r, lora_alpha=LORA.alpha, target_modules=list(LORA.targets), init_lora_weights=False)
+    pm = get_peft_model(hf, pcfg, adapter_name=names[0])
+    for n in names[1:]:
+        pm.add_adapter(n, pcfg)
+    pm.eval()
+    ids = torch.tensor([prompts[i % len(prompts)] for i in range(cfg.batch)])
+    adapter_names = [names[i % len(names)] for i in range(cfg.batch)]
+
+    def gen(n_new: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=adapter_names,
+                        max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    gen(2)  # warm-up
+    t1 = gen(1)
+    tn = gen(cfg.max_tokens)
+    dec_tokens = cfg.batch * (cfg.max_tokens - 1)
+    return Result(name="peft32", decode_tok_s=dec_tokens / (tn - t1), ttft_ms=1e3 * t1,
+                  step_ms=1e3 * (tn - t1) / (cfg.max_tokens - 1), distinct_per_step=len(set(adapter_names)),
+                  adapter_bytes_per_step=0.0, rss_mb=_rss_mb())
+
+
+def build_engine(cfg: BenchConfig, n_lora: int, n_road: int) -> tuple[Engine, object]:
+    from deltafleet.models.loading import load_model, load_tokenizer
+
+    model, path = load_model(cfg.base, dtype=getattr(torch, cfg.dtype))
+    ecfg = EngineConfig(dtype=cfg.dtype, max_batch=cfg.batch, max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
+                        prefill_tokens=cfg.batch * cfg.prompt_len, lora_slots=max(n_lora, 1), max_lora_rank=LORA.r,
+                        delta_slots=0, road_slots=max(n_road, 1), road_group_size=ROAD.group_size,
+                        host_cache_bytes=64 << 30)
+    engine = Engine(model, load_tokenizer(path), ecfg)
+    for i in range(n_lora):
+        engine.add_adapter(f"lora{i}", random_adapter(model.config, LORA, seed=1000 + i))
+    for i in range(n_road):
+        engine.add_adapter(f"road{i}", random_adapter(model.config, ROAD, seed=5000 + i))
+    return engine, path
+
+
+def run(cfg: BenchConfig, progress=None) -> dict:
+    """All scenarios in one process; returns the report (figures, ratios, limits)."""
+    wanted = [s for s in SCENARIOS if s in cfg.scenarios]
+    n_lora = max([SCENARIOS[s][1] for s in wanted if SCENARIOS[s][0] == "lora" and s != "peft32"] or [0])
+    n_road = max([SCENARIOS[s][1] for s in wanted if SCENARIOS[s][0] == "road"] or [0])
+    engine, path = build_engine(cfg, n_lora, n_road)
+    prompts = _prompts(cfg, engine.model.config.vocab_size, cfg.batch)
+    bandwidth = measure_bandwidth()
+    runs: dict[str, list[Result]] = {n: [] for n in wanted}
+    for r in range(cfg.rounds):
+        for name in wanted:
+            if progress:
+                progress(f"round {r + 1}/{cfg.rounds}: {name}")
+            if name == "peft32":
+                runs[name].append(run_peft_scenario(cfg, prompts, path))
+            else:
+                runs[name].append(run_engine_scenario(engine, cfg, name, prompts))
+    results = {n: sorted(rs, key=lambda x: x.decode_tok_s)[len(rs) // 2] for n, rs in runs.items()}
+    return report(cfg, results, bandwidth, engine)
+
+
+def quick_config(**overrides) -> BenchConfig:
+    """The `--quick` preset: under two minutes on a 2-core CPU."""
+    return BenchConfig(**{"prompt_len": 16, "max_tokens": 8, "waves": 1, "rounds": 1, "quick": True, **overrides})
+
+
+RATIOS = {  # key -> (numerator, denominator)
+    "lora1_vs_base": ("lora1", "base"),
+    "lora8_vs_base": ("lora8", "base"),
+    "lora32_vs_base": ("lora32", "base"),
+    "road32_vs_base": ("road32", "base"),
+    "zipf128_vs_base": ("zipf128", "base"),
+    "lora32_vs_peft": ("lora32", "peft32"),
+    "lora128_vs_lora32": ("lora128", "lora32"),
+}
+
+
+def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engine: Engine) -> dict:
+    ratios, limits, fractions = {}, {}, {}
+    base = results.get("base")
+    for key, (num, den) in RATIOS.items():
+        if num not in results or den not in results:
+            continue
+        ratios[key] = results[num].decode_tok_s / results[den].decode_tok_s
+        if base is None or den == "peft32":
+            continue
+        t_base = base.step_ms / 1e3
+
+        def bound(r: Result, t_base=t_base) -> float:
+            return t_base + r.adapter_bytes_per_step / bandwidth
+
+        limits[key] = bound(results[den]) / bound(results[num])  # best ratio this hardware allows
+        fractions[key] = ratios[key] / limits[key]
+    return {
+        "config": {k: v for k, v in vars(cfg).items() if k != "scenarios"},
+        "hardware": {"threads": torch.get_num_threads(), "read_bandwidth_gb_s": bandwidth / 1e9,
+                     "device": "cpu", "grouped_mm": getattr(engine.backend, "grouped", False)},
+        "scenarios": {n: vars(r) for n, r in results.items()},
+        "ratios": ratios,
+        "limits": limits,
+        "achieved_fraction_of_limit": fractions,
+        "targets": {"lora32_vs_base": 0.80, "road32_vs_base": 0.95, "lora32_vs_peft": 5.0,
+                    "lora128_vs_lora32": 0.90},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "kv_cache_mb": (engine.cache.k.numel() + engine.cache.v.numel()) * engine.cache.k.element_size() / 2**20,
+        "adapter_pools_mb": sum(p.nbytes for p in engine.adapters.pools) / 2**20,
+    }

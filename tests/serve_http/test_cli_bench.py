@@ -32,3 +32,18 @@ def test_bench_serve_end_to_end_on_the_tiny_model(tiny_chat_model):
     assert burst["errors"].get("429", 0) >= 1 and burst["ok"] >= 1 and burst["ok"] + burst["errors"]["429"] == 10
     assert res["overload"]["healthy_after"]
     assert res["adapter_cache"]["deltafleet_adapter_cache_loads_total"] >= 1
+
+
+def test_bench_engine_reports_every_scenario_ratio_and_limit(tiny_chat_model):
+    from deltafleet.eval.bench_engine import RATIOS, SCENARIOS, quick_config, run
+
+    rep = run(quick_config(base=str(tiny_chat_model), batch=4, max_tokens=6))
+    assert set(rep["scenarios"]) == set(SCENARIOS)
+    for name, r in rep["scenarios"].items():
+        assert r["decode_tok_s"] > 0 and r["step_ms"] > 0, name
+    assert set(rep["ratios"]) == set(RATIOS)
+    assert {"lora32_vs_base", "road32_vs_base", "lora32_vs_peft", "lora128_vs_lora32"} <= set(rep["ratios"])
+    for key, limit in rep["limits"].items():  # reading adapter bytes can only slow a step down
+        assert 0 < limit <= 1.0 + 1e-9 or key == "lora128_vs_lora32", (key, limit)
+    assert rep["scenarios"]["lora32"]["distinct_per_step"] == 4
+    assert rep["scenarios"]["base"]["adapter_bytes_per_step"] == 0

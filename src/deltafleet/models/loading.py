@@ -3,10 +3,15 @@
 A checkpoint directory is a Hugging Face Llama-family layout: `config.json`, `model.safetensors` or sharded
 `model-0000N-of-0000M.safetensors` (+ index), and tokenizer files. Weights are read only from safetensors;
 every tensor's name and shape is checked against the config before the model is built.
+
+A quantized base (`deltafleet quantize`; recognised by its manifest, see `deltafleet.quant.base`) loads through
+`deltafleet.quant.base.load_quantized_model`, with a `QuantLinear` for every projection; the dequantizing kernel is
+`fast` unless the environment variable DELTAFLEET_QUANT_KERNEL names another (`reference`, `cached`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -87,6 +92,10 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
                progress=lambda _: None) -> tuple[Transformer, Path]:
     """Load our Transformer; returns it (eval mode) and the checkpoint directory it came from."""
     path = resolve_base(name_or_path, progress)
+    from deltafleet.quant.base import is_quantized_base, load_quantized_model  # quant imports models: lazily
+
+    if is_quantized_base(path):
+        return load_quantized_model(path, dtype, os.environ.get("DELTAFLEET_QUANT_KERNEL", "fast")), path
     cfg = ModelConfig.from_file(path / "config.json")
     state = validate_state(cfg, *read_checkpoint_tensors(path), path)
     with torch.device("meta"):

@@ -29,6 +29,9 @@ def train_command(
     alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha/rank)."),
     targets: str | None = typer.Option(
         None, help="Comma-separated projections (default: all seven for lora/road; k_proj,v_proj,down_proj for ia3)."),
+    lora_init: Path | None = typer.Option(
+        None, help="Start LoRA from this peft LoRA directory (e.g. QUANTIZED_BASE/lora_init from LoftQ or ApiQ); "
+                   "--rank, --alpha and --targets must match it."),
     road_variant: str = typer.Option("road_1", help="RoAd variant: road_1, road_2 or road_4."),
     road_group_size: int = typer.Option(64, help="RoAd group size."),
     max_seq_len: int = typer.Option(512, help="Longest example in tokens (longer answers are cut)."),
@@ -57,7 +60,7 @@ def train_command(
             lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
             lora_rank=rank, lora_alpha=alpha,
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets is not None else None,
-            road_variant=road_variant, road_group_size=road_group_size, max_seq_len=max_seq_len,
+            lora_init=lora_init, road_variant=road_variant, road_group_size=road_group_size, max_seq_len=max_seq_len,
             precision=precision, seed=seed, save_every=save_every, eval_examples=eval_examples, resume=resume,
         )
         result = train(cfg, console=console)

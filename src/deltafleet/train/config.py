@@ -4,6 +4,8 @@ Defaults follow the method papers: LoRA (Hu et al. 2021) lr 3e-4, rank 8, alpha 
 RoAd (Liao et al. 2024, "2D Rotary Adaptation", arXiv 2409.00119, sec. 4) about 10x LoRA's lr, 3e-3, group
 size 64; IA3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
 Learning", sec. 3.3) lr 3e-3 on keys, values and the feed-forward input; full fine-tuning 2e-5.
+`lora_init` starts LoRA from a peft LoRA directory (LoftQ or ApiQ initialisation, `deltafleet quantize`) instead
+of B = 0; its rank, alpha and targets must equal the run's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     targets: tuple[str, ...] | None = None
+    lora_init: Path | None = None
     road_variant: str = "road_1"
     road_group_size: int = 64
     max_seq_len: int = 512
@@ -68,6 +71,8 @@ class TrainConfig:
         from deltafleet.train.methods import METHODS
 
         object.__setattr__(self, "out", Path(self.out))
+        if self.lora_init is not None:
+            object.__setattr__(self, "lora_init", Path(self.lora_init))
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: must be one of {sorted(METHODS)}")
         if self.task not in TASKS:
@@ -110,6 +115,8 @@ class TrainConfig:
         elif self.targets:
             raise ValueError(f"targets={self.targets!r}: method {self.method!r} trains every weight; "
                              f"it takes no targets")
+        if self.lora_init is not None and "lora_init" not in method.options:
+            raise ValueError(f"lora_init={str(self.lora_init)!r}: only method 'lora' starts from an initialisation")
 
     @property
     def warmup_steps(self) -> int:
@@ -125,4 +132,6 @@ class TrainConfig:
             d.pop(k)
         if "targets" in d:
             d["targets"] = list(self.targets)
+        if d.get("lora_init") is not None:
+            d["lora_init"] = str(self.lora_init)
         return d

@@ -2,7 +2,8 @@
 
 Adapter methods wrap the transformers model with peft (`get_peft_model`) and export peft's own directory
 layout (`save_pretrained`: `adapter_config.json` + `adapter_model.safetensors`):
-- `lora`: LoRA (Hu et al. 2021, arXiv 2106.09685), W x + (alpha / r) B A x, B = 0 at init;
+- `lora`: LoRA (Hu et al. 2021, arXiv 2106.09685), W x + (alpha / r) B A x, B = 0 at init, or started from a
+  peft LoRA directory (`lora_init`: LoftQ / ApiQ initialisations written by `deltafleet quantize`);
 - `road`: RoAd (Liao et al. 2024, arXiv 2409.00119), a learned 2x2 rotation-and-scale of output pairs;
 - `ia3`: IA3 (Liu et al. 2022, arXiv 2205.05638), learned scaling of keys, values and the FFN input.
 `full` trains every weight and exports a safetensors Hugging Face checkpoint plus the tokenizer, without a
@@ -64,6 +65,31 @@ def _lora_config(cfg: TrainConfig):
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
+def _prepare_lora(model, cfg: TrainConfig):
+    """Fresh LoRA (B = 0), or the peft LoRA directory `cfg.lora_init` loaded trainable."""
+    if cfg.lora_init is None:
+        return _peft(_lora_config)(model, cfg)
+    from peft import PeftModel
+
+    from deltafleet.errors import ArtifactError
+
+    path = Path(cfg.lora_init) / "adapter_config.json"
+    try:
+        init = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(path, "lora_init must be a peft LoRA directory (adapter_config.json not found)") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(path, f"not valid JSON ({e})") from None
+    want = {"peft_type": "LORA", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+    for field, value in want.items():
+        if init.get(field) != value:
+            raise ArtifactError(path, f"{field}={init.get(field)!r}, but this run uses {value!r}")
+    if sorted(init.get("target_modules") or []) != sorted(cfg.targets):
+        raise ArtifactError(path, f"target_modules={init.get('target_modules')!r}, but this run targets "
+                                  f"{list(cfg.targets)!r}")
+    return PeftModel.from_pretrained(model, str(cfg.lora_init), is_trainable=True)
+
+
 def _road_config(cfg: TrainConfig):
     from peft import RoadConfig
 
@@ -102,8 +128,8 @@ def _export_full(model, tokenizer, out: Path) -> str:
     return "hf-checkpoint"
 
 
-register_method(Method("lora", "lora", 3e-4, PROJECTIONS, ("targets", "lora_rank", "lora_alpha"),
-                       _peft(_lora_config), _export_peft))
+register_method(Method("lora", "lora", 3e-4, PROJECTIONS, ("targets", "lora_rank", "lora_alpha", "lora_init"),
+                       _prepare_lora, _export_peft))
 register_method(Method("road", "road", 3e-3, PROJECTIONS, ("targets", "road_variant", "road_group_size"),
                        _peft(_road_config), _export_peft))
 register_method(Method("ia3", "ia3", 3e-3, ("k_proj", "v_proj", "down_proj"), ("targets",),

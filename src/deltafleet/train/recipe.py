@@ -1,6 +1,7 @@
 """The fine-tuning recipe: one linear function, torchtune style, on transformers + peft.
 
-    load base (fp32 weights) and tokenizer -> make it trainable (method) -> AdamW
+    load base (fp32 weights; a quantized base gives its dequantized weights) and tokenizer
+    -> make it trainable (method) -> AdamW
     -> [resume: restore trainable weights, optimizer state and progress from OUT/checkpoints]
     -> for each step: batch_size * grad_accum train examples in chat format; loss = mean NLL over the
        answer tokens of the step (prompt and padding masked); forward in `precision` (bf16 autocast by
@@ -30,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.loading import load_tokenizer, resolve_base
+from deltafleet.quant.base import hf_causal_lm, is_quantized_base
 from deltafleet.store.fingerprint import base_fingerprint
 from deltafleet.tasks import encode_example, end_of_turn_id, get_task
 from deltafleet.train import checkpoint as ckpt
@@ -117,7 +119,10 @@ def train(cfg: TrainConfig, *, console: Console | None = None, show_progress: bo
 
     # Model and optimizer.
     torch.manual_seed(cfg.seed)  # adapter initialisation (LoRA's A) is seeded
-    causal_lm = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    if is_quantized_base(base_path):  # frozen dequantized (fake-quantized) projections: QLoRA's numerics
+        causal_lm = hf_causal_lm(base_path, dtype=torch.float32)
+    else:
+        causal_lm = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
     model = method.prepare(causal_lm, cfg)  # peft injects its layers into causal_lm in place and wraps it
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,249 @@
+"""The quantized-base directory: write it, recognise it, read it, load it into our model or into transformers.
+
+Layout (built offline, gpt-fast style; the model's projections are swapped for `QuantLinear`s at load):
+
+    config.json            copied from the source checkpoint (unchanged: a plain Llama-family config)
+    tokenizer files        copied from the source checkpoint
+    quantized.safetensors  per projection `model.layers.{i}.{self_attn|mlp}.{proj}.qcodes` (uint8, the densely
+                           packed b-bit codes, ceil(R*C*b/8) bytes), `.qscale` (fp16 (R, ngroups)), `.qzero`
+                           (uint8 (R, ngroups)); every other tensor (embeddings, norms, untied lm_head, biases)
+                           dense in `dense_dtype`
+    deltafleet.json        manifest: schema_version, format "deltafleet-quantized-base", method, bits, group_size,
+                           dense_dtype, method settings, source base and fingerprint, byte counts, lora_init
+    lora_init/             (apiq, loftq) a peft LoRA adapter directory: the initialisation to fine-tune from
+
+A directory is recognised as a quantized base by its manifest's `format` field, never by its name. Anything
+malformed (wrong schema, bits out of range, missing or mis-shaped tensor, truncated file) raises `ArtifactError`
+naming the file. Dequantization is `quant.functional.dequantize`; transformers gets the dequantized (fake-quantized)
+weights, which is numerically what a dequantize-then-matmul QLoRA layer computes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltafleet.errors import ArtifactError
+from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.quant.functional import QuantizedMatrix
+from deltafleet.quant.linear import DEFAULT_KERNEL, QuantLinear
+from deltafleet.quant.registry import ModuleKey
+from deltafleet.store.safetensors_io import load_tensors, save_tensors
+
+SCHEMA_VERSION = 1
+FORMAT = "deltafleet-quantized-base"
+MANIFEST = "deltafleet.json"
+WEIGHTS = "quantized.safetensors"
+LORA_INIT = "lora_init"
+DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".lock")
+_NOT_COPIED = ("model.safetensors.index.json", MANIFEST, ".deltafleet-fingerprint.json", "deltafleet_source.json")
+
+
+def _group(proj: str) -> str:
+    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
+def module_name(layer: int, proj: str) -> str:
+    return f"model.layers.{layer}.{_group(proj)}.{proj}"
+
+
+@dataclass
+class QuantizedBase:
+    """A quantized base in memory."""
+
+    config: ModelConfig
+    matrices: dict[ModuleKey, QuantizedMatrix]
+    dense: dict[str, Tensor]  # every non-projection-weight tensor, by its checkpoint name
+    manifest: dict[str, Any]
+
+    def dequantized_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The checkpoint a plain model would load: dense tensors plus W_hat for every projection weight."""
+        state = {k: v.to(dtype) for k, v in self.dense.items()}
+        for (layer, proj), qm in self.matrices.items():
+            state[f"{module_name(layer, proj)}.weight"] = qm.dequantize().to(dtype)
+        return state
+
+
+# ----------------------------------------------------------------------------------------------- bytes
+def weight_bytes(cfg: ModelConfig, matrices: dict[ModuleKey, QuantizedMatrix],
+                 dense: dict[str, Tensor]) -> dict[str, int]:
+    """Bytes of the projection weights quantized vs in bf16, and of the whole model (dense tensors as stored)."""
+    proj_q = sum(qm.nbytes for qm in matrices.values())
+    proj_bf16 = sum(2 * qm.shape[0] * qm.shape[1] for qm in matrices.values())
+    dense_b = sum(t.numel() * t.element_size() for t in dense.values())
+    dense_bf16 = sum(2 * t.numel() for t in dense.values())
+    return {"projections": proj_q, "projections_bf16": proj_bf16, "dense": dense_b,
+            "total": proj_q + dense_b, "total_bf16": proj_bf16 + dense_bf16}
+
+
+# ----------------------------------------------------------------------------------------------- write
+def write_quantized_base(out: Path, source: Path, cfg: ModelConfig, matrices: dict[ModuleKey, QuantizedMatrix],
+                         dense: dict[str, Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write config, tokenizer, tensors and manifest into `out` (created; must not hold a quantized base)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / WEIGHTS).exists() or (out / MANIFEST).exists():
+        raise ArtifactError(out, f"already holds {WEIGHTS} or {MANIFEST}; choose another --out")
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f.suffix not in _NOT_COPIED_SUFFIXES and f.name not in _NOT_COPIED:
+            shutil.copy2(f, out / f.name)
+    tensors = dict(dense)
+    for (layer, proj), qm in matrices.items():
+        tensors.update(qm.tensors(module_name(layer, proj)))
+    save_tensors(tensors, out / WEIGHTS, metadata={"format": FORMAT})
+    full = {"schema_version": SCHEMA_VERSION, "format": FORMAT, **manifest,
+            "bytes": weight_bytes(cfg, matrices, dense)}
+    (out / MANIFEST).write_text(json.dumps(full, indent=2))
+    return full
+
+
+def write_lora_init(out: Path, lora: dict[ModuleKey, tuple[Tensor, Tensor]], rank: int, alpha: float,
+                    targets: tuple[str, ...], base_fingerprint: str, method: str) -> Path:
+    """A peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors) plus our manifest."""
+    from peft import LoraConfig
+
+    d = out / LORA_INIT
+    d.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+               task_type="CAUSAL_LM").save_pretrained(str(d))
+    tensors = {}
+    for (layer, proj), (A, B) in lora.items():
+        prefix = f"base_model.model.{module_name(layer, proj)}"
+        tensors[f"{prefix}.lora_A.weight"] = A.float().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = B.float().contiguous()
+    save_tensors(tensors, d / "adapter_model.safetensors")
+    (d / MANIFEST).write_text(json.dumps({"schema_version": 1, "kind": "lora", "format": "peft",
+                                          "base_fingerprint": base_fingerprint, "method": f"{method}-init",
+                                          "hyperparameters": {"lora_rank": rank, "lora_alpha": alpha,
+                                                              "targets": list(targets)}}, indent=2))
+    return d
+
+
+# ----------------------------------------------------------------------------------------------- read
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a quantized base, or None when `path` is not one (no manifest or another format)."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        return None
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(mpath, f"not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        return None
+    return m
+
+
+def is_quantized_base(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and read_manifest(p) is not None
+
+
+def _check_manifest(m: dict[str, Any], mpath: Path) -> tuple[int, int, torch.dtype]:
+    from deltafleet.quant.config import QUANT_BITS
+
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(mpath, f"schema_version={m.get('schema_version')!r}; this deltafleet reads "
+                                   f"{SCHEMA_VERSION}")
+    bits, gs, dd = m.get("bits"), m.get("group_size"), m.get("dense_dtype")
+    if not isinstance(bits, int) or bits not in QUANT_BITS:
+        raise ArtifactError(mpath, f"bits={bits!r}: must be one of {QUANT_BITS}")
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
+        raise ArtifactError(mpath, f"group_size={gs!r}: must be a positive integer")
+    if dd not in DENSE_DTYPES:
+        raise ArtifactError(mpath, f"dense_dtype={dd!r}: must be one of {sorted(DENSE_DTYPES)}")
+    return bits, gs, DENSE_DTYPES[dd]
+
+
+def read_quantized_base(path: str | Path) -> QuantizedBase:
+    from deltafleet.models.loading import expected_shapes
+
+    d = Path(path)
+    mpath = d / MANIFEST
+    m = read_manifest(d)
+    if m is None:
+        raise ArtifactError(d, f"not a quantized base: {MANIFEST} with format {FORMAT!r} not found")
+    bits, gs, _ = _check_manifest(m, mpath)
+    cfg = ModelConfig.from_file(d / "config.json")
+    wpath = d / WEIGHTS
+    if not wpath.is_file():
+        raise ArtifactError(wpath, "quantized weights file not found")
+    tensors = load_tensors(wpath)
+    matrices: dict[ModuleKey, QuantizedMatrix] = {}
+    for layer in range(cfg.num_layers):
+        for proj in PROJECTIONS:
+            prefix = module_name(layer, proj)
+            try:
+                matrices[(layer, proj)] = QuantizedMatrix.from_tensors(tensors, prefix, cfg.linear_shape(proj),
+                                                                       bits, gs)
+            except ValueError as e:
+                raise ArtifactError(wpath, f"{e} (with bits={bits}, group_size={gs} from {MANIFEST})") from None
+            for suffix in ("qcodes", "qscale", "qzero"):
+                tensors.pop(f"{prefix}.{suffix}")
+    want = {k: v for k, v in expected_shapes(cfg).items()
+            if not (k.endswith(".weight") and k.rsplit(".", 2)[-2] in PROJECTIONS)}
+    if cfg.tie_word_embeddings:
+        want.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(set(want) - set(tensors))
+    if missing:
+        raise ArtifactError(wpath, f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(set(tensors) - set(want))
+    if unexpected:
+        raise ArtifactError(wpath, f"unexpected tensor {unexpected[0]!r}: not part of a {cfg.model_type} model")
+    for k, shape in want.items():
+        if tuple(tensors[k].shape) != shape:
+            raise ArtifactError(wpath, f"tensor {k!r} has shape {tuple(tensors[k].shape)}, config implies {shape}")
+    return QuantizedBase(cfg, matrices, tensors, m)
+
+
+# ----------------------------------------------------------------------------------------------- load
+def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, kernel: str = DEFAULT_KERNEL):
+    """Our `Transformer` with a `QuantLinear` (kernel `kernel`) for every projection; eval mode."""
+    from deltafleet.models.llama import Transformer, rope_inv_freq
+
+    qb = read_quantized_base(path)
+    cfg = qb.config
+    dense = dict(qb.dense)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for (layer, proj), qm in qb.matrices.items():
+        bias = dense.pop(f"{module_name(layer, proj)}.bias", None)
+        block = model.model.layers[layer]
+        parent = block.self_attn if _group(proj) == "self_attn" else block.mlp
+        setattr(parent, proj, QuantLinear(qm, None if bias is None else bias.to(dtype), kernel))
+    model.load_state_dict({k: v.to(dtype) for k, v in dense.items()}, strict=False, assign=True)
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+    return model.eval()
+
+
+def set_kernel(model, kernel: str) -> int:
+    """Switch every `QuantLinear` of `model` to `kernel`; returns how many were switched."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.set_kernel(kernel)
+    return len(layers)
+
+
+def hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers causal LM whose projection weights are the quantized base's dequantized weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qb = read_quantized_base(path)
+    config = AutoConfig.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = model.load_state_dict(qb.dequantized_state_dict(dtype), strict=False)
+    allowed = {"lm_head.weight"} if qb.config.tie_word_embeddings else set()
+    missing = [k for k in result.missing_keys if k not in allowed and not k.endswith("rotary_emb.inv_freq")]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise ArtifactError(Path(path) / WEIGHTS, f"tensor {bad!r} does not fit transformers' {config.model_type}")
+    model.tie_weights()
+    return model.eval()

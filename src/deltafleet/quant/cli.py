@@ -1,0 +1,104 @@
+"""`deltafleet quantize`, `deltafleet lowbit-ppl` and `deltafleet lowbit-bench`: command functions (registered by
+the main CLI). torch, transformers and peft are imported only when a command runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from deltafleet.errors import DeltafleetError
+
+console = Console()
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(code=2)
+
+
+def quantize_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or full-precision checkpoint directory."),
+    bits: int = typer.Option(4, help="Bits per weight code: 2, 3, 4 or 8."),
+    method: str = typer.Option("rtn", help="rtn, gptq, loftq (+ lora_init/) or apiq (+ lora_init/)."),
+    out: Path = typer.Option(..., help="Output directory (the quantized base; `--base DIR` in every command)."),
+    calib: Path | None = typer.Option(None, help="UTF-8 calibration text (default: the Shakespeare train plays)."),
+    group_size: int = typer.Option(64, help="Input columns per quantization group."),
+    samples: int = typer.Option(32, help="Calibration windows (gptq, apiq)."),
+    seq_len: int = typer.Option(128, help="Tokens per calibration window."),
+    rank: int = typer.Option(16, help="LoRA rank of lora_init/ (loftq, apiq); fine-tune with the same --rank."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha of lora_init/; fine-tune with the same --alpha."),
+    epochs: int = typer.Option(2, help="ApiQ epochs over the calibration windows per block."),
+    lr_lwc: float = typer.Option(5e-3, help="ApiQ learning rate of the clipping factors."),
+    lr_lora: float = typer.Option(5e-4, help="ApiQ learning rate of LoRA A, B."),
+    loftq_iters: int = typer.Option(5, help="LoftQ alternations."),
+    dense_dtype: str = typer.Option("bfloat16", help="Storage dtype of embeddings, norms and lm_head."),
+    seed: int = typer.Option(0, help="Seed of calibration windows and ApiQ's LoRA init and order."),
+) -> None:
+    """Quantize the base's seven projections group-wise (RTN, GPTQ, LoftQ or ApiQ) into a quantized base."""
+    from deltafleet.quant.config import QuantConfig
+    from deltafleet.quant.pipeline import quantize_base
+
+    try:
+        cfg = QuantConfig(method=method, bits=bits, group_size=group_size, calib_samples=samples,
+                          calib_seq_len=seq_len, seed=seed, rank=rank, alpha=alpha, loftq_iters=loftq_iters,
+                          apiq_epochs=epochs, apiq_lr_lwc=lr_lwc, apiq_lr_lora=lr_lora)
+        manifest = quantize_base(base, cfg, out, calib, dense_dtype, progress=lambda m: console.print(f"[dim]{m}"))
+    except (DeltafleetError, ValueError) as e:
+        _fail(e)
+    b = manifest["bytes"]
+    console.print(f"{method} {bits}-bit (group {group_size}) in {manifest['seconds']:.1f} s: projections "
+                  f"{b['projections']:,} bytes ({b['projections'] / b['projections_bf16']:.3f} of bf16), whole model "
+                  f"{b['total']:,} bytes ({b['total'] / b['total_bf16']:.3f} of bf16)", highlight=False)
+    console.print(f"wrote {out}" + (" (+ lora_init/)" if manifest["lora_init"] else ""), highlight=False)
+
+
+def lowbit_ppl_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name, checkpoint or quantized-base directory."),
+    adapter: Path | None = typer.Option(None, help="Adapter applied on top (e.g. DIR/lora_init)."),
+    split: str = typer.Option("test", help="Shakespeare split of the text: test, val or train."),
+    windows: int = typer.Option(32, help="Number of windows."),
+    seq_len: int = typer.Option(256, help="Tokens per window."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Held-out perplexity of a (quantized) base, optionally with an adapter, on Shakespeare plays."""
+    import torch
+
+    from deltafleet.adapters import load_adapter
+    from deltafleet.models.loading import load_model, load_tokenizer
+    from deltafleet.quant.calib import perplexity, shakespeare_text, token_windows
+
+    try:
+        model, path = load_model(base, dtype=torch.float32)
+        ids = token_windows(load_tokenizer(path), shakespeare_text(split), windows, seq_len)
+        hook = None if adapter is None else load_adapter(adapter, model.config).hook()
+        ppl = perplexity(model, ids, hook)
+    except (DeltafleetError, ValueError) as e:
+        _fail(e)
+    row = {"base": str(base), "adapter": None if adapter is None else str(adapter), "split": split,
+           "windows": windows, "seq_len": seq_len, "perplexity": ppl}
+    console.print(json.dumps(row) if as_json else f"perplexity {ppl:.3f} ({windows} x {seq_len} tokens, {split})",
+                  highlight=False)
+
+
+def lowbit_bench_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name, checkpoint or quantized-base directory."),
+    dtype: str = typer.Option("float32", help="Engine compute dtype: float32 or bfloat16."),
+    kernel: str = typer.Option("fast", help="Quantized-linear kernel: fast, reference or cached."),
+    batch: int = typer.Option(8, help="Concurrent requests."),
+    prompt_len: int = typer.Option(16, help="Prompt tokens per request."),
+    max_tokens: int = typer.Option(16, help="Generated tokens per request."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Engine decode throughput (tokens/s) on a base, quantized or not; base-only greedy requests."""
+    from deltafleet.quant.bench import decode_throughput
+
+    try:
+        row = decode_throughput(base, dtype, kernel, batch, prompt_len, max_tokens)
+    except (DeltafleetError, ValueError) as e:
+        _fail(e)
+    console.print(json.dumps(row) if as_json else
+                  f"decode {row['decode_tokens_per_s']:.1f} tokens/s (batch {batch}, {dtype}, kernel "
+                  f"{row['kernel']}); projection weights {row['projection_bytes']:,} bytes", highlight=False)

@@ -1,0 +1,87 @@
+"""Typed configuration of one base-model quantization run, validated on construction.
+
+Defaults: group size 64 and asymmetric group-wise quantization as in ApiQ's released scripts (Liao et al. 2024,
+arXiv 2402.05147, `scripts/quantize.sh`); ApiQ's LWC factors start at 4.0 (sigmoid 0.982), LWC lr 5e-3, LoRA lr
+5e-4, weight decay 0.1 (ApiQ `apiq/calibrate.py`); LoftQ runs T = 5 alternations (Li et al. 2024, arXiv
+2310.08659, README). Calibration is scaled down from ApiQ's 128 x 2048 tokens x 20 epochs so that the 135M model
+calibrates in minutes on a 2-core CPU: 32 sequences x 128 tokens, 2 epochs, micro-batch 1 (64 steps per block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from deltafleet.models.config import PROJECTIONS
+
+QUANT_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantization run. `rank`, `alpha` and `targets` describe the LoRA initialisation written by the methods
+    that make one (apiq, loftq); fine-tuning from it must use the same values."""
+
+    method: str
+    bits: int = 4
+    group_size: int = 64
+    calib_samples: int = 32
+    calib_seq_len: int = 128
+    seed: int = 0
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple[str, ...] = PROJECTIONS
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    loftq_iters: int = 5
+    apiq_epochs: int = 2
+    apiq_batch_size: int = 1
+    apiq_lr_lwc: float = 5e-3
+    apiq_lr_lora: float = 5e-4
+    apiq_weight_decay: float = 0.1
+    apiq_clip_init: float = 4.0
+
+    def __post_init__(self) -> None:
+        from deltafleet.quant import methods  # noqa: F401  (importing it registers every quantizer)
+        from deltafleet.quant.registry import QUANTIZERS
+
+        if self.method not in QUANTIZERS:
+            raise ValueError(f"method={self.method!r}: must be one of {sorted(QUANTIZERS)}")
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"bits={self.bits!r}: must be one of {QUANT_BITS}")
+        for name in ("group_size", "calib_samples", "calib_seq_len", "rank", "loftq_iters", "apiq_epochs",
+                     "apiq_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}={v!r}: must be a positive integer")
+        for name in ("alpha", "apiq_lr_lwc", "apiq_lr_lora"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0")
+        for name in ("gptq_damp", "apiq_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if not self.targets or unknown:
+            raise ValueError(f"targets={self.targets!r}: must name one or more of {PROJECTIONS}")
+
+    @property
+    def scaling(self) -> float:
+        """peft's LoRA scale alpha / r."""
+        return self.alpha / self.rank
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready fields for the manifest: the method's own options only."""
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        own = {"gptq": ("gptq_",), "loftq": ("loftq_",), "apiq": ("apiq_",)}.get(self.method, ())
+        for k in list(d):
+            if any(k.startswith(p) for p in ("gptq_", "loftq_", "apiq_")) and not k.startswith(own):
+                d.pop(k)
+        if self.method not in ("apiq", "loftq"):
+            for k in ("rank", "alpha", "targets"):
+                d.pop(k)
+        if self.method not in ("gptq", "apiq"):
+            for k in ("calib_samples", "calib_seq_len", "seed"):
+                d.pop(k)
+        return d

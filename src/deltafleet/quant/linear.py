@@ -1,0 +1,131 @@
+"""`QuantLinear`: a linear layer over group-wise quantized weights, called exactly like `nn.Linear`.
+
+It holds what a quantized base stores for one projection (`quant.functional.QuantizedMatrix`): the densely packed
+b-bit codes (R*C*b/8 bytes), fp16 scales and uint8 zero points per group of G input columns, and the optional
+bias. `forward(x)` computes y = x W_hat^T + bias with W_hat = (q - zero) * scale, so the model's projection hook
+still sees the projection's input x and output y and adapters work on top unchanged.
+
+How W_hat is produced is a *kernel*, chosen once when the model is loaded (registry `KERNELS`):
+- `reference`: `functional.unpack_codes` (a bit-by-bit stream decode) then `functional.dequantize`, every call;
+- `fast`: a vectorised unpack (8 codes = b bytes read as one little-endian word, shifted and masked) then the same
+  dequantization, every call; memory stays at the packed size;
+- `cached`: W_hat materialised once per compute dtype and reused; fastest, but holds a dense copy of the weight
+  (the memory of an unquantized base), so it is for throughput comparisons, not for saving memory.
+All three produce bit-identical W_hat: (q - zero) * scale is computed in fp32 (exact: small integers times fp16
+scales) and then cast to the input's dtype.
+
+The fp16 scales are held as their int16 bit pattern: `Module.to(dtype)` casts floating-point buffers, and a cast
+to bf16 would lose scale bits; an integer buffer is left exact.
+
+Shapes: x (..., C) -> y (..., R); codes (R, C); scale, zero (R, ngroups).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltafleet.quant.functional import QuantizedMatrix, dequantize, packed_nbytes, unpack_codes
+
+
+def fast_unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Vectorised `functional.unpack_codes`: uint8 (ceil(numel*b/8),) -> uint8 codes (numel,).
+
+    Every run of 8 codes occupies exactly b bytes of the little-endian stream, so each b-byte chunk is read as an
+    integer word and code k of the chunk is (word >> (k*b)) & (2^b - 1).
+    """
+    chunks = -(-numel // 8)
+    need = chunks * bits
+    p = packed if packed.numel() == need else F.pad(packed, (0, need - packed.numel()))
+    wide = torch.int32 if bits <= 3 else torch.int64  # a word of 8*b bits must fit with its sign bit clear
+    bytes_ = p.reshape(chunks, bits).to(wide)  # (chunks, b)
+    word = (bytes_ << (8 * torch.arange(bits, dtype=wide))).sum(-1, keepdim=True)  # (chunks, 1)
+    codes = (word >> (bits * torch.arange(8, dtype=wide))) & ((1 << bits) - 1)  # (chunks, 8)
+    return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+def _reference_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
+    R, C = layer.shape
+    codes = unpack_codes(layer.qcodes, layer.bits, R * C).reshape(R, C)
+    return dequantize(codes, layer.scale, layer.qzero, layer.group_size).to(dtype)
+
+
+def _fast_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
+    R, C = layer.shape
+    codes = fast_unpack(layer.qcodes, layer.bits, R * C).reshape(R, C)
+    return dequantize(codes, layer.scale, layer.qzero, layer.group_size).to(dtype)
+
+
+def _cached_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
+    cached = layer._cache
+    if cached is None or cached.dtype != dtype:
+        cached = layer._cache = _fast_weight(layer, dtype)
+    return cached
+
+
+KERNELS: dict[str, Callable[[QuantLinear, torch.dtype], Tensor]] = {}
+
+
+def register_kernel(name: str, weight_fn: Callable[[QuantLinear, torch.dtype], Tensor]) -> None:
+    if name in KERNELS:
+        raise ValueError(f"quantized-linear kernel {name!r} registered twice")
+    KERNELS[name] = weight_fn
+
+
+register_kernel("reference", _reference_weight)
+register_kernel("fast", _fast_weight)
+register_kernel("cached", _cached_weight)
+DEFAULT_KERNEL = "fast"
+
+
+class QuantLinear(nn.Module):
+    """y = x W_hat^T + b over a stored `QuantizedMatrix`; the kernel decides how W_hat is produced."""
+
+    def __init__(self, qm: QuantizedMatrix, bias: Tensor | None = None, kernel: str = DEFAULT_KERNEL):
+        super().__init__()
+        R, C = qm.shape
+        if qm.packed.numel() != packed_nbytes(R * C, qm.bits):
+            raise ValueError(f"packed codes hold {qm.packed.numel()} bytes, {R}x{C} {qm.bits}-bit codes need "
+                             f"{packed_nbytes(R * C, qm.bits)}")
+        self.shape, self.bits, self.group_size = (R, C), qm.bits, qm.group_size
+        self.in_features, self.out_features = C, R
+        self.register_buffer("qcodes", qm.packed)
+        self.register_buffer("qscale_bits", qm.scale.to(torch.float16).contiguous().view(torch.int16))
+        self.register_buffer("qzero", qm.zero)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._cache: Tensor | None = None
+        self.set_kernel(kernel)
+
+    def set_kernel(self, name: str) -> None:
+        if name not in KERNELS:
+            raise ValueError(f"kernel={name!r}: must be one of {sorted(KERNELS)}")
+        self.kernel = name
+        self._weight_fn = KERNELS[name]
+        self._cache = None
+
+    @property
+    def scale(self) -> Tensor:
+        """fp16 (R, ngroups)."""
+        return self.qscale_bits.view(torch.float16)
+
+    def matrix(self) -> QuantizedMatrix:
+        return QuantizedMatrix(self.qcodes, self.scale, self.qzero, self.shape, self.bits, self.group_size)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W_hat (R, C) in `dtype` through the reference path."""
+        return _reference_weight(self, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (codes, scales, zeros), bias excluded."""
+        return sum(t.numel() * t.element_size() for t in (self.qcodes, self.qscale_bits, self.qzero))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self._weight_fn(self, x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self.kernel}")

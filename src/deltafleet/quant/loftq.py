@@ -1,0 +1,55 @@
+"""LoftQ initialisation (Li et al. 2024, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models",
+arXiv 2310.08659, Alg. 1), with our group-wise RTN quantizer in place of NF4/NF2.
+
+For each targeted projection W (R, C), starting from A B^T = 0, alternate T times:
+
+    Q_t       = RTN(W - s * L_{t-1})                 (s = alpha / r, peft's LoRA scale)
+    s * L_t   = SVD_r(W - Q_t)                       L_t = B A with B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T
+
+so that Q_T + s * B A approximates W in Frobenius norm. Projections that are not targeted are plain RTN.
+The quantized base holds Q_T; `lora_init/` holds A (r, C) and B (R, r). No calibration data is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from deltafleet.models.config import PROJECTIONS
+from deltafleet.quant.functional import QuantizedMatrix
+from deltafleet.quant.registry import Quantizer, QuantResult, register_quantizer
+
+
+def loftq_matrix(w: Tensor, bits: int, group_size: int, rank: int, scaling: float,
+                 iters: int) -> tuple[QuantizedMatrix, Tensor, Tensor]:
+    """w (R, C) -> (Q, A (r, C), B (R, r)) after `iters` alternations; W ~= dequant(Q) + scaling * B A."""
+    W = w.float()
+    low = torch.zeros_like(W)  # s * B A
+    A = B = None
+    for _ in range(iters):
+        qm = QuantizedMatrix.quantize(W - low, bits, group_size)
+        U, S, Vh = torch.linalg.svd(W - qm.dequantize(), full_matrices=False)
+        root = torch.sqrt(S[:rank] / scaling)  # (r,)
+        B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]  # (R, r), (r, C)
+        low = scaling * (B @ A)
+    return qm, A, B
+
+
+def _loftq(model, cfg, calib, progress: Callable[[str], None]) -> QuantResult:
+    matrices, lora = {}, {}
+    for layer in range(model.config.num_layers):
+        for proj in PROJECTIONS:
+            w = model.linear(layer, proj).weight.detach()
+            if proj in cfg.targets:
+                qm, A, B = loftq_matrix(w, cfg.bits, cfg.group_size, cfg.rank, cfg.scaling, cfg.loftq_iters)
+                lora[(layer, proj)] = (A, B)
+            else:
+                qm = QuantizedMatrix.quantize(w, cfg.bits, cfg.group_size)
+            matrices[(layer, proj)] = qm
+        progress(f"loftq: layer {layer + 1}/{model.config.num_layers}")
+    return QuantResult(matrices, lora)
+
+
+register_quantizer(Quantizer("loftq", False, True, _loftq, "LoftQ: alternating RTN and SVD LoRA initialisation"))

@@ -1,0 +1,73 @@
+"""QuantLinear: every kernel equals the reference dequantize-then-matmul; bytes of a packed 4-bit matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltafleet.quant.functional import QuantizedMatrix, pack_codes, unpack_codes
+from deltafleet.quant.linear import KERNELS, QuantLinear, fast_unpack
+from tests.conftest import TOL
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n", [1, 7, 8, 61, 4096])
+def test_fast_unpack_equals_reference(bits, n):
+    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n))
+    packed = pack_codes(codes, bits)
+    assert torch.equal(fast_unpack(packed, bits, n), unpack_codes(packed, bits, n))
+
+
+def _qlinear(bits: int, R: int = 48, C: int = 100, G: int = 32, bias: bool = True, kernel: str = "fast"):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(R, C, generator=g) * 0.1
+    b = torch.randn(R, generator=g) if bias else None
+    return QuantLinear(QuantizedMatrix.quantize(w, bits, G), b, kernel), w, b
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_equal_reference(bits, dtype):
+    layer, _, b = _qlinear(bits)
+    layer = layer.to(dtype)
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(1)).to(dtype)
+    W = layer.matrix().dequantize()  # fp32 reference weight
+    want = torch.nn.functional.linear(x.float(), W, b).to(dtype)
+    outs = {}
+    for name in KERNELS:
+        layer.set_kernel(name)
+        outs[name] = layer(x)
+        outs[name + "-again"] = layer(x)  # the cached kernel's second call reads its cache
+    for name, y in outs.items():
+        assert y.dtype == dtype and y.shape == (3, 5, 48)
+        torch.testing.assert_close(y.float(), want.float(), **TOL[dtype], msg=name)
+        assert torch.equal(y, outs["reference"]), name  # same W_hat, same matmul: bit-identical
+
+
+def test_module_to_keeps_stored_scales_exact():
+    layer, _, _ = _qlinear(4)
+    before = layer.scale.clone()
+    layer = layer.to(torch.bfloat16)
+    assert layer.scale.dtype == torch.float16 and torch.equal(layer.scale, before)
+    assert layer.qcodes.dtype == torch.uint8 and layer.bias.dtype == torch.bfloat16
+
+
+def test_quantized_matrix_error_is_small_and_bias_optional():
+    layer, w, _ = _qlinear(8, bias=False)
+    x = torch.randn(4, 100)
+    torch.testing.assert_close(layer(x), x @ w.t(), atol=2e-2, rtol=2e-2)
+    assert layer.bias is None
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_4bit_bytes_at_most_0_3_of_bf16(group_size):
+    layer, _, _ = _qlinear(4, R=1536, C=576 if group_size == 64 else 512, G=group_size, bias=False)
+    R, C = layer.shape
+    assert layer.nbytes <= 0.3 * 2 * R * C
+    assert layer.qcodes.numel() == R * C // 2  # two 4-bit codes per byte
+
+
+def test_unknown_kernel_refused():
+    layer, _, _ = _qlinear(4)
+    with pytest.raises(ValueError, match="kernel='gpu'"):
+        layer.set_kernel("gpu")

@@ -1,0 +1,94 @@
+"""Fine-tuning on a quantized base through the training recipe (zero LoRA and a LoRA initialisation), and the
+quantize / lowbit-ppl commands through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from deltafleet.errors import ArtifactError
+from deltafleet.models.loading import load_model
+from deltafleet.quant.base import LORA_INIT
+from deltafleet.quant.cli import lowbit_bench_command, lowbit_ppl_command, quantize_command
+from deltafleet.quant.pipeline import quantize_base
+from deltafleet.store.fingerprint import base_fingerprint
+from deltafleet.train.config import TrainConfig
+from deltafleet.train.recipe import train
+from tests.quant.conftest import tiny_config
+from tests.train.conftest import chat_tiny, smollm2_tokenizer  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def chat_loftq(chat_tiny, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("chat-loftq") / "base"
+    quantize_base(chat_tiny, tiny_config("loftq", 2, rank=4, alpha=8.0), d)
+    return d
+
+
+def _cfg(base, out, **kw):
+    return TrainConfig(base=str(base), task="sort", method="lora", out=out, steps=4, batch_size=4, lr=1e-2,
+                       precision="fp32", eval_examples=0, save_every=0, lora_rank=4, lora_alpha=8.0, **kw)
+
+
+def test_train_from_lora_init_on_quantized_base(chat_loftq, tmp_path):
+    zero = train(_cfg(chat_loftq, tmp_path / "zero"), show_progress=False)
+    init = train(_cfg(chat_loftq, tmp_path / "init", lora_init=chat_loftq / LORA_INIT), show_progress=False)
+    assert zero.completed and init.completed
+    assert init.losses[0] != pytest.approx(zero.losses[0], rel=1e-4)  # started from the LoftQ factors
+    manifest = json.loads((tmp_path / "init" / "deltafleet.json").read_text())
+    assert manifest["base_fingerprint"] == base_fingerprint(chat_loftq)
+    assert manifest["hyperparameters"]["lora_init"] == str(chat_loftq / LORA_INIT)
+    # The exported adapter serves on the quantized base through our loader.
+    from deltafleet.adapters import load_adapter
+
+    model, _ = load_model(chat_loftq)
+    adapter = load_adapter(tmp_path / "init", model.config, expected_fingerprint=base_fingerprint(chat_loftq))
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        assert (model(ids, hook=adapter.hook()) - model(ids)).abs().max() > 1e-4
+
+
+def test_lora_init_must_match_rank_and_method(chat_loftq, tmp_path):
+    with pytest.raises(ArtifactError, match=r"adapter_config.json: r=4, but this run uses 8"):
+        train(TrainConfig(base=str(chat_loftq), task="sort", method="lora", out=tmp_path / "o", steps=1,
+                          precision="fp32", eval_examples=0, lora_rank=8, lora_alpha=8.0,
+                          lora_init=chat_loftq / LORA_INIT), show_progress=False)
+    with pytest.raises(ValueError, match="lora_init=.*only method 'lora'"):
+        TrainConfig(base=str(chat_loftq), task="sort", method="road", out=tmp_path / "o",
+                    lora_init=chat_loftq / LORA_INIT)
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("quantize")(quantize_command)
+    app.command("lowbit-ppl")(lowbit_ppl_command)
+    app.command("lowbit-bench")(lowbit_bench_command)
+    return app
+
+
+def test_cli_quantize_ppl_and_bench(chat_tiny, tmp_path, monkeypatch):  # noqa: F811
+    import deltafleet.quant.calib as calib
+
+    monkeypatch.setattr(calib, "shakespeare_text", lambda split: "To be, or not to be, that is the question. " * 400)
+    runner = CliRunner()
+    out = tmp_path / "q"
+    r = runner.invoke(_app(), ["quantize", "--base", str(chat_tiny), "--bits", "4", "--method", "rtn",
+                               "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "of bf16" in r.output and (out / "quantized.safetensors").is_file()
+    r = runner.invoke(_app(), ["lowbit-ppl", "--base", str(out), "--windows", "2", "--seq-len", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["perplexity"] > 1
+    r = runner.invoke(_app(), ["lowbit-bench", "--base", str(out), "--batch", "2", "--prompt-len", "4",
+                               "--max-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)
+    assert row["quantized"] and row["decode_tokens"] == 4 and row["kernel"] == "fast"
+    r = runner.invoke(_app(), ["quantize", "--base", str(chat_tiny), "--bits", "5", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "bits=5" in r.output
+    r = runner.invoke(_app(), ["quantize", "--base", str(out), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "already a quantized base" in r.output

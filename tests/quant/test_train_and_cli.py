@@ -70,6 +70,13 @@ def _app() -> typer.Typer:
     return app
 
 
+def test_module_app_has_the_three_commands():
+    from deltafleet.quant.cli import app
+
+    r = CliRunner().invoke(app(), ["--help"])
+    assert r.exit_code == 0 and all(c in r.output for c in ("quantize", "lowbit-ppl", "lowbit-bench"))
+
+
 def test_cli_quantize_ppl_and_bench(chat_tiny, tmp_path, monkeypatch):  # noqa: F811
     import deltafleet.quant.calib as calib
 

@@ -1,5 +1,6 @@
 """`deltafleet quantize`, `deltafleet lowbit-ppl` and `deltafleet lowbit-bench`: command functions (registered by
-the main CLI). torch, transformers and peft are imported only when a command runs."""
+the main CLI; also runnable as `python -m deltafleet.quant.cli COMMAND`). torch, transformers and peft are imported
+only when a command runs."""
 
 from __future__ import annotations
 
@@ -79,8 +80,10 @@ def lowbit_ppl_command(
         _fail(e)
     row = {"base": str(base), "adapter": None if adapter is None else str(adapter), "split": split,
            "windows": windows, "seq_len": seq_len, "perplexity": ppl}
-    console.print(json.dumps(row) if as_json else f"perplexity {ppl:.3f} ({windows} x {seq_len} tokens, {split})",
-                  highlight=False)
+    if as_json:
+        typer.echo(json.dumps(row))
+    else:
+        console.print(f"perplexity {ppl:.3f} ({windows} x {seq_len} tokens, {split})", highlight=False)
 
 
 def lowbit_bench_command(
@@ -99,6 +102,25 @@ def lowbit_bench_command(
         row = decode_throughput(base, dtype, kernel, batch, prompt_len, max_tokens)
     except (DeltafleetError, ValueError) as e:
         _fail(e)
-    console.print(json.dumps(row) if as_json else
-                  f"decode {row['decode_tokens_per_s']:.1f} tokens/s (batch {batch}, {dtype}, kernel "
-                  f"{row['kernel']}); projection weights {row['projection_bytes']:,} bytes", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(row))
+    else:
+        console.print(f"decode {row['decode_tokens_per_s']:.1f} tokens/s (batch {batch}, {dtype}, kernel "
+                      f"{row['kernel']}); projection weights {row['projection_bytes']:,} bytes", highlight=False)
+
+
+def app() -> typer.Typer:
+    """The three commands as a typer app (`python -m deltafleet.quant.cli COMMAND`); the main CLI registers the
+    same functions."""
+    a = typer.Typer(help="deltafleet low-bit bases.", no_args_is_help=True, pretty_exceptions_enable=False)
+    a.command("quantize")(quantize_command)
+    a.command("lowbit-ppl")(lowbit_ppl_command)
+    a.command("lowbit-bench")(lowbit_bench_command)
+    return a
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()()

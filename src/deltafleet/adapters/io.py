@@ -6,11 +6,14 @@ Two layouts, told apart by their files (never by the directory name):
   (`base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.{param}`) and no `adapter_config.json`.
 Both get a manifest `deltafleet.json` (schema version, kind, typed config, base-model fingerprint, sizes);
 peft ignores it. Weights are read only from safetensors; a pickle `.bin` is refused unopened.
+Other packages add layouts by registering a loader for their manifest's `format` field (`register_format`),
+e.g. `deltafleet.compress` for compressed full-fine-tune deltas.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,17 @@ SCHEMA_VERSION = 1
 MANIFEST = "deltafleet.json"
 PEFT_CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+
+
+FormatLoader = Callable[[Path, dict[str, Any]], Adapter]
+FORMAT_LOADERS: dict[str, FormatLoader] = {}
+
+
+def register_format(name: str, loader: FormatLoader) -> None:
+    """Load directories whose manifest says `"format": name` with `loader(directory, manifest)`."""
+    if name in FORMAT_LOADERS or name in ("peft", "deltafleet"):
+        raise ValueError(f"adapter format {name!r} registered twice")
+    FORMAT_LOADERS[name] = loader
 
 
 def _group(proj: str) -> str:
@@ -92,7 +106,9 @@ def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
             d / MANIFEST,
             f"made for base {manifest['base_fingerprint']}, but the loaded base is {expected_fingerprint}",
         )
-    if (d / PEFT_CONFIG).is_file():
+    if manifest is not None and manifest.get("format") in FORMAT_LOADERS:
+        adapter = FORMAT_LOADERS[manifest["format"]](d, manifest)
+    elif (d / PEFT_CONFIG).is_file():
         adapter = _load_peft(d)
     elif manifest is not None:
         adapter = _load_native(d, manifest)

@@ -3,7 +3,8 @@
 - The store is a directory with one adapter per subdirectory (named after it), plus adapters added by path.
 - Loading (read + validate + convert to serving form) runs on a background thread, never on the decode loop.
   The loop only copies a loaded adapter's own tensors into a free slot (`acquire`), a bounded memcpy.
-- Host memory keeps loaded serving forms in an LRU bounded by bytes; slots are reused least-recently-used
+- Host memory keeps loaded serving forms in an LRU bounded by bytes; compact kinds (quantized compressed
+  deltas) are kept as stored and dequantized only when copied into a slot. Slots are reused least-recently-used
   among adapters that no running request holds.
 - `remove(name)` stops new requests at once; requests already running keep the slot until they finish.
 """
@@ -22,7 +23,7 @@ from deltafleet.adapters import Adapter, load_adapter
 from deltafleet.adapters.io import read_manifest
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
-from deltafleet.serve.engine.forms import ServingForm, to_serving_form
+from deltafleet.serve.engine.forms import CompactForm, ServingForm, host_form
 from deltafleet.serve.engine.pools import Pool
 
 
@@ -57,7 +58,7 @@ class AdapterManager:
         self.host_cache_bytes = host_cache_bytes
         self.fingerprint = base_fingerprint
         self.entries: dict[str, _Entry] = {}
-        self.host: OrderedDict[str, ServingForm] = OrderedDict()
+        self.host: OrderedDict[str, ServingForm | CompactForm] = OrderedDict()
         self.slot_owner: dict[tuple[int, int], str] = {}  # (id(pool), slot) -> name
         self.slot_lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recent first
         self.stats = AdapterStats()
@@ -97,8 +98,8 @@ class AdapterManager:
             self.host[name] = form
             self.stats.loads += 1
 
-    def _form(self, name: str, adapter: Adapter) -> ServingForm:
-        form = to_serving_form(adapter, self.dtype)
+    def _form(self, name: str, adapter: Adapter) -> ServingForm | CompactForm:
+        form = host_form(adapter, self.dtype)
         if not any(p.accepts(form) for p in self.pools):
             raise DeltafleetError(
                 f"adapter {name!r} ({adapter.config.kind}, {form.family} width {form.width}) fits no slot "
@@ -107,7 +108,7 @@ class AdapterManager:
         return form
 
     @staticmethod
-    def _info(adapter: Adapter, form: ServingForm, path: Path | None) -> dict:
+    def _info(adapter: Adapter, form: ServingForm | CompactForm, path: Path | None) -> dict:
         return {"kind": adapter.config.kind, "summary": adapter.config.summary,
                 "targets": list(adapter.config.targets), "bytes": form.nbytes,
                 "manifest": (read_manifest(path) or {}) if path is not None else {}}
@@ -214,7 +215,7 @@ class AdapterManager:
                 slot = self._free_slot(pool)
                 if slot is None:
                     continue
-                pool.write(slot, form)
+                pool.write(slot, form.materialize())
                 self.slot_owner[(id(pool), slot)] = name
                 e.slot = (pool, slot)
                 e.refs += 1

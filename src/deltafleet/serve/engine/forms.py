@@ -6,6 +6,10 @@ base weights:
 - elementwise: y  = y * c + rotate_half_G(y) * s            c, s (out,)                  RoAd, group size G
 
 A kind registers `to_serving_form(config, params) -> ServingForm`; the engine never dispatches on kind names.
+
+Compact kinds (registered with `compact=True`, e.g. the quantized low-rank deltas of `deltafleet.compress`) stay
+in host memory as loaded, a `CompactForm` of about their stored bytes; their dequantized factors are built only
+when they are written into a slot (`materialize`). Other kinds are kept in host memory in serving form.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 from deltafleet.adapters import Adapter, AdapterConfig
 from deltafleet.adapters.registry import Params
 from deltafleet.adapters.road.functional import road_cols
+from deltafleet.compress.kinds import qlowrank_factors, qlowrank_shape
 
 ADDITIVE, ELEMENTWISE = "additive", "elementwise"
 ModuleKey = tuple[int, str]
@@ -40,27 +45,60 @@ class ServingForm:
     def module_keys(self) -> frozenset[ModuleKey]:
         return frozenset(self.modules)
 
+    def materialize(self) -> ServingForm:
+        return self
+
+
+@dataclass
+class CompactForm:
+    """A loaded adapter kept as stored (e.g. packed codes); `nbytes` is its stored size."""
+
+    family: str
+    width: int
+    adapter: Adapter
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.adapter.nbytes
+
+    def materialize(self) -> ServingForm:
+        return to_serving_form(self.adapter, self.dtype)
+
 
 FormFn = Callable[[AdapterConfig, Params], tuple[str, int, dict[str, Tensor]]]
 SERVING_FORMS: dict[str, FormFn] = {}
+COMPACT_KINDS: set[str] = set()
 
 
-def register_serving_form(kind: str, fn: FormFn) -> None:
+def register_serving_form(kind: str, fn: FormFn, *, compact: bool = False) -> None:
     if kind in SERVING_FORMS:
         raise ValueError(f"serving form for kind {kind!r} registered twice")
     SERVING_FORMS[kind] = fn
+    if compact:
+        COMPACT_KINDS.add(kind)
 
 
 def to_serving_form(adapter: Adapter, dtype: torch.dtype) -> ServingForm:
     fn = SERVING_FORMS.get(adapter.config.kind)
     if fn is None:
-        raise ValueError(f"adapter kind {adapter.config.kind!r} has no serving form; known: {sorted(SERVING_FORMS)}")
+        raise ValueError(f"adapter kind {adapter.config.kind!r} is not served (no serving form; served kinds: "
+                         f"{sorted(SERVING_FORMS)}); merge it into the base instead (deltafleet merge)")
     modules, family, width = {}, None, 0
     for key, params in adapter.params.items():
         fam, w, tensors = fn(adapter.config, params)
         family, width = fam, max(width, w)
         modules[key] = {n: t.to(dtype).contiguous() for n, t in tensors.items()}
     return ServingForm(family, width, modules)
+
+
+def host_form(adapter: Adapter, dtype: torch.dtype) -> ServingForm | CompactForm:
+    """What the host-memory cache keeps: the serving form, or for compact kinds the adapter as loaded (its serving
+    form is built once here to validate it and learn its family and width, then dropped)."""
+    form = to_serving_form(adapter, dtype)
+    if adapter.config.kind in COMPACT_KINDS:
+        return CompactForm(form.family, form.width, adapter, dtype)
+    return form
 
 
 def _lora(cfg, p):
@@ -79,3 +117,11 @@ def _road(cfg, p):
 register_serving_form("lora", _lora)
 register_serving_form("lowrank", _lowrank)
 register_serving_form("road", _road)
+
+
+def _qlowrank(cfg, p):
+    U, S, Vt = qlowrank_factors(cfg, p, *qlowrank_shape(cfg, p))
+    return ADDITIVE, S.numel(), {"A": Vt * S[:, None], "B": U.t()}
+
+
+register_serving_form("qlowrank", _qlowrank, compact=True)

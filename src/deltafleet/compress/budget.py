@@ -1,0 +1,139 @@
+"""Exact byte accounting of compressed deltas, and the band plan that fills a byte budget.
+
+Every byte a method stores for one projection is counted: packed integer codes, fp16 scales and uint8 zero
+points (3 bytes per quantization group), fp16 singular values, sparse indices and row pointers. The budget of
+an (out, in) projection at ratio rho is `floor(rho * out * in * 2)` bytes, i.e. rho times its fp16 delta.
+
+Band plan (Delta-CoMe, Ping et al. 2024, arXiv:2406.08903, Sec. 3.2-3.3): singular triplets in order of
+decreasing singular value are cut into bands of decreasing bit width; a band's count is fixed or `*` (as many as
+the remaining budget holds); the tail is dropped. The paper's default at 1/16 is `8:2,3:32,2:*`: on a
+4096 x 4096 delta with its accounting (codes and Sigma only) that gives 2 + 32 + 968 vectors; ours also pays
+for group scales and zero points, so the 2-bit band is a little shorter.
+
+Shapes: a band of rank r on an (out, in) projection stores V^T (r, in) and U (out, r), each quantized in groups
+of G consecutive columns (ngroups(in) per row of V^T, ngroups(r) per row of U), and S (r,) in fp16.
+16-bit bands store U and V^T in fp16 without groups (plain truncated SVD).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from deltafleet.quant.functional import SUPPORTED_BITS, num_groups, packed_nbytes
+
+FP16_BITS = 16
+GROUP_BYTES = 3  # fp16 scale + uint8 zero point
+BAND_BITS = (*SUPPORTED_BITS, FP16_BITS)
+
+
+def parse_ratio(text: str | float) -> float:
+    """'1/16', '0.0625' or a float -> a ratio in (0, 1]."""
+    try:
+        value = float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"ratio={text!r}: must be a fraction like 1/16 or a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"ratio={text!r}: must lie in (0, 1]")
+    return value
+
+
+def fp16_bytes(out_f: int, in_f: int) -> int:
+    return out_f * in_f * 2
+
+
+def budget_bytes(out_f: int, in_f: int, ratio: float) -> int:
+    return math.floor(ratio * fp16_bytes(out_f, in_f))
+
+
+# ------------------------------------------------------------------------------------------ band plans
+@dataclass(frozen=True)
+class Band:
+    """`count` singular triplets at `bits` bits; count None: as many as the remaining budget holds."""
+
+    bits: int
+    count: int | None
+
+    def __post_init__(self) -> None:
+        if self.bits not in BAND_BITS:
+            raise ValueError(f"band bits={self.bits!r}: must be one of {BAND_BITS}")
+        if self.count is not None and (not isinstance(self.count, int) or self.count < 1):
+            raise ValueError(f"band count={self.count!r}: must be a positive integer or '*'")
+
+
+def parse_plan(text: str) -> tuple[Band, ...]:
+    """'8:2,3:32,2:*' -> bands, highest bit width first; bit widths must strictly decrease."""
+    bands = []
+    for part in text.split(","):
+        bits, sep, count = part.strip().partition(":")
+        if not sep or not bits.strip().isdigit() or not (count.strip() == "*" or count.strip().isdigit()):
+            raise ValueError(f"plan={text!r}: each band must read BITS:COUNT or BITS:* (e.g. 8:2,3:32,2:*)")
+        bands.append(Band(int(bits), None if count.strip() == "*" else int(count)))
+    if any(b.bits >= a.bits for a, b in zip(bands, bands[1:], strict=False)):
+        raise ValueError(f"plan={text!r}: bit widths must strictly decrease")
+    if any(b.count is None for b in bands[:-1]):
+        raise ValueError(f"plan={text!r}: only the last band may be '*'")
+    return tuple(bands)
+
+
+def band_bytes(out_f: int, in_f: int, bits: int, rank: int, group_size: int) -> int:
+    """Stored bytes of one band of `rank` triplets (V^T, U and S)."""
+    if rank == 0:
+        return 0
+    if bits == FP16_BITS:
+        return 2 * rank * (out_f + in_f + 1)
+    v = packed_nbytes(rank * in_f, bits) + rank * num_groups(in_f, group_size) * GROUP_BYTES
+    u = packed_nbytes(out_f * rank, bits) + out_f * num_groups(rank, group_size) * GROUP_BYTES
+    return v + u + 2 * rank
+
+
+def plan_ranks(out_f: int, in_f: int, budget: int, plan: tuple[Band, ...],
+               group_size: int) -> tuple[tuple[int, int], ...]:
+    """The (bits, rank) of each non-empty band that fits `budget` bytes; total rank <= min(out, in)."""
+    left_rank, left_bytes, out = min(out_f, in_f), budget, []
+    for band in plan:
+        r = left_rank if band.count is None else min(band.count, left_rank)
+        r = _largest_fitting(out_f, in_f, band.bits, r, left_bytes, group_size)
+        if r > 0:
+            out.append((band.bits, r))
+            left_rank -= r
+            left_bytes -= band_bytes(out_f, in_f, band.bits, r, group_size)
+    return tuple(out)
+
+
+def _largest_fitting(out_f: int, in_f: int, bits: int, hi: int, limit: int, group_size: int) -> int:
+    """Largest r in [0, hi] with band_bytes(r) <= limit (band_bytes is non-decreasing in r)."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if band_bytes(out_f, in_f, bits, mid, group_size) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def bands_bytes(out_f: int, in_f: int, ranks: tuple[tuple[int, int], ...], group_size: int) -> int:
+    return sum(band_bytes(out_f, in_f, bits, r, group_size) for bits, r in ranks)
+
+
+# ------------------------------------------------------------------------------------------ other methods
+def bitdelta_bytes(out_f: int, in_f: int) -> int:
+    """One sign bit per weight, packed 8 per byte, plus one fp16 scale."""
+    return packed_nbytes(out_f * in_f, 1) + 2
+
+
+def index_bytes(in_f: int) -> int:
+    """Bytes of one stored column index: int16 while columns fit, else int32."""
+    return 2 if in_f <= 1 << 15 else 4
+
+
+def sparse_bytes(out_f: int, in_f: int, nnz: int) -> int:
+    """CSR: fp16 values and column indices (nnz each) plus int32 row pointers (out + 1)."""
+    return nnz * (2 + index_bytes(in_f)) + 4 * (out_f + 1)
+
+
+def sparse_nnz(out_f: int, in_f: int, budget: int) -> int:
+    """Most entries a CSR delta can keep within `budget` bytes (0 when even the row pointers do not fit)."""
+    return max(0, min(out_f * in_f, (budget - 4 * (out_f + 1)) // (2 + index_bytes(in_f))))

@@ -1,0 +1,107 @@
+"""The compression-method registry and the typed settings every method reads.
+
+A method turns a `DeltaSet` into an `Adapter` of one of the kinds in `compress.kinds`, module by module, within
+`budget.budget_bytes(out, in, ratio)` bytes per projection. Methods register themselves with `register_method`;
+the pipeline never dispatches on method names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from deltafleet.adapters import Adapter
+from deltafleet.compress.budget import parse_plan
+from deltafleet.compress.delta import DeltaSet
+from deltafleet.errors import DeltafleetError
+from deltafleet.models.llama import Transformer
+
+QUANTIZERS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """
+    method: a name in METHODS. ratio: compressed bytes / fp16 delta bytes, per projection, in (0, 1].
+    plan: delta-come bands, highest bits first ('8:2,3:32,2:*' is the paper's 1/16 default).
+    group_size: quantization group G (columns per scale and zero point). quantizer: gptq (calibrated) or rtn.
+    damp, act_order: GPTQ settings (paper: 0.01, act-order). seed: DARE's drop mask.
+    distill_steps, distill_lr: BitDelta scale distillation on calibration text (0 steps: off).
+    """
+
+    method: str
+    ratio: float = 1 / 16
+    plan: str = "8:2,3:32,2:*"
+    group_size: int = 128
+    quantizer: str = "gptq"
+    damp: float = 0.01
+    act_order: bool = True
+    seed: int = 0
+    distill_steps: int = 0
+    distill_lr: float = 1e-4
+    schema_version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: must be one of {sorted(METHODS)}")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio={self.ratio!r}: must lie in (0, 1]")
+        parse_plan(self.plan)
+        if self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r}: must be a positive integer")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer={self.quantizer!r}: must be one of {QUANTIZERS}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp={self.damp!r}: must lie in [0, 1)")
+        if self.distill_steps < 0 or self.distill_lr <= 0:
+            raise ValueError(f"distill_steps={self.distill_steps}, distill_lr={self.distill_lr}: "
+                             f"need steps >= 0 and lr > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, **asdict(self)}
+
+
+@dataclass
+class Context:
+    """What a method may read besides the deltas: the base model, calibration token ids (N, T) and the
+    Hessians of each projection's input (computed on demand by the pipeline), and a per-module tick."""
+
+    model: Transformer | None = None
+    calib_ids: Tensor | None = None
+    hessians: dict[tuple[int, str], Tensor] | None = None
+    tick: Callable[[], None] = field(default=lambda: None)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    needs_calibration: ClassVar[Callable[[CompressSettings], bool]] = staticmethod(lambda s: False)  # token ids
+    needs_hessians: ClassVar[Callable[[CompressSettings], bool]] = staticmethod(lambda s: False)  # H per input
+    servable: ClassVar[bool] = True  # the engine serves its kind (else: export/merge only)
+    slack_bytes: ClassVar[int] = 0  # bytes a module may exceed the budget by (a fixed-size format's overhead)
+
+    @abstractmethod
+    def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
+        """An adapter whose every module fits the byte budget (the pipeline checks it)."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if not getattr(method, "name", None):
+        raise TypeError(f"compression method {type(method).__name__} must define name")
+    if method.name in METHODS:
+        raise ValueError(f"compression method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise DeltafleetError(f"method={name!r}: must be one of {sorted(METHODS)}") from None

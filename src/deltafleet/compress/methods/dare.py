@@ -1,0 +1,50 @@
+"""DARE (Yu et al., "Language Models are Super Mario", ICML 2024, arXiv:2311.03099, Sec. 3): drop delta entries
+at random with rate p and rescale the survivors by 1/(1-p), stored sparse (CSR) within the byte budget.
+
+The budget fixes the number kept, k = `budget.sparse_nnz(out, in, budget)`, so instead of a Bernoulli mask
+exactly k entries are drawn uniformly without replacement (p = 1 - k / (out * in)); the draw is seeded per
+projection. The result is an export/merge baseline: the engine does not serve sparse deltas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltafleet.adapters import Adapter
+from deltafleet.compress.budget import budget_bytes, sparse_nnz
+from deltafleet.compress.delta import DeltaSet
+from deltafleet.compress.kinds import SparseConfig, index_dtype, shape_key
+from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
+from deltafleet.models.config import PROJECTIONS
+
+
+def dare_sparsify(delta: torch.Tensor, nnz: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """delta (out, in) -> CSR params: values (nnz,) fp16 (rescaled), cols (nnz,), row_ptr (out + 1,) int32."""
+    out_f, in_f = delta.shape
+    n = out_f * in_f
+    flat = torch.randperm(n, generator=generator)[:nnz].sort().values
+    rows, cols = flat // in_f, flat % in_f
+    row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
+    scale = n / nnz if nnz else 0.0
+    values = (delta.reshape(-1)[flat].float() * scale).half()
+    return {"values": values, "cols": cols.to(index_dtype(in_f)), "row_ptr": row_ptr}
+
+
+class Dare(Method):
+    name = "dare"
+    servable = False
+
+    def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
+        shapes = sorted({ds.config.linear_shape(p) for p in PROJECTIONS})
+        nnz = tuple((shape_key(o, i), sparse_nnz(o, i, budget_bytes(o, i, s.ratio))) for o, i in shapes)
+        cfg = SparseConfig(targets=PROJECTIONS, nnz=nnz)
+        params = {}
+        for (layer, proj), delta in ds.deltas.items():
+            g = torch.Generator().manual_seed(s.seed * 1_000_003 + layer * len(PROJECTIONS) + PROJECTIONS.index(proj))
+            params[(layer, proj)] = dare_sparsify(delta, cfg.count(*delta.shape), g)
+            ctx.tick()
+        return Adapter(cfg, params)
+
+
+register_method(Dare())

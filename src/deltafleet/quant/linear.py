@@ -7,12 +7,20 @@ still sees the projection's input x and output y and adapters work on top unchan
 
 How W_hat is produced is a *kernel*, chosen once when the model is loaded (registry `KERNELS`):
 - `reference`: `functional.unpack_codes` (a bit-by-bit stream decode) then `functional.dequantize`, every call;
-- `fast`: a vectorised unpack (8 codes = b bytes read as one little-endian word, shifted and masked) then the same
-  dequantization, every call; memory stays at the packed size;
+- `fast`: every call, a vectorised unpack straight to fp32 codes (for b in 2, 4, 8: a 256-entry table from a
+  byte to its 8/b codes, gathered with `F.embedding`; otherwise 8 codes = b bytes read as one little-endian word,
+  shifted and masked), then W_hat = q * scale - zero * scale in one broadcast `addcmul` per group (no per-column
+  expansion of scales); memory stays at the packed size;
 - `cached`: W_hat materialised once per compute dtype and reused; fastest, but holds a dense copy of the weight
   (the memory of an unquantized base), so it is for throughput comparisons, not for saving memory.
-All three produce bit-identical W_hat: (q - zero) * scale is computed in fp32 (exact: small integers times fp16
-scales) and then cast to the input's dtype.
+All three produce bit-identical W_hat, computed in fp32 and then cast to the input's dtype: q * scale and
+zero * scale are exact in fp32 (8-bit integers times fp16 scales), so q * scale - zero * scale rounds the same real
+number once, as (q - zero) * scale does.
+
+Measured (one thread on a loaded, shared 2-core CPU; a 1536 x 576 matrix, x of 8 tokens): fast 15-28 ms per call
+at 2-4 bits (reference 53-128 ms), cached 1.8-2.9 ms, nn.Linear fp32 1.8-3.0 ms. At decode sizes the matmul is
+tiny, so dequantizing on every call costs about ten dense matmuls: `fast` saves memory, `cached` is the speed
+of the dense base.
 
 The fp16 scales are held as their int16 bit pattern: `Module.to(dtype)` casts floating-point buffers, and a cast
 to bf16 would lose scale bits; an integer buffer is left exact.
@@ -22,6 +30,7 @@ Shapes: x (..., C) -> y (..., R); codes (R, C); scale, zero (R, ngroups).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -47,6 +56,20 @@ def fast_unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     return codes.reshape(-1)[:numel].to(torch.uint8)
 
 
+@functools.cache
+def _byte_table(bits: int) -> Tensor:
+    """(256, 8 // bits) fp32: the codes held by each byte value, lowest bits first."""
+    shifts = bits * torch.arange(8 // bits)
+    return ((torch.arange(256)[:, None] >> shifts) & ((1 << bits) - 1)).float()
+
+
+def fast_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """The codes of `packed` as fp32 (numel,), by table lookup where a byte holds whole codes."""
+    if 8 % bits == 0:
+        return F.embedding(packed.long(), _byte_table(bits)).reshape(-1)[:numel]
+    return fast_unpack(packed, bits, numel).float()
+
+
 def _reference_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
     R, C = layer.shape
     codes = unpack_codes(layer.qcodes, layer.bits, R * C).reshape(R, C)
@@ -55,8 +78,13 @@ def _reference_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
 
 def _fast_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
     R, C = layer.shape
-    codes = fast_unpack(layer.qcodes, layer.bits, R * C).reshape(R, C)
-    return dequantize(codes, layer.scale, layer.qzero, layer.group_size).to(dtype)
+    gs = layer.group_size
+    codes = fast_codes(layer.qcodes, layer.bits, R * C)
+    if C % gs:  # a short last group: per-column expansion
+        return dequantize(codes.reshape(R, C), layer.scale, layer.qzero, gs).to(dtype)
+    s = layer.scale.float()[..., None]  # (R, G, 1)
+    zs = layer.qzero.float()[..., None] * s
+    return torch.addcmul(-zs, codes.reshape(R, C // gs, gs), s).reshape(R, C).to(dtype)
 
 
 def _cached_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:

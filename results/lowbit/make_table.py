@@ -1,0 +1,55 @@
+"""Collect the low-bit measurements into results/lowbit/results.json and print the README table.
+
+Reads results/lowbit/ppl.jsonl (lowbit-ppl --json lines), the manifests of the quantized bases under $Q
+(default /tmp/lowbit), results/lowbit/bench.jsonl (lowbit-bench --json lines) and results/lowbit/finetune.jsonl.
+Run: .venv/bin/python results/lowbit/make_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+R = Path(__file__).parent
+Q = Path(os.environ.get("Q", "/tmp/lowbit"))
+
+
+def lines(name: str) -> list[dict]:
+    p = R / name
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
+
+
+ppl = {(Path(r["base"]).name, r["adapter"] is not None): r["perplexity"] for r in lines("ppl.jsonl")}
+fine = {r["name"]: r for r in lines("finetune.jsonl")}
+rows = []
+fp = ppl.get(("smollm2-135m", False))
+rows.append({"method": "full precision (fp32 weights)", "bits": 32, "init_ppl": fp, "bytes": None})
+for bits in (4, 3, 2):
+    for label, name, with_lora in (("RTN + zero LoRA (QLoRA-style)", f"rtn{bits}", False),
+                                   ("GPTQ (no LoRA)", f"gptq{bits}", False),
+                                   ("LoftQ init", f"loftq{bits}", True), ("ApiQ init", f"apiq{bits}", True)):
+        mpath = Q / name / "deltafleet.json"
+        if not mpath.is_file():
+            continue
+        m = json.loads(mpath.read_text())
+        rows.append({"method": label, "bits": bits, "name": name, "init_ppl": ppl.get((name, with_lora)),
+                     "bytes": m["bytes"], "quantize_seconds": m["seconds"], "settings": m["settings"],
+                     "calibration": m.get("calibration"), "finetune": fine.get(name)})
+out = {"model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized)",
+       "heldout": "Shakespeare test plays, 32 windows x 256 tokens, fp32 compute",
+       "rows": rows, "finetune_fp": fine.get("fp"), "bench": lines("bench.jsonl")}
+(R / "results.json").write_text(json.dumps(out, indent=2))
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+print("| bits | start | held-out ppl after init | projection bytes (x bf16) | whole model bytes (x bf16) |")
+print("|---|---|---|---|---|")
+for r in rows:
+    b = r["bytes"]
+    proj = "-" if b is None else f"{b['projections'] / 1e6:.1f} MB ({b['projections'] / b['projections_bf16']:.3f})"
+    tot = "-" if b is None else f"{b['total'] / 1e6:.1f} MB ({b['total'] / b['total_bf16']:.3f})"
+    print(f"| {r['bits']} | {r['method']} | {fmt(r['init_ppl'])} | {proj} | {tot} |")

@@ -74,7 +74,9 @@ def save_compressed(c: Compressed, directory: str | Path, *, base_model: str | N
         "bytes": {"compressed": c.bytes, "fp16_delta": c.fp16_bytes, "ratio": c.bytes / c.fp16_bytes,
                   "extras": c.extras_bytes},
         "modules": {f"layers.{s.layer}.{s.proj}": {"shape": list(s.shape), "bytes": s.bytes, "budget": s.budget,
-                                                   "rel_error": round(s.rel_error, 6)} for s in c.stats},
+                                                   "rel_error": round(s.rel_error, 6)}
+                    for s in c.stats if (s.layer, s.proj) in c.adapter.params},
+        "dropped_modules": [f"layers.{s.layer}.{s.proj}" for s in c.stats if (s.layer, s.proj) not in c.adapter.params],
         "extras": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                     "bytes": t.numel() * t.element_size()} for n, t in sorted(c.extras.items())],
         "files": files,

@@ -57,10 +57,6 @@ class QLowRankConfig(AdapterConfig):
         raise ValueError(f"bands: no band plan for a {shape_key(out_f, in_f)} projection")
 
     @property
-    def max_rank(self) -> int:
-        return max((sum(r for _, r in ranks) for _, ranks in self.bands), default=0)
-
-    @property
     def summary(self) -> str:
         return "; ".join(f"{k}: " + "+".join(f"{r}@{b}b" for b, r in ranks) for k, ranks in self.bands)
 

@@ -84,12 +84,12 @@ def compress_deltas(ds: DeltaSet, settings: CompressSettings, model: Transformer
     stats = []
     kind = adapter.kind
     for (layer, proj), delta in sorted(ds.deltas.items()):
-        p = adapter.params[(layer, proj)]
+        p = adapter.params.get((layer, proj))  # None: nothing fit the budget, the delta is dropped
         o, i = delta.shape
-        n, budget = module_bytes(p), budget_bytes(o, i, settings.ratio)
+        n, budget = 0 if p is None else module_bytes(p), budget_bytes(o, i, settings.ratio)
         if n > budget + method.slack_bytes:
             raise AssertionError(f"{settings.method}: layers.{layer}.{proj} stores {n} bytes over its budget {budget}")
-        rec = kind.delta_weight(adapter.config, p, delta)
+        rec = torch.zeros_like(delta) if p is None else kind.delta_weight(adapter.config, p, delta)
         err = float((delta - rec).norm() / delta.norm().clamp(min=1e-30))
         stats.append(ModuleStats(layer, proj, (o, i), n, budget, fp16_bytes(o, i), err))
     sv = {k: torch.linalg.svdvals(d) for k, d in ds.deltas.items()} if spectra else {}

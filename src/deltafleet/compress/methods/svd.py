@@ -73,7 +73,8 @@ class _SVDMethod(Method):
         for (layer, proj), delta in ds.deltas.items():
             H = ctx.hessians[(layer, proj)] if ctx.hessians is not None else None
             ranks = cfg.ranks(*delta.shape)
-            params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order)
+            if ranks:  # else not even one vector fits the budget: the module is left out (delta dropped)
+                params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order)
             ctx.tick()
         return Adapter(cfg, params)
 

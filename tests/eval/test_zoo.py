@@ -26,7 +26,7 @@ def test_default_plan_shape():
 
 def test_plan_errors():
     with pytest.raises(ValueError, match="at least 3 tasks"):
-        ZooPlan(full_tasks=("addition", "sort"))
+        ZooPlan(full_tasks=("addition", "multiplication"))
     with pytest.raises(ValueError, match="must be a subset"):
         ZooPlan(tasks=("sort", "caesar", "addition"), full_tasks=("sort", "caesar", "json-field"))
     with pytest.raises(ValueError, match="shakespeare.*exact_match"):

@@ -1,7 +1,7 @@
 """`deltafleet eval`: every tenant of an adapters directory on its task, all together through the engine.
 
     tenants  = discover(adapters dir)  (+ the bare base, row "base", on every task evaluated)
-    tasks    = a tenant's manifest task (a mixture task: each member), filtered by --tasks;
+    tasks    = a tenant's manifest task (a mixture task: each member), filtered by --tasks (mixtures expanded);
                a tenant without a manifest task is evaluated on every --tasks task
     examples = task.examples(split, n=min(--examples, split size), seed)  (the same for every tenant)
 
@@ -261,9 +261,10 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str], None] = lambda _: None) 
     base_path = resolve_base(cfg.base, progress)
     tokenizer = load_tokenizer(base_path)
     tenants = discover(cfg.adapters) if cfg.adapters is not None else []
+    selected = None if cfg.tasks is None else tuple(dict.fromkeys(m for t in cfg.tasks for m in expand(t)))
     results, skipped = [], []
     for tenant in tenants:
-        tasks = tenant_tasks(tenant, cfg.tasks)
+        tasks = tenant_tasks(tenant, selected)
         if tasks:
             results.append(TenantResult(tenant, tasks, trainable_params=tenant.manifest.get("trainable_params")))
         else:
@@ -272,7 +273,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str], None] = lambda _: None) 
         if results:
             base_tasks = tuple(dict.fromkeys(t for r in results for t in r.tasks))
         else:
-            base_tasks = cfg.tasks or tuple(n for n, t in TASKS.items() if not isinstance(t, MixtureTask))
+            base_tasks = selected or tuple(n for n, t in TASKS.items() if not isinstance(t, MixtureTask))
         base = Tenant(BASE, None, BASE, BASE, None)
         results.insert(0, TenantResult(base, base_tasks, trainable_params=0))
     if not results:

@@ -59,7 +59,7 @@ class ZooPlan:
     broad_steps > 0 adds the broad full fine-tune `broad-full` on all-tasks."""
 
     base: str = "smollm2-135m"
-    tasks: tuple[str, ...] = ("addition", "multiplication", "json-field", "sort")
+    tasks: tuple[str, ...] = ("addition", "multiplication", "json-field")
     full_tasks: tuple[str, ...] = ("addition", "multiplication", "json-field")
     adapter_methods: tuple[str, ...] = ADAPTER_METHODS
     adapter_steps: int = 100

@@ -74,3 +74,12 @@ def test_a_model_of_another_shape_is_refused(artifact, tiny_checkpoints):
     other = ModelConfig.from_file(tiny_checkpoints["llama3-rope-tied"] / "config.json")
     with pytest.raises(ArtifactError):
         load_adapter(d, other)
+
+
+def test_modules_where_nothing_fits_are_dropped_and_listed(tiny_deltas, tmp_path):
+    c = compress_deltas(tiny_deltas, CompressSettings("lowrank", ratio=1 / 256))
+    dropped = [s for s in c.stats if s.bytes == 0]
+    assert dropped and all(s.rel_error == 1.0 for s in dropped) and len(c.adapter.params) < len(c.stats)
+    d = save_compressed(c, tmp_path / "lr256")
+    m = json.loads((d / MANIFEST).read_text())
+    assert len(m["dropped_modules"]) == len(dropped) and set(load_adapter(d).params) == set(c.adapter.params)

@@ -72,8 +72,7 @@ class QuantizedBase:
 
 
 # ----------------------------------------------------------------------------------------------- bytes
-def weight_bytes(cfg: ModelConfig, matrices: dict[ModuleKey, QuantizedMatrix],
-                 dense: dict[str, Tensor]) -> dict[str, int]:
+def weight_bytes(matrices: dict[ModuleKey, QuantizedMatrix], dense: dict[str, Tensor]) -> dict[str, int]:
     """Bytes of the projection weights quantized vs in bf16, and of the whole model (dense tensors as stored)."""
     proj_q = sum(qm.nbytes for qm in matrices.values())
     proj_bf16 = sum(2 * qm.shape[0] * qm.shape[1] for qm in matrices.values())
@@ -84,7 +83,7 @@ def weight_bytes(cfg: ModelConfig, matrices: dict[ModuleKey, QuantizedMatrix],
 
 
 # ----------------------------------------------------------------------------------------------- write
-def write_quantized_base(out: Path, source: Path, cfg: ModelConfig, matrices: dict[ModuleKey, QuantizedMatrix],
+def write_quantized_base(out: Path, source: Path, matrices: dict[ModuleKey, QuantizedMatrix],
                          dense: dict[str, Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
     """Write config, tokenizer, tensors and manifest into `out` (created; must not hold a quantized base)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +97,7 @@ def write_quantized_base(out: Path, source: Path, cfg: ModelConfig, matrices: di
         tensors.update(qm.tensors(module_name(layer, proj)))
     save_tensors(tensors, out / WEIGHTS, metadata={"format": FORMAT})
     full = {"schema_version": SCHEMA_VERSION, "format": FORMAT, **manifest,
-            "bytes": weight_bytes(cfg, matrices, dense)}
+            "bytes": weight_bytes(matrices, dense)}
     (out / MANIFEST).write_text(json.dumps(full, indent=2))
     return full
 

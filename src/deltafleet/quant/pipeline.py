@@ -63,7 +63,7 @@ def quantize_base(base: str | Path, cfg: QuantConfig, out: str | Path, calib: st
              if k not in projection_keys}
     if model.config.tie_word_embeddings:
         dense.pop("lm_head.weight", None)
-    written = write_quantized_base(out, path, model.config, result.matrices, dense, manifest)
+    written = write_quantized_base(out, path, result.matrices, dense, manifest)
     if result.lora:
         write_lora_init(out, result.lora, cfg.rank, cfg.alpha, cfg.targets, base_fingerprint(out), cfg.method)
     return written

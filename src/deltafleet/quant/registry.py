@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -27,7 +27,7 @@ ModuleKey = tuple[int, str]  # (layer, projection)
 class QuantResult:
     matrices: dict[ModuleKey, QuantizedMatrix]
     lora: dict[ModuleKey, tuple[Tensor, Tensor]] | None = None  # (A (r, C), B (R, r)) fp32
-    stats: dict[str, float] = field(default_factory=dict)  # method diagnostics written to the manifest
+    stats: dict[str, Any] = field(default_factory=dict)  # method diagnostics written to the manifest
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ def test_frontier_measures_each_method_and_ratio(tiny_llama, tiny_ft, tmp_path):
          "--calib-len", "16", "--eval-seqs", "2", "--out", out])
     points = json.loads((out / "frontier.json").read_text())
     got = {(p["method"], p["ratio"]): p for p in points}
+    assert got[("no-delta", 0.0)]["kl"] > got[("delta-come", 1 / 8)]["kl"] > 0 == got[("finetuned", 1.0)]["kl"]
     assert got[("bitdelta", 1 / 32)]["skipped"] and got[("bitdelta", 1 / 8)]["kl"] > 0
     for m in ("delta-come", "lowrank"):
         assert got[(m, 1 / 8)]["kl"] < got[(m, 1 / 32)]["kl"]  # more bytes, closer to the fine-tune

@@ -5,7 +5,9 @@ of next-token distributions on held-out text (disjoint from the calibration text
 optionally exact-match accuracy on a task (greedy) with the share of the fine-tune's gain over the base kept:
 gain kept = (acc_c - acc_base) / (acc_ft - acc_base). The compressed model is the base with the reconstructed
 deltas merged and the fine-tune's extras applied (so the figures measure the projection compression alone).
-A (method, ratio) a method cannot reach (bitdelta below 1/16) is recorded with its reason and skipped.
+Two reference rows: `finetuned` (KL 0) and `no-delta` (the base with the extras only: what dropping every
+projection delta costs). A (method, ratio) a method cannot reach (bitdelta below 1/16) is recorded with its
+reason and skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from deltafleet.compress.methods import CompressSettings
 from deltafleet.compress.pipeline import compress_deltas
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
+
+REFERENCES = ("finetuned", "no-delta")  # the uncompressed fine-tune, and the base with only its exact extras
 
 
 @dataclass
@@ -70,7 +74,10 @@ def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratio
         acc_ft = accuracy(model) if accuracy else None
         _restore(model, ds, saved)
         acc_base = accuracy(model) if accuracy else None  # the base, with the fine-tune's extras
-        points = []
+        points = [Point("finetuned", 1.0, kl=0.0, rel_error=0.0, accuracy=acc_ft, gain_kept=1.0 if accuracy else None),
+                  Point("no-delta", 0.0, bytes=0, rel_error=1.0, kl=mean_kl(model, eval_ids, ref), accuracy=acc_base,
+                        gain_kept=0.0 if accuracy else None)]
+        log(f"reference: KL(finetuned || base + extras, no projection delta) = {points[1].kl:.3e}")
         for method in methods:
             for ratio in ratios:
                 p = Point(method, ratio)
@@ -94,11 +101,8 @@ def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratio
                     p.gain_kept = (p.accuracy - acc_base) / gain if abs(gain) > 1e-9 else None
                 _restore(model, ds, saved)
                 points.append(p)
-                log(f"{method} @ {ratio:.5g}: rel_error {p.rel_error:.4f}, KL {p.kl:.5f}, {p.seconds:.1f} s"
+                log(f"{method} @ {ratio:.5g}: rel_error {p.rel_error:.4f}, KL {p.kl:.3e}, {p.seconds:.1f} s"
                     + (f", accuracy {p.accuracy:.3f}" if p.accuracy is not None else ""))
-        if accuracy:
-            points.append(Point("finetuned", 1.0, accuracy=acc_ft, gain_kept=1.0))
-            points.append(Point("base", 0.0, accuracy=acc_base, gain_kept=0.0))
         return points
     finally:
         _restore(model, ds, saved)
@@ -114,7 +118,8 @@ def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [p for p in points if p.kl is not None]
+    measured = [p for p in points if p.kl is not None and p.method not in REFERENCES]
+    refs = {p.method: p for p in points if p.method in REFERENCES}
     cols = [("kl", "mean KL(ft || compressed)"), ("rel_error", "mean relative error")]
     if any(p.accuracy is not None for p in measured):
         cols.append(("accuracy", "accuracy"))
@@ -123,6 +128,9 @@ def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
         for method in dict.fromkeys(p.method for p in measured):
             pts = sorted((p.ratio, getattr(p, field)) for p in measured if p.method == method)
             ax.plot([1 / r for r, _ in pts], [v for _, v in pts], marker="o", label=method)
+        ref = refs.get("no-delta")
+        if ref is not None and getattr(ref, field) is not None and field != "rel_error":
+            ax.axhline(getattr(ref, field), color="k", ls=":", lw=1, label="no projection delta")
         ax.set_xscale("log", base=2)
         if field != "accuracy":
             ax.set_yscale("log")
@@ -143,8 +151,8 @@ def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
         if p.skipped:
             lines.append(f"| {p.method} | 1/{1 / p.ratio:.0f} | skipped: {p.skipped} | | | | | |")
             continue
-        ratio = "" if p.ratio in (0.0, 1.0) and p.kl is None else f"1/{1 / p.ratio:.0f}"
-        lines.append(f"| {p.method} | {ratio} | {f(p.bytes, ',')} | {f(p.rel_error, '.4f')} | {f(p.kl, '.5f')} | "
+        ratio = "" if p.method in REFERENCES else f"1/{1 / p.ratio:.0f}"
+        lines.append(f"| {p.method} | {ratio} | {f(p.bytes, ',')} | {f(p.rel_error, '.4f')} | {f(p.kl, '.3e')} | "
                      f"{f(p.accuracy, '.3f')} | {f(p.gain_kept, '.2f')} | {f(p.seconds, '.1f')} |")
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     return out / "frontier.md"

@@ -43,9 +43,12 @@ def decode_throughput(base: str | Path, dtype: str = "float32", kernel: str = "f
     t0 = time.perf_counter()
     engine.generate(requests())
     wall = time.perf_counter() - t0
+    cache_bytes = sum(m._cache.numel() * m._cache.element_size() for m in proj
+                      if isinstance(m, QuantLinear) and m._cache is not None)  # the `cached` kernel's dense copies
     tokens = engine.counters["decode_tokens"] - before["decode_tokens"]
     seconds = engine.counters["decode_seconds"] - before["decode_seconds"]
     return {"base": str(base), "quantized": quantized, "kernel": kernel if quantized else None, "dtype": dtype,
             "batch": batch, "prompt_len": prompt_len, "max_tokens": max_tokens, "decode_tokens": tokens,
             "decode_seconds": round(seconds, 4), "decode_tokens_per_s": tokens / max(seconds, 1e-9),
-            "wall_seconds": round(wall, 3), "projection_bytes": proj_bytes, "threads": torch.get_num_threads()}
+            "wall_seconds": round(wall, 3), "projection_bytes": proj_bytes, "cache_bytes": cache_bytes,
+            "threads": torch.get_num_threads()}

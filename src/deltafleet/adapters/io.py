@@ -33,14 +33,22 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 FormatLoader = Callable[[Path, dict[str, Any]], Adapter]
+FormatSaver = Callable[..., Path]  # (adapter, directory, *, model_cfg, base_fingerprint, base_model, extra) -> dir
 FORMAT_LOADERS: dict[str, FormatLoader] = {}
+FORMAT_SAVERS: dict[str, FormatSaver] = {}  # adapter kind -> the saver of the format that carries it
 
 
-def register_format(name: str, loader: FormatLoader) -> None:
-    """Load directories whose manifest says `"format": name` with `loader(directory, manifest)`."""
+def register_format(name: str, loader: FormatLoader, *, kinds: tuple[str, ...] = (),
+                    saver: FormatSaver | None = None) -> None:
+    """Load directories whose manifest says `"format": name` with `loader(directory, manifest)`; `save_adapter`
+    writes adapters of `kinds` with `saver`."""
     if name in FORMAT_LOADERS or name in ("peft", "deltafleet"):
         raise ValueError(f"adapter format {name!r} registered twice")
     FORMAT_LOADERS[name] = loader
+    for kind in kinds:
+        if saver is None or kind in FORMAT_SAVERS:
+            raise ValueError(f"adapter kind {kind!r}: needs one saver, got {saver!r}")
+        FORMAT_SAVERS[kind] = saver
 
 
 def _group(proj: str) -> str:
@@ -167,7 +175,12 @@ def _key(layer: int, proj: str, suffix: str) -> str:
 def save_adapter(adapter: Adapter, directory: str | Path, *, model_cfg: ModelConfig | None = None,
                  base_fingerprint: str | None = None, base_model: str | None = None,
                  extra: dict[str, Any] | None = None) -> Path:
-    """Write peft's layout when peft knows the kind, else deltafleet's; always with the manifest."""
+    """Write peft's layout when peft knows the kind, a registered format's when one carries the kind, else
+    deltafleet's; always with the manifest."""
+    if adapter.config.kind in FORMAT_SAVERS:
+        return FORMAT_SAVERS[adapter.config.kind](adapter, directory, model_cfg=model_cfg,
+                                                  base_fingerprint=base_fingerprint, base_model=base_model,
+                                                  extra=extra)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     fmt = peft_format_for_kind(adapter.config.kind)

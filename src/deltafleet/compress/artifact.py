@@ -30,7 +30,7 @@ from deltafleet.adapters.io import MANIFEST, SCHEMA_VERSION, read_manifest, regi
 from deltafleet.adapters.registry import get_kind
 from deltafleet.compress.pipeline import Compressed
 from deltafleet.errors import ArtifactError
-from deltafleet.models.config import PROJECTIONS
+from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.store.safetensors_io import load_tensors, save_tensors
 
 FORMAT = "deltafleet-delta"
@@ -50,22 +50,35 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_compressed(c: Compressed, directory: str | Path, *, base_model: str | None = None,
-                    base_fingerprint: str | None = None, finetuned: str | None = None) -> Path:
+def write_artifact(adapter: Adapter, directory: str | Path, shapes: dict[tuple[int, str], tuple[int, int]],
+                   extras: dict[str, torch.Tensor], fields: dict[str, Any]) -> Path:
+    """The files of an artifact: delta.safetensors, extras.safetensors (if any) and the manifest with `fields`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layers.{layer}.{proj}.{n}": t for (layer, proj), p in sorted(c.adapter.params.items())
+    tensors = {f"layers.{layer}.{proj}.{n}": t for (layer, proj), p in sorted(adapter.params.items())
                for n, t in p.items()}
     save_tensors(tensors, d / DELTA_FILE, metadata={"format": FORMAT})
     files = {DELTA_FILE: sha256(d / DELTA_FILE)}
-    if c.extras:
-        save_tensors(c.extras, d / EXTRAS_FILE, metadata={"format": FORMAT})
+    if extras:
+        save_tensors(extras, d / EXTRAS_FILE, metadata={"format": FORMAT})
         files[EXTRAS_FILE] = sha256(d / EXTRAS_FILE)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "format": FORMAT,
-        "kind": c.adapter.config.kind,
-        "config": c.adapter.config.to_dict(),
+    manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT, "kind": adapter.config.kind,
+                "config": adapter.config.to_dict(), **fields}
+    modules = manifest.setdefault("modules", {})
+    for (layer, proj), shape in shapes.items():
+        if (layer, proj) in adapter.params:
+            modules.setdefault(f"layers.{layer}.{proj}", {})["shape"] = list(shape)
+    manifest |= {"extras": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                             "bytes": t.numel() * t.element_size()} for n, t in sorted(extras.items())],
+                 "files": files, "serving": SERVING_NOTE}
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return d
+
+
+def save_compressed(c: Compressed, directory: str | Path, *, base_model: str | None = None,
+                    base_fingerprint: str | None = None, finetuned: str | None = None) -> Path:
+    kept = [s for s in c.stats if (s.layer, s.proj) in c.adapter.params]
+    fields = {
         "method": c.settings.method,
         "settings": c.settings.to_dict(),
         "base_model": base_model,
@@ -73,18 +86,24 @@ def save_compressed(c: Compressed, directory: str | Path, *, base_model: str | N
         "finetuned": finetuned,
         "bytes": {"compressed": c.bytes, "fp16_delta": c.fp16_bytes, "ratio": c.bytes / c.fp16_bytes,
                   "extras": c.extras_bytes},
-        "modules": {f"layers.{s.layer}.{s.proj}": {"shape": list(s.shape), "bytes": s.bytes, "budget": s.budget,
-                                                   "rel_error": round(s.rel_error, 6)}
-                    for s in c.stats if (s.layer, s.proj) in c.adapter.params},
-        "dropped_modules": [f"layers.{s.layer}.{s.proj}" for s in c.stats if (s.layer, s.proj) not in c.adapter.params],
-        "extras": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                    "bytes": t.numel() * t.element_size()} for n, t in sorted(c.extras.items())],
-        "files": files,
+        "modules": {f"layers.{s.layer}.{s.proj}": {"bytes": s.bytes, "budget": s.budget,
+                                                   "rel_error": round(s.rel_error, 6)} for s in kept},
+        "dropped_modules": [f"layers.{s.layer}.{s.proj}" for s in c.stats if s not in kept],
         "compress_seconds": round(c.seconds, 3),
-        "serving": SERVING_NOTE,
     }
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return d
+    return write_artifact(c.adapter, directory, {(s.layer, s.proj): s.shape for s in c.stats}, c.extras, fields)
+
+
+def save_adapter_artifact(adapter: Adapter, directory: str | Path, *, model_cfg: ModelConfig | None = None,
+                          base_fingerprint: str | None = None, base_model: str | None = None,
+                          extra: dict[str, Any] | None = None) -> Path:
+    """`adapters.io.save_adapter` for the compressed kinds (an adapter without compression statistics)."""
+    if model_cfg is None:
+        raise ValueError(f"saving a {adapter.config.kind!r} adapter needs model_cfg (projection shapes)")
+    shapes = {(layer, proj): model_cfg.linear_shape(proj) for layer, proj in adapter.params}
+    fields = {"base_model": base_model, "base_fingerprint": base_fingerprint,
+              "bytes": {"compressed": adapter.nbytes}, **(extra or {})}
+    return write_artifact(adapter, directory, shapes, {}, fields)
 
 
 def _verified(d: Path, manifest: dict[str, Any], name: str) -> Path:
@@ -154,4 +173,5 @@ def load_extras(directory: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-register_format(FORMAT, load_compressed)
+register_format(FORMAT, load_compressed, kinds=("qlowrank", "bitdelta", "sparse"),
+                saver=save_adapter_artifact)

@@ -90,6 +90,13 @@ def qlowrank_shape(cfg: QLowRankConfig, params: Params) -> tuple[int, int]:
     return hits[0]
 
 
+def _stored(params: Params, prefix: str) -> Params:
+    """The quantized tensors in their stored dtypes (`Adapter.to(dtype)` casts every tensor; integer codes and
+    zero points below 256 survive any float dtype exactly)."""
+    dtypes = {"qcodes": torch.uint8, "qscale": torch.float16, "qzero": torch.uint8}
+    return {f"{prefix}.{n}": params[f"{prefix}.{n}"].to(dt) for n, dt in dtypes.items() if f"{prefix}.{n}" in params}
+
+
 def qlowrank_factors(cfg: QLowRankConfig, params: Params, out_f: int,
                      in_f: int) -> tuple[Tensor, Tensor, Tensor]:
     """Dequantized U (out, R), S (R,), V^T (R, in) in fp32, bands concatenated (R = total rank)."""
@@ -98,8 +105,10 @@ def qlowrank_factors(cfg: QLowRankConfig, params: Params, out_f: int,
         if bits == FP16_BITS:
             Vt, U = params[f"b{i}.V"].float(), params[f"b{i}.U"].float()
         else:
-            Vt = QuantizedMatrix.from_tensors(params, f"b{i}.V", (r, in_f), bits, cfg.group_size).dequantize()
-            U = QuantizedMatrix.from_tensors(params, f"b{i}.U", (out_f, r), bits, cfg.group_size).dequantize()
+            Vt = QuantizedMatrix.from_tensors(_stored(params, f"b{i}.V"), f"b{i}.V", (r, in_f), bits,
+                                              cfg.group_size).dequantize()
+            U = QuantizedMatrix.from_tensors(_stored(params, f"b{i}.U"), f"b{i}.U", (out_f, r), bits,
+                                             cfg.group_size).dequantize()
         Us.append(U)
         Ss.append(params[f"b{i}.S"].float())
         Vts.append(Vt)
@@ -157,7 +166,7 @@ class BitDeltaConfig(AdapterConfig):
 
 def bitdelta_signs(packed: Tensor, out_f: int, in_f: int) -> Tensor:
     """uint8 packed bits -> signs (out, in) in {-1, +1} fp32."""
-    return unpack_codes(packed, 1, out_f * in_f).reshape(out_f, in_f).float() * 2 - 1
+    return unpack_codes(packed.to(torch.uint8), 1, out_f * in_f).reshape(out_f, in_f).float() * 2 - 1
 
 
 def pack_signs(delta: Tensor) -> Tensor:
@@ -209,7 +218,8 @@ def index_dtype(in_f: int) -> torch.dtype:
 
 def sparse_dense(values: Tensor, cols: Tensor, row_ptr: Tensor, out_f: int, in_f: int) -> Tensor:
     """CSR -> dense (out, in) fp32 (merge and reference only)."""
-    rows = torch.repeat_interleave(torch.arange(out_f), (row_ptr[1:] - row_ptr[:-1]).long())
+    row_ptr = row_ptr.long()
+    rows = torch.repeat_interleave(torch.arange(out_f), row_ptr[1:] - row_ptr[:-1])
     dense = torch.zeros(out_f, in_f)
     dense[rows, cols.long()] = values.float()
     return dense

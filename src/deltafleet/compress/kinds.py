@@ -3,7 +3,7 @@
 - `qlowrank`: dW = sum over bands of U_b diag(S_b) V_b^T, with V_b^T (r_b, in) and U_b (out, r_b) quantized to
   the band's bit width (group-wise, `quant.functional`), or kept in fp16 for 16-bit bands; S_b (r_b,) fp16.
   Delta-CoMe (Ping et al. 2024, arXiv:2406.08903, Sec. 3) and plain truncated SVD both produce it. Applied to
-  activations as a low-rank product, y' = y + ((x V^T^T) * S) U^T, so it is served without a dense matrix.
+  activations right to left, y' = y + U (S * (V^T x)), so it is served without a dense matrix.
 - `bitdelta`: dW = alpha * sign(Delta) (Liu et al. 2024, arXiv:2402.10193, Sec. 3.1), signs packed 8 per
   byte (bit 1: +1, bit 0: -1), one fp16 alpha per matrix.
 - `sparse`: dW holds nnz entries in CSR form (DARE, Yu et al. 2024, arXiv:2311.03099, Sec. 3: kept entries
@@ -116,7 +116,7 @@ def qlowrank_factors(cfg: QLowRankConfig, params: Params, out_f: int,
 
 
 def qlowrank_apply(x: Tensor, y: Tensor, U: Tensor, S: Tensor, Vt: Tensor) -> Tensor:
-    """x (..., in), y (..., out) -> y + ((x Vt^T) * S) U^T, never forming the (out, in) matrix."""
+    """x (..., in), y (..., out) -> y + ((x Vt^T) * S) U^T = y + U (S * (Vt x)), never forming (out, in)."""
     return y + ((x @ Vt.t().to(x.dtype)) * S.to(x.dtype)) @ U.t().to(x.dtype)
 
 

@@ -134,7 +134,7 @@ def eval_command(
     if as_json:
         print(json.dumps(d, indent=2))
         return
-    console.print(markdown(rows), highlight=False, markup=False)
+    console.print(markdown(rows), highlight=False, markup=False, soft_wrap=True)
     for e in d["engines"]:
         console.print(f"engine run: {len(e['tenants'])} tenant(s), {e['requests']} requests, "
                       f"{e['generated_tokens']} tokens in {e['seconds']:.1f} s ({e['tokens_per_s']:.1f} tokens/s)",

@@ -53,3 +53,17 @@ for r in rows:
     proj = "-" if b is None else f"{b['projections'] / 1e6:.1f} MB ({b['projections'] / b['projections_bf16']:.3f})"
     tot = "-" if b is None else f"{b['total'] / 1e6:.1f} MB ({b['total'] / b['total_bf16']:.3f})"
     print(f"| {r['bits']} | {r['method']} | {fmt(r['init_ppl'])} | {proj} | {tot} |")
+
+print()
+print("| start (task sort, 40 steps) | base | train loss first -> last | val loss | val accuracy |")
+print("|---|---|---|---|---|")
+for r in lines("finetune.jsonl"):
+    m = r["final_metrics"]
+    print(f"| {r['name']} | {Path(r['base']).name} | {r['train_loss']['first']:.3f} -> {r['train_loss']['last']:.3f} "
+          f"| {m.get('val_loss', float('nan')):.3f} | {m.get('val_accuracy', float('nan')):.3f} |")
+print()
+print("| base | kernel | decode tokens/s | projection bytes |")
+print("|---|---|---|---|")
+for r in lines("bench.jsonl"):
+    print(f"| {Path(r['base']).name} | {r['kernel'] or '-'} | {r['decode_tokens_per_s']:.1f} | "
+          f"{r['projection_bytes'] / 1e6:.1f} MB |")

@@ -18,7 +18,12 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["demo"]])
+COMMANDS = [[], ["info"], ["demo"], ["train"], ["tasks", "list"], ["eval"], ["eval", "ppl"], ["zoo", "build"],
+            ["compress"], ["merge"], ["quantize"], ["lowbit-ppl"], ["serve"], ["serve-demo"], ["bench", "engine"],
+            ["bench", "serve"], ["bench", "compress"], ["bench", "lowbit"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "deltafleet")
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0

@@ -122,13 +122,23 @@ bench_app = typer.Typer(help="Benchmarks that print figures and ratios from one 
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(bench_app, name="bench")
 
-from deltafleet.eval.cli import bench_engine_command  # noqa: E402
+from deltafleet.compress.cli import bench_compress_command, compress_command, merge_command  # noqa: E402
+from deltafleet.eval.cli import bench_engine_command, eval_app, zoo_app  # noqa: E402
+from deltafleet.quant.cli import lowbit_bench_command, lowbit_ppl_command, quantize_command  # noqa: E402
 
-bench_app.command("engine")(bench_engine_command)
 app.command("train")(train_command)
+app.add_typer(eval_app, name="eval")
+app.add_typer(zoo_app, name="zoo")
+app.command("compress")(compress_command)
+app.command("merge")(merge_command)
+app.command("quantize")(quantize_command)
+app.command("lowbit-ppl")(lowbit_ppl_command)
 app.command("serve")(serve_command)
 app.command("serve-demo")(serve_demo_command)
+bench_app.command("engine")(bench_engine_command)
 bench_app.command("serve")(bench_serve_command)
+bench_app.command("compress")(bench_compress_command)
+bench_app.command("lowbit")(lowbit_bench_command)
 
 
 if __name__ == "__main__":

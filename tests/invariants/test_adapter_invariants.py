@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import deltafleet.compress  # noqa: F401  (registers the compressed-delta kinds)
 from deltafleet.adapters import (
     KINDS,
     AdapterConfig,
@@ -25,6 +26,12 @@ CONFIGS: dict[str, AdapterConfig] = {
     "lora": KINDS["lora"].config_cls(r=5, alpha=7.0, targets=ALL),
     "road": KINDS["road"].config_cls(variant="road_4", group_size=32, targets=ALL),
     "lowrank": KINDS["lowrank"].config_cls(rank=6, targets=ALL),
+    "qlowrank": KINDS["qlowrank"].config_cls(targets=ALL, group_size=32, bands=(
+        ("128x128", ((8, 2), (3, 4), (2, 6))), ("64x128", ((8, 2), (2, 4))), ("256x128", ((8, 2), (3, 4), (2, 6))),
+        ("128x256", ((4, 3), (2, 5))))),
+    "bitdelta": KINDS["bitdelta"].config_cls(targets=ALL),
+    "sparse": KINDS["sparse"].config_cls(targets=ALL, nnz=(("128x128", 300), ("64x128", 120), ("256x128", 600),
+                                                           ("128x256", 600))),
 }
 
 
@@ -95,7 +102,7 @@ def test_save_load_is_bit_exact(model, tmp_path, kind, dtype):
     assert loaded.params.keys() == adapter.params.keys()
     for key, p in adapter.params.items():
         for name, t in p.items():
-            assert loaded.params[key][name].dtype == dtype
+            assert loaded.params[key][name].dtype == t.dtype  # floats in dtype, integer codes as stored
             assert torch.equal(loaded.params[key][name], t)
 
 

@@ -42,7 +42,9 @@ class Adapter:
         return sorted({layer for layer, _ in self.params})
 
     def to(self, dtype: torch.dtype) -> Adapter:
-        return Adapter(self.config, {k: {n: t.to(dtype) for n, t in p.items()} for k, p in self.params.items()})
+        """Floating-point parameters cast to dtype; integer ones (packed codes, indices) kept as stored."""
+        return Adapter(self.config, {k: {n: t.to(dtype) if t.is_floating_point() else t for n, t in p.items()}
+                                     for k, p in self.params.items()})
 
     def hook(self) -> ProjectionHook:
         kind, cfg, params = self.kind, self.config, self.params

@@ -2,7 +2,8 @@
 and chat-template encoding. Importing this package registers every built-in task in `TASKS`.
 """
 
-from deltafleet.tasks import arithmetic, extraction, lists, shakespeare, words  # noqa: F401  (registers tasks)
+# registers the tasks; `mixture` adds all-tasks, whose members are read from the registry when used
+from deltafleet.tasks import arithmetic, extraction, lists, mixture, shakespeare, words  # noqa: F401
 from deltafleet.tasks.base import (
     KINDS,
     SPLITS,

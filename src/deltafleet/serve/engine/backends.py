@@ -110,8 +110,17 @@ class CpuBackend(Backend):
         return y.index_add(0, step.members, delta)
 
     def elementwise(self, y, c, s, step):
+        # y * c[k] + rotate_half_G(y) * s[k], with the rotation written into one preallocated buffer and one
+        # fused multiply-add: about 2x fewer passes over (N, out) than stack/cat (decode is op-overhead bound).
         idx = step.index
-        return y * c[idx].to(y.dtype) + rotate_half_grouped(y, step.pool.width) * s[idx].to(y.dtype)
+        N, out = y.shape
+        h = step.pool.width // 2
+        yg = y.reshape(N, -1, 2, h)
+        rot = torch.empty_like(yg)
+        torch.neg(yg[:, :, 1], out=rot[:, :, 0])
+        rot[:, :, 1] = yg[:, :, 0]
+        return torch.addcmul(y * c.index_select(0, idx).to(y.dtype), rot.view(N, out),
+                             s.index_select(0, idx).to(y.dtype))
 
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)

@@ -45,5 +45,7 @@ def test_bench_engine_reports_every_scenario_ratio_and_limit(tiny_chat_model):
     assert {"lora32_vs_base", "road32_vs_base", "lora32_vs_peft", "lora128_vs_lora32"} <= set(rep["ratios"])
     for key, limit in rep["limits"].items():  # reading adapter bytes can only slow a step down
         assert 0 < limit <= 1.0 + 1e-9 or key == "lora128_vs_lora32", (key, limit)
+    assert set(rep["paired_ratios_vs_base"]) == set(SCENARIOS) - {"base", "peft32"}
+    assert rep["ratios"]["road32_vs_base"] == rep["paired_ratios_vs_base"]["road32"][0]
     assert rep["scenarios"]["lora32"]["distinct_per_step"] == 4
     assert rep["scenarios"]["base"]["adapter_bytes_per_step"] == 0

@@ -4,7 +4,8 @@ Every scenario runs the same prompts and lengths through one engine on the embed
 adapter; 8, 32 and 128 distinct LoRA adapters (r=16 on all seven projections) mixed uniformly; Zipf-mixed
 adapters; 32 distinct RoAd (`road_1`) adapters; and peft's own mixed-batch generation (`adapter_names=`) on
 the LoRA-32 workload. Decode throughput counts only decode steps (prefill is timed apart, as time to first
-token).
+token). The machine's speed drifts by tens of percent within minutes, so every engine scenario is followed at
+once by a base run and each `X_vs_base` ratio is the median of these adjacent pairs.
 
 The hardware limit printed next to each ratio: a decode step must at least compute the base step and read the
 step's distinct adapter bytes once, so limit = t_base / (t_base + bytes / bandwidth), with the bandwidth measured
@@ -211,16 +212,20 @@ def run(cfg: BenchConfig, progress=None) -> dict:
     prompts = _prompts(cfg, engine.model.config.vocab_size, cfg.batch)
     bandwidth = measure_bandwidth()
     runs: dict[str, list[Result]] = {n: [] for n in wanted}
+    paired: dict[str, list[float]] = {}  # scenario -> its throughput over the base run right after it
     for r in range(cfg.rounds):
         for name in wanted:
             if progress:
                 progress(f"round {r + 1}/{cfg.rounds}: {name}")
             if name == "peft32":
                 runs[name].append(run_peft_scenario(cfg, prompts, path))
-            else:
-                runs[name].append(run_engine_scenario(engine, cfg, name, prompts))
+                continue
+            runs[name].append(run_engine_scenario(engine, cfg, name, prompts))
+            if name != "base" and "base" in wanted:  # the machine's speed drifts: pair with an adjacent base run
+                runs["base"].append(run_engine_scenario(engine, cfg, "base", prompts))
+                paired.setdefault(name, []).append(runs[name][-1].decode_tok_s / runs["base"][-1].decode_tok_s)
     results = {n: sorted(rs, key=lambda x: x.decode_tok_s)[len(rs) // 2] for n, rs in runs.items()}
-    return report(cfg, results, bandwidth, engine)
+    return report(cfg, results, bandwidth, engine, paired)
 
 
 def quick_config(**overrides) -> BenchConfig:
@@ -239,13 +244,20 @@ RATIOS = {  # key -> (numerator, denominator)
 }
 
 
-def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engine: Engine) -> dict:
+def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engine: Engine,
+           paired: dict[str, list[float]] | None = None) -> dict:
+    """Ratios over the base are medians of paired runs (the scenario, then a base run at once); others are
+    ratios of the scenarios' median throughputs."""
     ratios, limits, fractions = {}, {}, {}
+    paired = paired or {}
     base = results.get("base")
     for key, (num, den) in RATIOS.items():
         if num not in results or den not in results:
             continue
-        ratios[key] = results[num].decode_tok_s / results[den].decode_tok_s
+        if den == "base" and paired.get(num):
+            ratios[key] = statistics.median(paired[num])
+        else:
+            ratios[key] = results[num].decode_tok_s / results[den].decode_tok_s
         if base is None or den == "peft32":
             continue
         t_base = base.step_ms / 1e3
@@ -261,6 +273,7 @@ def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engin
                      "device": "cpu", "grouped_mm": getattr(engine.backend, "grouped", False)},
         "scenarios": {n: vars(r) for n, r in results.items()},
         "ratios": ratios,
+        "paired_ratios_vs_base": paired,
         "limits": limits,
         "achieved_fraction_of_limit": fractions,
         "targets": {"lora32_vs_base": 0.80, "road32_vs_base": 0.95, "lora32_vs_peft": 5.0,

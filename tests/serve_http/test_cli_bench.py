@@ -46,6 +46,8 @@ def test_bench_engine_reports_every_scenario_ratio_and_limit(tiny_chat_model):
     for key, limit in rep["limits"].items():  # reading adapter bytes can only slow a step down
         assert 0 < limit <= 1.0 + 1e-9 or key == "lora128_vs_lora32", (key, limit)
     assert set(rep["paired_ratios_vs_base"]) == set(SCENARIOS) - {"base", "peft32"}
-    assert rep["ratios"]["road32_vs_base"] == rep["paired_ratios_vs_base"]["road32"][0]
+    pr = rep["paired_ratios_vs_base"]
+    assert rep["ratios"]["road32_vs_base"] == pr["road32"][0]
+    assert rep["ratios"]["lora128_vs_lora32"] == pr["lora128"][0] / pr["lora32"][0]
     assert rep["scenarios"]["lora32"]["distinct_per_step"] == 4
     assert rep["scenarios"]["base"]["adapter_bytes_per_step"] == 0

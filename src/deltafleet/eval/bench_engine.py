@@ -246,8 +246,8 @@ RATIOS = {  # key -> (numerator, denominator)
 
 def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engine: Engine,
            paired: dict[str, list[float]] | None = None) -> dict:
-    """Ratios over the base are medians of paired runs (the scenario, then a base run at once); others are
-    ratios of the scenarios' median throughputs."""
+    """Ratios over the base are medians of paired runs (the scenario, then a base run at once); a ratio of two
+    paired scenarios is the ratio of their paired medians; others (peft) divide median throughputs."""
     ratios, limits, fractions = {}, {}, {}
     paired = paired or {}
     base = results.get("base")
@@ -256,6 +256,8 @@ def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engin
             continue
         if den == "base" and paired.get(num):
             ratios[key] = statistics.median(paired[num])
+        elif paired.get(num) and paired.get(den):  # both normalised by their adjacent base runs
+            ratios[key] = statistics.median(paired[num]) / statistics.median(paired[den])
         else:
             ratios[key] = results[num].decode_tok_s / results[den].decode_tok_s
         if base is None or den == "peft32":

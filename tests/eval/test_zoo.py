@@ -22,11 +22,14 @@ def test_default_plan_shape():
     assert {e.task for e in entries if e.method == "full" and e.task != ALL_TASKS} == set(plan.full_tasks)
     assert entries[-1].steps > plan.full_steps
     assert 1.5 * 3600 < plan.estimated_seconds() < 2.5 * 3600
+    assert dict(plan.lrs)["road"] >= 5 * dict(plan.lrs)["lora"]  # RoAd's rate: about 10x LoRA's (the paper)
 
 
 def test_plan_errors():
     with pytest.raises(ValueError, match="at least 3 tasks"):
-        ZooPlan(full_tasks=("addition", "multiplication"))
+        ZooPlan(tasks=("addition", "multiplication", "sort"), full_tasks=("addition", "multiplication"))
+    with pytest.raises(ValueError, match="lrs"):
+        ZooPlan(lrs=(("lora", 0.0),))
     with pytest.raises(ValueError, match="must be a subset"):
         ZooPlan(tasks=("sort", "caesar", "addition"), full_tasks=("sort", "caesar", "json-field"))
     with pytest.raises(ValueError, match="shakespeare.*exact_match"):

@@ -98,11 +98,15 @@ ROW_PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "segments-or-bmm"])
+CPU_PATHS = {"native-or-grouped": {}, "grouped-mm": {"native": False},
+             "segments-or-bmm": {"grouped": False, "native": False}}
+
+
+@pytest.mark.parametrize("path", sorted(CPU_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", sorted(ROW_PATTERNS))
 @pytest.mark.parametrize("tokens_per_row", [1, 3])
-def test_cpu_backend_matches_reference(tiny_llama, dtype, pattern, tokens_per_row, grouped):
+def test_cpu_backend_matches_reference(tiny_llama, dtype, pattern, tokens_per_row, path):
     model, _ = load_model(tiny_llama, dtype=dtype)
     lora, road = _pools(model.config, dtype)
     pools = {"lora": lora, "road": road, None: None}
@@ -112,7 +116,7 @@ def test_cpu_backend_matches_reference(tiny_llama, dtype, pattern, tokens_per_ro
     ids = torch.randint(0, model.config.vocab_size, (len(rows), tokens_per_row), generator=gen)
     with torch.no_grad():
         want = model(ids, hook=layout.hook(make_backend("reference")))
-        got = model(ids, hook=layout.hook(CpuBackend(grouped=grouped)))
+        got = model(ids, hook=layout.hook(CpuBackend(**CPU_PATHS[path])))
         if pattern != "all-base":
             assert not torch.allclose(want, model(ids), atol=1e-2)
     torch.testing.assert_close(got, want, **TOL[dtype])

@@ -30,6 +30,7 @@ class PoolStep:
     offs: Tensor  # (G,) int32: cumulative member counts of slots 0..G-1, G = highest slot in use + 1
     width: int  # widest rank (additive) among members
     modules: frozenset[ModuleKey]  # projections adapted by at least one member
+    distinct: int = 0  # distinct slots in use (the number of segments)
 
     @property
     def segments(self) -> list[tuple[int, Tensor]]:
@@ -69,6 +70,7 @@ class BatchLayout:
                 order=order, offs=counts.cumsum(0).to(torch.int32),
                 width=max(pool.slot_width[s] for s in set(slots)),
                 modules=frozenset().union(*(pool.slot_modules[s] for s in set(slots))),
+                distinct=len(set(slots)),
             ))
         return cls(N, steps)
 

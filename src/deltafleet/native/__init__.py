@@ -1,0 +1,112 @@
+"""Small C kernels for the CPU hot paths, compiled on first use with the system C compiler and called via ctypes.
+
+Why C and not a torch extension: a kernel here is one plain function over raw float pointers; compiling it
+takes about a second with `cc` and needs neither torch's headers nor ninja. Each kernel has a pure-torch
+reference beside it (the engine's reference backend) and every caller falls back to torch when the kernel is
+unavailable: no compiler, a compile error, or `DELTAFLEET_NATIVE=0` in the environment.
+
+The shared object is cached in `$DELTAFLEET_CACHE_DIR/native/`, named by a hash of the source, the compiler
+flags and this CPU's feature flags (it is built with `-march=native`, so a cache shared with another CPU
+must not reuse it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE_DIR = Path(__file__).parent
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def enabled() -> bool:
+    return os.environ.get("DELTAFLEET_NATIVE", "1") not in ("0", "false", "no", "off")
+
+
+def build(name: str) -> Path:
+    """Compile `native/<name>.c` into the cache (once per source, flags and CPU) and return the library's path."""
+    from deltafleet.models.embedded import cache_dir
+
+    src = SOURCE_DIR / f"{name}.c"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (cc, gcc or $CC)")
+    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = cache_dir() / "native" / f"{name}-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(tmp_so)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {src} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never see a half-written library
+    return out
+
+
+@cache
+def _library(name: str) -> ctypes.CDLL | None:
+    if not enabled():
+        return None
+    try:
+        return ctypes.CDLL(str(build(name)))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"native kernel {name!r} unavailable, using the torch path: {e}", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+@cache
+def lora_bgmv():
+    """The `lora_bgmv_f32` function of lora_cpu.c, or None when native kernels are unavailable."""
+    lib = _library("lora_cpu")
+    if lib is None:
+        return None
+    fn = lib.lora_bgmv_f32
+    fn.restype = None
+    fn.argtypes = [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64]
+    return fn
+
+
+def lora_bgmv_(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
+               r: int, null_row: int) -> bool:
+    """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
+
+    x (N, in), y (N, out) float32 with contiguous rows; A (S, R, in), B (S, R, out) float32 with contiguous last
+    dimension; index (N,) int64 contiguous. Returns False (and does nothing) when the kernel is unavailable or
+    the tensors do not fit its contract; the caller then takes its torch path."""
+    fn = lora_bgmv()
+    if fn is None:
+        return False
+    if not (x.dtype == y.dtype == A.dtype == B.dtype == torch.float32 and index.dtype == torch.int64
+            and x.dim() == y.dim() == 2 and A.dim() == B.dim() == 3 and x.shape[0] == y.shape[0] == index.numel()
+            and A.shape[2] == x.shape[1] and B.shape[2] == y.shape[1] and 0 <= r <= min(A.shape[1], B.shape[1])
+            and x.stride(1) == y.stride(1) == A.stride(2) == B.stride(2) == 1 and index.is_contiguous()
+            and x.device.type == y.device.type == "cpu"):
+        return False
+    n, in_f = x.shape
+    fn(n, in_f, y.shape[1], r, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+       A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), index.data_ptr(), null_row)
+    return True

@@ -1,0 +1,77 @@
+"""The native BGMV LoRA kernel against its torch reference: null rows untouched, ranks below the pool width,
+strided pool views and non-contiguous inputs; contract violations fall back (return False) instead of
+computing garbage; the compiler is found on this machine (else the fast path would vanish silently)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltafleet import native
+
+
+def _reference(x, y, A, B, index, r, null):
+    y = y.clone()
+    for i, k in enumerate(index.tolist()):
+        if k != null:
+            y[i] += (x[i] @ A[k, :r].T) @ B[k, :r]
+    return y
+
+
+def test_kernel_builds_here():
+    assert native.lora_bgmv() is not None
+
+
+@pytest.mark.parametrize("r", [1, 5, 16])
+def test_bgmv_matches_reference(r):
+    g = torch.Generator().manual_seed(0)
+    S, R, n, d_in, d_out = 6, 16, 11, 40, 72
+    A = torch.randn(S + 1, R, d_in, generator=g)
+    B = torch.randn(S + 1, R, d_out, generator=g)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randn(n, d_out, generator=g)
+    index = torch.tensor([0, 6, 3, 3, 5, 6, 1, 0, 2, 4, 6])  # 6 = the null row
+    want = _reference(x, y, A, B, index, r, S)
+    got = y.clone()
+    assert native.lora_bgmv_(x, got, A, B, index, r, S)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[index == S], y[index == S])
+
+
+def test_bgmv_reads_strided_pool_views():
+    g = torch.Generator().manual_seed(1)
+    pool_A = torch.randn(5, 8, 24, generator=g)
+    pool_B = torch.randn(5, 8, 30, generator=g)
+    x = torch.randn(7, 48, generator=g)[:, ::2]  # non-contiguous rows: the wrapper rejects it
+    y = torch.zeros(7, 30)
+    index = torch.tensor([0, 1, 2, 3, 4, 4, 0])
+    assert not native.lora_bgmv_(x, y, pool_A, pool_B, index, 4, 4)
+    x = x.contiguous()
+    A, B = pool_A[:, 2:], pool_B[:, 2:]  # a view with a pool-row stride larger than R * in
+    got = torch.zeros(7, 30)
+    assert native.lora_bgmv_(x, got, A, B, index, 5, 4)
+    torch.testing.assert_close(got, _reference(x, torch.zeros(7, 30), A, B, index, 5, 4), rtol=1e-5, atol=1e-4)
+
+
+def test_bgmv_refuses_what_it_cannot_do():
+    x, y = torch.randn(3, 8), torch.zeros(3, 4)
+    A, B = torch.randn(2, 4, 8), torch.randn(2, 4, 4)
+    idx = torch.tensor([0, 1, 0])
+    assert not native.lora_bgmv_(x.bfloat16(), y.bfloat16(), A.bfloat16(), B.bfloat16(), idx, 4, 1)
+    assert not native.lora_bgmv_(x, y, A, B, idx, 5, 1)  # rank above the pool width
+    assert not native.lora_bgmv_(x, y, A, B, idx.int(), 4, 1)  # int32 index
+    assert not native.lora_bgmv_(x, torch.zeros(2, 4), A, B, idx, 4, 1)  # row counts disagree
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("DELTAFLEET_NATIVE", "0")
+    native._library.cache_clear()
+    native.lora_bgmv.cache_clear()
+    try:
+        assert native.lora_bgmv() is None
+        assert not native.lora_bgmv_(torch.randn(1, 8), torch.zeros(1, 4), torch.randn(2, 4, 8),
+                                     torch.randn(2, 4, 4), torch.tensor([0]), 4, 1)
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+        native.lora_bgmv.cache_clear()

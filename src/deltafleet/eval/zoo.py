@@ -70,7 +70,7 @@ class ZooPlan:
     adapter_methods: tuple[str, ...] = ADAPTER_METHODS
     adapter_steps: int = 80
     full_steps: int = 80
-    broad_steps: int = 300
+    broad_steps: int = 150
     lrs: tuple[tuple[str, float], ...] = ZOO_LRS
     batch_size: int = 8
     seed: int = 0

@@ -12,6 +12,7 @@ import torch
 from deltafleet.compress.delta import projection_name
 from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.store.safetensors_io import load_tensors, save_tensors
+from tests.train.conftest import chat_tiny, smollm2_tokenizer  # noqa: F401  (fixtures)
 
 
 def long_tail_delta(out_f: int, in_f: int, g: torch.Generator, scale: float = 0.04) -> torch.Tensor:

@@ -53,3 +53,30 @@ def test_frontier_measures_each_method_and_ratio(tiny_llama, tiny_ft, tmp_path):
         assert got[(m, 1 / 8)]["kl"] < got[(m, 1 / 32)]["kl"]  # more bytes, closer to the fine-tune
         assert got[(m, 1 / 8)]["rel_error"] < got[(m, 1 / 32)]["rel_error"]
     assert (out / "frontier.png").stat().st_size > 0 and "| delta-come | 1/8 |" in (out / "frontier.md").read_text()
+
+
+def test_frontier_on_task_prompts_with_mean_accuracy_over_tasks(chat_tiny, tmp_path):
+    """--task a,b: KL on the tasks' test prompts + answers (the issue's 'held-out task prompts') and accuracy as
+    the mean over the tasks; the header says what the KL was measured on."""
+    from tests.compress.conftest import make_finetune
+
+    ft = make_finetune(chat_tiny, tmp_path / "ft", scale=0.08)
+    out = tmp_path / "frontier"
+    _ok(["frontier", "--base", chat_tiny, "--finetuned", ft, "--methods", "lowrank", "--ratios", "1/4,1/32",
+         "--calib", "synthetic", "--calib-seqs", "2", "--calib-len", "16", "--task", "sort,caesar",
+         "--examples", "3", "--out", out])
+    points = {(p["method"], p["ratio"]): p for p in json.loads((out / "frontier.json").read_text())}
+    assert points[("no-delta", 0.0)]["kl"] > points[("lowrank", 1 / 32)]["kl"] > points[("lowrank", 1 / 4)]["kl"] > 0
+    assert all(p["accuracy"] is not None and 0.0 <= p["accuracy"] <= 1.0 for p in points.values())
+    assert "KL on 3 test prompts + answers of each of sort, caesar" in (out / "frontier.md").read_text()
+    r = runner.invoke(app, ["frontier", "--base", str(chat_tiny), "--finetuned", str(ft), "--kl-on", "task",
+                            "--calib", "synthetic", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "kl_on='task'" in r.output
+
+
+def test_task_sequences_group_by_length_without_padding(smollm2_tokenizer):
+    from deltafleet.compress.frontier import task_sequences
+
+    batches = task_sequences(smollm2_tokenizer, ["sort", "caesar"], 4)
+    assert sum(b.shape[0] for b in batches) == 8
+    assert len({b.shape[1] for b in batches}) == len(batches)  # one batch per length

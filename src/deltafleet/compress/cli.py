@@ -116,9 +116,12 @@ def bench_compress_command(
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
     calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),
     calib_len: int = typer.Option(128, min=2, help="Tokens per calibration / evaluation sequence."),
-    eval_seqs: int = typer.Option(8, min=1, help="Held-out sequences for the KL (after the calibration text)."),
-    task: str = typer.Option("", help="Exact-match task for accuracy and gain kept (empty: KL and error only)."),
-    examples: int = typer.Option(32, min=1, help="Test examples of --task."),
+    eval_seqs: int = typer.Option(8, min=1, help="Held-out text sequences for the KL when --kl-on text."),
+    task: str = typer.Option("", help="Comma-separated exact-match tasks for accuracy (mean over them) and gain "
+                                     "kept (empty: KL and error only)."),
+    examples: int = typer.Option(32, min=1, help="Test examples per task of --task."),
+    kl_on: str = typer.Option("auto", help="KL measured on: task (test prompts + answers of --task), text (held-out "
+                                         "--calib text after the calibration chunks), auto (task if --task)."),
 ) -> None:
     """Quality frontier: reconstruction error, mean KL vs the fine-tune, time (and accuracy) per method and ratio."""
     from deltafleet.compress import extract_deltas
@@ -131,36 +134,54 @@ def bench_compress_command(
         ds = extract_deltas(base, finetuned)
         model = load_model(ds.base_path)[0]
         ids = calibration(ds.base_path, calib, calib_seqs, calib_len)
-        eval_ids = calibration(ds.base_path, calib, eval_seqs, calib_len, skip=calib_seqs)
-        accuracy = _task_accuracy(ds.base_path, task, examples) if task else None
+        tasks = [t.strip() for t in task.split(",") if t.strip()]
+        kl_on = ("task" if tasks else "text") if kl_on == "auto" else kl_on
+        if kl_on not in ("task", "text") or (kl_on == "task" and not tasks):
+            raise DeltafleetError(f"kl_on={kl_on!r}: must be task (with --task), text or auto")
+        if kl_on == "task":
+            from deltafleet.compress.frontier import task_sequences
+            from deltafleet.models.loading import load_tokenizer
+
+            eval_ids = task_sequences(load_tokenizer(ds.base_path), tasks, examples)
+            kl_desc = f"{examples} test prompts + answers of each of {', '.join(tasks)}"
+        else:
+            eval_ids = calibration(ds.base_path, calib, eval_seqs, calib_len, skip=calib_seqs)
+            kl_desc = f"{eval_seqs} x {calib_len} held-out tokens of `{calib}`"
+        accuracy = _task_accuracy(ds.base_path, tasks, examples) if tasks else None
         points = run_frontier(ds, model, [m.strip() for m in methods.split(",")], rs, ids, eval_ids,
                               {"quantizer": quantizer}, accuracy, log=console.print)
-        header = (f"# Compression frontier\n\nbase `{base}`, fine-tune `{finetuned}`; KL on {eval_seqs} x {calib_len} "
-                  f"held-out tokens of `{calib}`; calibration {calib_seqs} x {calib_len}; quantizer {quantizer}"
-                  + (f"; accuracy on {examples} test examples of `{task}`" if task else ""))
+        header = (f"# Compression frontier\n\nbase `{base}`, fine-tune `{finetuned}`; KL on {kl_desc}; "
+                  f"calibration {calib_seqs} x {calib_len} of `{calib}`; quantizer {quantizer}"
+                  + (f"; accuracy: mean over {', '.join(tasks)} of {examples} test examples each" if tasks else ""))
         path = write_frontier(points, out, header)
     except (DeltafleetError, ValueError, OSError) as e:
         _fail(e)
     console.print(f"wrote {path}")
 
 
-def _task_accuracy(base_path: Path, task_name: str, n: int):
+def _task_accuracy(base_path: Path, task_names: list[str], n: int):
+    """A function model -> mean over `task_names` of exact-match accuracy on `n` test examples each (greedy)."""
     from deltafleet.models.generate import greedy_generate
     from deltafleet.models.loading import load_tokenizer
     from deltafleet.tasks import encode_example, end_of_turn_id, get_task, prompt_ids
 
-    task = get_task(task_name)
-    if task.kind != "exact_match":
-        raise DeltafleetError(f"task={task_name!r}: accuracy needs an exact_match task, not {task.kind}")
     tok = load_tokenizer(base_path)
-    exs = task.examples("test", n=n)
     eot = end_of_turn_id(tok)
-    prompts = [prompt_ids(tok, ex.prompt) for ex in exs]
-    longest = max(len(encode_example(tok, ex).answer_ids) for ex in exs) + 4
+    suites = []
+    for name in task_names:
+        task = get_task(name)
+        if task.kind != "exact_match":
+            raise DeltafleetError(f"task={name!r}: accuracy needs an exact_match task, not {task.kind}")
+        exs = task.examples("test", n=n)
+        longest = max(len(encode_example(tok, ex).answer_ids) for ex in exs) + 4
+        suites.append((task, exs, [prompt_ids(tok, ex.prompt) for ex in exs], longest))
 
     def accuracy(model) -> float:
-        outs = [tok.decode(greedy_generate(model, p, longest, (eot,)), skip_special_tokens=True) for p in prompts]
-        return sum(task.score(o, ex) for o, ex in zip(outs, exs, strict=True)) / len(exs)
+        accs = []
+        for task, exs, prompts, longest in suites:
+            outs = [tok.decode(greedy_generate(model, p, longest, (eot,)), skip_special_tokens=True) for p in prompts]
+            accs.append(sum(task.score(o, ex) for o, ex in zip(outs, exs, strict=True)) / len(exs))
+        return sum(accs) / len(accs)
 
     return accuracy
 

@@ -1,8 +1,9 @@
 """The quality frontier: every method at every ratio, measured against the uncompressed fine-tune.
 
 For each (method, ratio): mean relative reconstruction error of the projection deltas, mean KL(p_ft || p_c)
-of next-token distributions on held-out text (disjoint from the calibration text), compression time, and
-optionally exact-match accuracy on a task (greedy) with the share of the fine-tune's gain over the base kept:
+of next-token distributions on held-out sequences (the test split's prompt + answer of the given tasks, or text
+disjoint from the calibration text), compression time, and optionally exact-match accuracy on one or more tasks
+(greedy; the mean over tasks) with the share of the fine-tune's gain over the base kept:
 gain kept = (acc_c - acc_base) / (acc_ft - acc_base). The compressed model is the base with the reconstructed
 deltas merged and the fine-tune's extras applied (so the figures measure the projection compression alone).
 Two reference rows: `finetuned` (KL 0) and `no-delta` (the base with the extras only: what dropping every
@@ -44,11 +45,46 @@ class Point:
     skipped: str | None = None
 
 
+EvalIds = Tensor | Sequence[Tensor]
+"""Held-out token ids: one (N, T) batch, or several batches of different lengths (task sequences)."""
+
+
+def _batches(ids: EvalIds) -> list[Tensor]:
+    return [ids] if isinstance(ids, Tensor) else list(ids)
+
+
 @torch.no_grad()
-def mean_kl(model: Transformer, ids: Tensor, ref_logprobs: Tensor) -> float:
-    """Mean over tokens of KL(ref || model); ids (N, T), ref_logprobs (N, T, V)."""
-    logp = torch.log_softmax(model(ids).float(), -1)
-    return float((ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1).mean())
+def log_probs(model: Transformer, ids: EvalIds) -> list[Tensor]:
+    """Next-token log-probabilities per batch: [(N_i, T_i, V)]."""
+    return [torch.log_softmax(model(b).float(), -1) for b in _batches(ids)]
+
+
+@torch.no_grad()
+def mean_kl(model: Transformer, ids: EvalIds, ref_logprobs: Tensor | Sequence[Tensor]) -> float:
+    """Mean over all tokens of KL(ref || model); batch i of ids (N_i, T_i), ref_logprobs[i] (N_i, T_i, V)."""
+    refs = [ref_logprobs] if isinstance(ref_logprobs, Tensor) else list(ref_logprobs)
+    total, count = 0.0, 0
+    for b, ref in zip(_batches(ids), refs, strict=True):
+        logp = torch.log_softmax(model(b).float(), -1)
+        kl = (ref.exp() * (ref - logp)).sum(-1)
+        total, count = total + float(kl.sum()), count + kl.numel()
+    return total / count
+
+
+def task_sequences(tokenizer, tasks: Sequence[str], n: int, split: str = "test") -> list[Tensor]:
+    """The first `n` examples of `split` of each task as chat-formatted prompt + answer token ids, grouped into
+    batches of equal length (no padding): the held-out task prompts the KL is measured on."""
+    from deltafleet.tasks import encode_example, get_task
+
+    by_len: dict[int, list[list[int]]] = {}
+    for name in tasks:
+        for ex in get_task(name).examples(split, n=n):
+            e = encode_example(tokenizer, ex)
+            seq = [*e.prompt_ids, *e.answer_ids]
+            by_len.setdefault(len(seq), []).append(seq)
+    if not by_len:
+        raise DeltafleetError(f"tasks={list(tasks)!r}: no {split} examples")
+    return [torch.tensor(v) for _, v in sorted(by_len.items())]
 
 
 def _weights(model: Transformer, ds: DeltaSet) -> dict[str, Tensor]:
@@ -61,7 +97,7 @@ def _restore(model: Transformer, ds: DeltaSet, saved: dict[str, Tensor]) -> None
 
 
 def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratios: Sequence[float],
-                 calib_ids: Tensor | None, eval_ids: Tensor, settings: dict | None = None,
+                 calib_ids: Tensor | None, eval_ids: EvalIds, settings: dict | None = None,
                  accuracy: Callable[[Transformer], float] | None = None,
                  log: Callable[[str], None] = lambda _: None) -> list[Point]:
     """`model`: the base (fp32), modified in place during the run and restored after."""
@@ -70,7 +106,7 @@ def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratio
     try:
         for k, d in ds.deltas.items():  # the fine-tune itself: the reference
             model.linear(*k).weight.data += d
-        ref = torch.log_softmax(model(eval_ids).float(), -1)
+        ref = log_probs(model, eval_ids)
         acc_ft = accuracy(model) if accuracy else None
         _restore(model, ds, saved)
         acc_base = accuracy(model) if accuracy else None  # the base, with the fine-tune's extras

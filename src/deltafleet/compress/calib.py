@@ -26,13 +26,15 @@ INPUT_GROUP = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "
 
 
 def calibration_text(source: str) -> str:
+    """`shakespeare`: the training plays only (`quant.calib.shakespeare_text("train")`), so calibration never sees
+    the plays that held-out perplexity is measured on; anything else: a UTF-8 text file."""
     if source == "shakespeare":
-        from deltafleet.tasks.shakespeare import plays_dir
+        from deltafleet.quant.calib import shakespeare_text
 
-        files = sorted(plays_dir().rglob("*.md"))
-        if not files:
-            raise DeltafleetError(f"{plays_dir()}: no plays found for calibration")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        text = shakespeare_text("train")
+        if not text:
+            raise DeltafleetError("shakespeare: no training plays found for calibration")
+        return text
     path = Path(source)
     if not path.is_file():
         raise DeltafleetError(f"calib={source!r}: must be 'shakespeare' or an existing text file")

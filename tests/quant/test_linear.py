@@ -25,12 +25,13 @@ def _qlinear(bits: int, R: int = 48, C: int = 100, G: int = 32, bias: bool = Tru
     return QuantLinear(QuantizedMatrix.quantize(w, bits, G), b, kernel), w, b
 
 
+@pytest.mark.parametrize("C", [100, 128], ids=["short-last-group", "whole-groups"])  # native: whole groups only
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_equal_reference(bits, dtype):
-    layer, _, b = _qlinear(bits)
+def test_kernels_equal_reference(bits, dtype, C):
+    layer, _, b = _qlinear(bits, C=C)
     layer = layer.to(dtype)
-    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = torch.randn(3, 5, C, generator=torch.Generator().manual_seed(1)).to(dtype)
     W = layer.matrix().dequantize()  # fp32 reference weight
     want = torch.nn.functional.linear(x.float(), W, b).to(dtype)
     outs = {}
@@ -42,6 +43,29 @@ def test_kernels_equal_reference(bits, dtype):
         assert y.dtype == dtype and y.shape == (3, 5, 48)
         torch.testing.assert_close(y.float(), want.float(), **TOL[dtype], msg=name)
         assert torch.equal(y, outs["reference"]), name  # same W_hat, same matmul: bit-identical
+
+
+def test_native_dequant_is_bit_identical_and_used():
+    from deltafleet import native
+
+    layer, _, _ = _qlinear(3, R=40, C=192, G=64)
+    out = torch.empty(40, 192)
+    assert native.dequant_groups_(layer.qcodes, layer.scale.float(), layer.qzero.float(), 3, 64, out)
+    assert torch.equal(out, layer.dequantized_weight())
+    assert not native.dequant_groups_(layer.qcodes, layer.scale.float(), layer.qzero.float(), 3, 60, out)
+
+
+def test_native_kernel_under_autograd_keeps_each_weight():
+    """With gradients recorded, W_hat must not live in the shared scratch (backward reads it after later layers
+    of the same shape ran); the gradient equals the reference kernel's."""
+    grads = {}
+    for kernel in ("reference", "native"):
+        l1, _, _ = _qlinear(4, R=64, C=64, G=32, kernel=kernel)
+        l2, _, _ = _qlinear(2, R=64, C=64, G=32, kernel=kernel)
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        l2(torch.tanh(l1(x))).square().sum().backward()
+        grads[kernel] = x.grad
+    assert torch.equal(grads["native"], grads["reference"])
 
 
 def test_module_to_keeps_stored_scales_exact():

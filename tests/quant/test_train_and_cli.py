@@ -94,7 +94,7 @@ def test_cli_quantize_ppl_and_bench(chat_tiny, tmp_path, monkeypatch):  # noqa: 
                                "--max-tokens", "3", "--json"])
     assert r.exit_code == 0, r.output
     row = json.loads(r.output)
-    assert row["quantized"] and row["decode_tokens"] == 4 and row["kernel"] == "fast" and row["cache_bytes"] == 0
+    assert row["quantized"] and row["decode_tokens"] == 4 and row["kernel"] == "native" and row["cache_bytes"] == 0
     r = runner.invoke(_app(), ["quantize", "--base", str(chat_tiny), "--bits", "5", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "bits=5" in r.output
     r = runner.invoke(_app(), ["quantize", "--base", str(out), "--out", str(tmp_path / "y")])

@@ -6,7 +6,8 @@ every tensor's name and shape is checked against the config before the model is 
 
 A quantized base (`deltafleet quantize`; recognised by its manifest, see `deltafleet.quant.base`) loads through
 `deltafleet.quant.base.load_quantized_model`, with a `QuantLinear` for every projection; the dequantizing kernel is
-`fast` unless the environment variable DELTAFLEET_QUANT_KERNEL names another (`reference`, `cached`).
+`native` (a C dequantizer, falling back to `fast`) unless the environment variable DELTAFLEET_QUANT_KERNEL names
+another (`reference`, `fast`, `cached`).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
     from deltafleet.quant.base import is_quantized_base, load_quantized_model  # quant imports models: lazily
 
     if is_quantized_base(path):
-        return load_quantized_model(path, dtype, os.environ.get("DELTAFLEET_QUANT_KERNEL", "fast")), path
+        return load_quantized_model(path, dtype, os.environ.get("DELTAFLEET_QUANT_KERNEL", "native")), path
     cfg = ModelConfig.from_file(path / "config.json")
     state = validate_state(cfg, *read_checkpoint_tensors(path), path)
     with torch.device("meta"):

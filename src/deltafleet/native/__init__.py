@@ -78,16 +78,48 @@ def _library(name: str) -> ctypes.CDLL | None:
         return None
 
 
+def _function(library: str, name: str, argtypes: list, restype=None):
+    lib = _library(library)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 @cache
 def lora_bgmv():
     """The `lora_bgmv_f32` function of lora_cpu.c, or None when native kernels are unavailable."""
-    lib = _library("lora_cpu")
-    if lib is None:
-        return None
-    fn = lib.lora_bgmv_f32
-    fn.restype = None
-    fn.argtypes = [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64]
-    return fn
+    return _function("lora_cpu", "lora_bgmv_f32",
+                     [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64])
+
+
+@cache
+def dequant_groups():
+    """The `dequant_groups_f32` function of dequant_cpu.c, or None when native kernels are unavailable."""
+    return _function("dequant_cpu", "dequant_groups_f32", [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
+                     ctypes.c_int)
+
+
+DEQUANT_BITS = (2, 3, 4, 8)
+
+
+def dequant_groups_(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                    out: torch.Tensor) -> bool:
+    """out (R, C) fp32 <- (q - zero) * scale of the packed codes (`quant.functional` layout), bit-identical to the
+    torch paths. packed uint8 (R*C*bits/8,); scale, zero (R, C / group_size) fp32. Returns False (out untouched)
+    when the kernel is unavailable or the shapes are outside its contract (C % group_size, group_size % 8, bits)."""
+    fn = dequant_groups()
+    if fn is None or out.dim() != 2:
+        return False
+    R, C = out.shape
+    if not (bits in DEQUANT_BITS and group_size > 0 and C % group_size == 0 and group_size % 8 == 0
+            and out.dtype == scale.dtype == zero.dtype == torch.float32 and packed.dtype == torch.uint8
+            and out.is_contiguous() and packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
+            and packed.numel() == R * C * bits // 8 and scale.shape == zero.shape == (R, C // group_size)
+            and out.device.type == "cpu"):
+        return False
+    return fn(R, C, bits, group_size, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr()) == 0
 
 
 def lora_bgmv_(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,

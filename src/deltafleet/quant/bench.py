@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 
-def decode_throughput(base: str | Path, dtype: str = "float32", kernel: str = "fast", batch: int = 8,
+def decode_throughput(base: str | Path, dtype: str = "float32", kernel: str = "native", batch: int = 8,
                       prompt_len: int = 16, max_tokens: int = 16) -> dict[str, Any]:
     from deltafleet.models.loading import load_model
     from deltafleet.quant.base import set_kernel

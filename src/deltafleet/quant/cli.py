@@ -90,7 +90,7 @@ def lowbit_ppl_command(
 def lowbit_bench_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name, checkpoint or quantized-base directory."),
     dtype: str = typer.Option("float32", help="Engine compute dtype: float32 or bfloat16."),
-    kernel: str = typer.Option("fast", help="Quantized-linear kernel: fast, reference or cached."),
+    kernel: str = typer.Option("native", help="Quantized-linear kernel: native, fast, reference or cached."),
     batch: int = typer.Option(8, help="Concurrent requests."),
     prompt_len: int = typer.Option(16, help="Prompt tokens per request."),
     max_tokens: int = typer.Option(16, help="Generated tokens per request."),

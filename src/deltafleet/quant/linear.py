@@ -11,6 +11,10 @@ How W_hat is produced is a *kernel*, chosen once when the model is loaded (regis
   byte to its 8/b codes, gathered with `F.embedding`; otherwise 8 codes = b bytes read as one little-endian word,
   shifted and masked), then W_hat = q * scale - zero * scale in one broadcast `addcmul` per group (no per-column
   expansion of scales); memory stays at the packed size;
+- `native` (the default): the C kernel `deltafleet.native.dequant_groups_` unpacks and dequantizes in one pass
+  over the packed codes (OpenMP over rows) into a per-thread scratch matrix reused by every layer of that shape
+  when no gradient is recorded (a fresh matrix under autograd, which keeps W_hat for the backward pass); falls
+  back to `fast` where the kernel is unavailable or the shape is outside its contract;
 - `cached`: W_hat materialised once per compute dtype and reused; fastest, but holds a dense copy of the weight
   (the memory of an unquantized base), so it is for throughput comparisons, not for saving memory.
 All three produce bit-identical W_hat, computed in fp32 and then cast to the input's dtype: q * scale and
@@ -31,6 +35,7 @@ Shapes: x (..., C) -> y (..., R); codes (R, C); scale, zero (R, ngroups).
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -94,6 +99,30 @@ def _cached_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
     return cached
 
 
+_scratch = threading.local()
+
+
+def _scratch_matrix(R: int, C: int) -> Tensor:
+    """A per-thread fp32 (R, C) buffer, reused by every call of that shape on this thread."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get((R, C))
+    if buf is None:
+        buf = bufs[(R, C)] = torch.empty(R, C)
+    return buf
+
+
+def _native_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
+    from deltafleet.native import dequant_groups_
+
+    R, C = layer.shape
+    out = _scratch_matrix(R, C) if not torch.is_grad_enabled() else torch.empty(R, C)
+    if dequant_groups_(layer.qcodes, layer.scale.float(), layer.qzero.float(), layer.bits, layer.group_size, out):
+        return out.to(dtype)
+    return _fast_weight(layer, dtype)
+
+
 KERNELS: dict[str, Callable[[QuantLinear, torch.dtype], Tensor]] = {}
 
 
@@ -106,7 +135,8 @@ def register_kernel(name: str, weight_fn: Callable[[QuantLinear, torch.dtype], T
 register_kernel("reference", _reference_weight)
 register_kernel("fast", _fast_weight)
 register_kernel("cached", _cached_weight)
-DEFAULT_KERNEL = "fast"
+register_kernel("native", _native_weight)
+DEFAULT_KERNEL = "native"
 
 
 class QuantLinear(nn.Module):

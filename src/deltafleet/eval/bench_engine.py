@@ -4,8 +4,9 @@ Every scenario runs the same prompts and lengths through one engine on the embed
 adapter; 8, 32 and 128 distinct LoRA adapters (r=16 on all seven projections) mixed uniformly; Zipf-mixed
 adapters; 32 distinct RoAd (`road_1`) adapters; and peft's own mixed-batch generation (`adapter_names=`) on
 the LoRA-32 workload. Decode throughput counts only decode steps (prefill is timed apart, as time to first
-token). The machine's speed drifts by tens of percent within minutes, so every engine scenario is followed at
-once by a base run and each `X_vs_base` ratio is the median of these adjacent pairs.
+token). The machine's speed drifts by tens of percent within seconds to minutes, so every engine scenario runs
+step by step in alternation with the base scenario on a second engine over the same model weights, and each
+`X_vs_base` ratio is the median over the pairs of adjacent decode steps.
 
 The hardware limit printed next to each ratio: a decode step must at least compute the base step and read the
 step's distinct adapter bytes once, so limit = t_base / (t_base + bytes / bandwidth), with the bandwidth measured
@@ -104,40 +105,83 @@ def _adapter_names(kind: str, count: int, chooser: str, n_requests: int, rng: ra
     return [f"{kind}{i}" for i in _zipf_choice(rng, count, n_requests)]
 
 
-def run_engine_scenario(engine: Engine, cfg: BenchConfig, name: str, prompts: list[list[int]]) -> Result:
-    """Drive the engine step by step; decode throughput is the median over full-batch decode-only steps."""
-    kind, count, chooser = SCENARIOS[name]
-    n_requests = cfg.batch * (cfg.waves if chooser == "rotate" else 1)
-    names = _adapter_names(kind or "", count, chooser, n_requests, random.Random(cfg.seed + 1))
-    params = SamplingParams(max_tokens=cfg.max_tokens, ignore_eos=True)
-    reqs = [Request(prompts[i % len(prompts)], params, adapter=a) for i, a in enumerate(names)]
-    # Warm-up outside the measurement: the first batch's adapters become resident, allocators settle.
-    engine.generate([Request(prompts[0], SamplingParams(max_tokens=2, ignore_eos=True), adapter=a)
-                     for a in list(dict.fromkeys(names))[: engine.max_batch]])
-    c = engine.counters
-    handles = [engine.submit(r) for r in reqs]
-    rates, steps = [], []
-    while not all(h.done.is_set() for h in handles):
+class _Driver:
+    """One scenario's requests on one engine, advanced one engine step at a time."""
+
+    def __init__(self, engine: Engine, cfg: BenchConfig, name: str, prompts: list[list[int]]):
+        kind, count, chooser = SCENARIOS[name]
+        self.engine, self.cfg, self.name, self.kind = engine, cfg, name, kind
+        n_requests = cfg.batch * (cfg.waves if chooser == "rotate" else 1)
+        self.names = _adapter_names(kind or "", count, chooser, n_requests, random.Random(cfg.seed + 1))
+        params = SamplingParams(max_tokens=cfg.max_tokens, ignore_eos=True)
+        reqs = [Request(prompts[i % len(prompts)], params, adapter=a) for i, a in enumerate(self.names)]
+        # Warm-up outside the measurement: the first batch's adapters become resident, allocators settle.
+        engine.generate([Request(prompts[0], SamplingParams(max_tokens=2, ignore_eos=True), adapter=a)
+                         for a in list(dict.fromkeys(self.names))[: engine.max_batch]])
+        self.handles = [engine.submit(r) for r in reqs]
+        self.rates: list[float] = []
+        self.steps: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        return all(h.done.is_set() for h in self.handles)
+
+    def step(self) -> float | None:
+        """One engine step; its decode tokens/s if it was a full-batch decode-only step, else None."""
+        if self.done:
+            return None
+        c = self.engine.counters
         pre, tok = c["prefill_seconds"], c["decode_tokens"]
         t = time.perf_counter()
-        worked = engine.step()
+        worked = self.engine.step()
         dt = time.perf_counter() - t
         if not worked:
             time.sleep(0.001)
-        elif c["prefill_seconds"] == pre and c["decode_tokens"] - tok == cfg.batch:
-            rates.append(cfg.batch / dt)
-            steps.append(dt)
-    outs = [h.result for h in handles]
-    distinct = [len({n for n in names[w * cfg.batch:(w + 1) * cfg.batch] if n is not None})
-                for w in range(max(1, n_requests // cfg.batch))]
-    per_adapter = _adapter_bytes(engine, kind)
-    return Result(
-        name=name, decode_tok_s=statistics.median(rates),
-        ttft_ms=1e3 * statistics.median(o.time_to_first_token for o in outs[: cfg.batch]),
-        step_ms=1e3 * statistics.median(steps), distinct_per_step=sum(distinct) / len(distinct),
-        adapter_bytes_per_step=per_adapter * sum(distinct) / len(distinct), rss_mb=_rss_mb(),
-        extra={"decode_steps": len(steps)},
-    )
+        elif c["prefill_seconds"] == pre and c["decode_tokens"] - tok == self.cfg.batch:
+            self.rates.append(self.cfg.batch / dt)
+            self.steps.append(dt)
+            return self.cfg.batch / dt
+        return None
+
+    def result(self) -> Result:
+        cfg, names = self.cfg, self.names
+        outs = [h.result for h in self.handles]
+        n_requests = len(names)
+        distinct = [len({n for n in names[w * cfg.batch:(w + 1) * cfg.batch] if n is not None})
+                    for w in range(max(1, n_requests // cfg.batch))]
+        per_adapter = _adapter_bytes(self.engine, self.kind)
+        return Result(
+            name=self.name, decode_tok_s=statistics.median(self.rates),
+            ttft_ms=1e3 * statistics.median(o.time_to_first_token for o in outs[: cfg.batch]),
+            step_ms=1e3 * statistics.median(self.steps), distinct_per_step=sum(distinct) / len(distinct),
+            adapter_bytes_per_step=per_adapter * sum(distinct) / len(distinct), rss_mb=_rss_mb(),
+            extra={"decode_steps": len(self.steps)},
+        )
+
+
+def run_engine_scenario(engine: Engine, cfg: BenchConfig, name: str, prompts: list[list[int]]) -> Result:
+    """Drive the engine step by step; decode throughput is the median over full-batch decode-only steps."""
+    d = _Driver(engine, cfg, name, prompts)
+    while not d.done:
+        d.step()
+    return d.result()
+
+
+def run_interleaved(engine: Engine, base_engine: Engine, cfg: BenchConfig, name: str,
+                    prompts: list[list[int]]) -> tuple[Result, Result, list[float]]:
+    """The scenario on `engine` and the base scenario on `base_engine` (same model, same prompts and lengths),
+    advanced step by step in alternation (which goes first alternates too): both see the same machine speed
+    within a fraction of a second. Returns both results and, for every pair of adjacent full-batch decode
+    steps, the scenario's throughput over the base's."""
+    d, b = _Driver(engine, cfg, name, prompts), _Driver(base_engine, cfg, "base", prompts)
+    pairs, i = [], 0
+    while not (d.done and b.done):
+        first, second = (d, b) if i % 2 == 0 else (b, d)
+        r1, r2 = first.step(), second.step()
+        if r1 is not None and r2 is not None:
+            pairs.append(r1 / r2 if first is d else r2 / r1)
+        i += 1
+    return d.result(), b.result(), pairs
 
 
 def _adapter_bytes(engine: Engine, kind: str | None) -> float:
@@ -187,15 +231,18 @@ def run_peft_scenario(cfg: BenchConfig, prompts: list[list[int]], model_path) ->
                   adapter_bytes_per_step=0.0, rss_mb=_rss_mb())
 
 
+def _engine_config(cfg: BenchConfig, n_lora: int, n_road: int) -> EngineConfig:
+    return EngineConfig(dtype=cfg.dtype, max_batch=cfg.batch, max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
+                        prefill_tokens=cfg.batch * cfg.prompt_len, lora_slots=max(n_lora, 1), max_lora_rank=LORA.r,
+                        delta_slots=0, road_slots=max(n_road, 1), road_group_size=ROAD.group_size,
+                        host_cache_bytes=64 << 30)
+
+
 def build_engine(cfg: BenchConfig, n_lora: int, n_road: int) -> tuple[Engine, object]:
     from deltafleet.models.loading import load_model, load_tokenizer
 
     model, path = load_model(cfg.base, dtype=getattr(torch, cfg.dtype))
-    ecfg = EngineConfig(dtype=cfg.dtype, max_batch=cfg.batch, max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
-                        prefill_tokens=cfg.batch * cfg.prompt_len, lora_slots=max(n_lora, 1), max_lora_rank=LORA.r,
-                        delta_slots=0, road_slots=max(n_road, 1), road_group_size=ROAD.group_size,
-                        host_cache_bytes=64 << 30)
-    engine = Engine(model, load_tokenizer(path), ecfg)
+    engine = Engine(model, load_tokenizer(path), _engine_config(cfg, n_lora, n_road))
     for i in range(n_lora):
         engine.add_adapter(f"lora{i}", random_adapter(model.config, LORA, seed=1000 + i))
     for i in range(n_road):
@@ -209,21 +256,25 @@ def run(cfg: BenchConfig, progress=None) -> dict:
     n_lora = max([SCENARIOS[s][1] for s in wanted if SCENARIOS[s][0] == "lora" and s != "peft32"] or [0])
     n_road = max([SCENARIOS[s][1] for s in wanted if SCENARIOS[s][0] == "road"] or [0])
     engine, path = build_engine(cfg, n_lora, n_road)
+    # The base runs beside every scenario on a second engine over the same model (no adapters, own KV cache).
+    base_engine = Engine(engine.model, engine.tokenizer, _engine_config(cfg, 0, 0))
     prompts = _prompts(cfg, engine.model.config.vocab_size, cfg.batch)
     bandwidth = measure_bandwidth()
     runs: dict[str, list[Result]] = {n: [] for n in wanted}
-    paired: dict[str, list[float]] = {}  # scenario -> its throughput over the base run right after it
+    paired: dict[str, list[float]] = {}  # scenario -> per decode-step throughput over the base's adjacent step
     for r in range(cfg.rounds):
         for name in wanted:
             if progress:
                 progress(f"round {r + 1}/{cfg.rounds}: {name}")
             if name == "peft32":
                 runs[name].append(run_peft_scenario(cfg, prompts, path))
-                continue
-            runs[name].append(run_engine_scenario(engine, cfg, name, prompts))
-            if name != "base" and "base" in wanted:  # the machine's speed drifts: pair with an adjacent base run
-                runs["base"].append(run_engine_scenario(engine, cfg, "base", prompts))
-                paired.setdefault(name, []).append(runs[name][-1].decode_tok_s / runs["base"][-1].decode_tok_s)
+            elif name != "base" and "base" in wanted:  # the machine's speed drifts: interleave with the base
+                res, base_res, pairs = run_interleaved(engine, base_engine, cfg, name, prompts)
+                runs[name].append(res)
+                runs["base"].append(base_res)
+                paired.setdefault(name, []).extend(pairs)
+            else:
+                runs[name].append(run_engine_scenario(engine, cfg, name, prompts))
     results = {n: sorted(rs, key=lambda x: x.decode_tok_s)[len(rs) // 2] for n, rs in runs.items()}
     return report(cfg, results, bandwidth, engine, paired)
 
@@ -246,8 +297,9 @@ RATIOS = {  # key -> (numerator, denominator)
 
 def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engine: Engine,
            paired: dict[str, list[float]] | None = None) -> dict:
-    """Ratios over the base are medians of paired runs (the scenario, then a base run at once); a ratio of two
-    paired scenarios is the ratio of their paired medians; others (peft) divide median throughputs."""
+    """Ratios over the base are medians of paired decode steps (the scenario's step over the base engine's
+    adjacent step); a ratio of two paired scenarios is the ratio of their paired medians; others (peft) divide
+    median throughputs."""
     ratios, limits, fractions = {}, {}, {}
     paired = paired or {}
     base = results.get("base")

@@ -17,7 +17,7 @@ How W_hat is produced is a *kernel*, chosen once when the model is loaded (regis
   back to `fast` where the kernel is unavailable or the shape is outside its contract;
 - `cached`: W_hat materialised once per compute dtype and reused; fastest, but holds a dense copy of the weight
   (the memory of an unquantized base), so it is for throughput comparisons, not for saving memory.
-All three produce bit-identical W_hat, computed in fp32 and then cast to the input's dtype: q * scale and
+All four produce bit-identical W_hat, computed in fp32 and then cast to the input's dtype: q * scale and
 zero * scale are exact in fp32 (8-bit integers times fp16 scales), so q * scale - zero * scale rounds the same real
 number once, as (q - zero) * scale does.
 

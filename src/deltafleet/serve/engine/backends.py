@@ -77,9 +77,13 @@ class CpuBackend(Backend):
         self.grouped = _grouped_mm_works() if grouped is None else grouped
         self.native = native
 
-    def additive(self, x, y, A, B, step):
+    def _few_tokens_per_adapter(self, x: Tensor, step: PoolStep) -> bool:
+        """Decode-like: the step's distinct adapters cover fewer than `segment_ratio` member tokens each."""
         n_members = x.shape[0] if step.members is None else step.members.numel()
-        if self.native and step.distinct * self.segment_ratio > n_members:
+        return step.distinct * self.segment_ratio > n_members
+
+    def additive(self, x, y, A, B, step):
+        if self.native and self._few_tokens_per_adapter(x, step):
             from deltafleet.native import lora_bgmv_
 
             y = y.contiguous()
@@ -103,8 +107,7 @@ class CpuBackend(Backend):
 
     def _additive_fallback(self, x, y, A, B, step):
         r = step.width
-        n_members = x.shape[0] if step.members is None else step.members.numel()
-        if len(step.segments) * self.segment_ratio <= n_members:
+        if not self._few_tokens_per_adapter(x, step):
             for slot, tok in step.segments:
                 delta = (x[tok] @ A[slot, :r].t().to(x.dtype)) @ B[slot, :r].to(x.dtype)
                 y = y.index_add(0, tok, delta)

@@ -43,7 +43,7 @@ PLAN_FILE = "zoo.json"
 # Seconds per optimizer step (batch 8, ~60-token examples) measured with `deltafleet train` on this project's
 # 2-core AVX2 CPU in fp32 (LoRA on json-field / sort: 3.5 / 4.5 s); used only for the runtime estimate.
 SECONDS_PER_STEP = {"lora": 4.0, "road": 3.8, "ia3": 3.5, "full": 6.0}
-# Learning rates of the zoo's short runs (80-300 steps). The recipe's defaults are the papers' for long runs;
+# Learning rates of the zoo's short runs (80-150 steps). The recipe's defaults are the papers' for long runs;
 # LoRA at its default 3e-4 reached 0.03 accuracy on addition after 60 steps, at 2e-3 json-field reached 1.00
 # and sort 0.59 after 40 steps (measured here). RoAd keeps the paper's ratio of about 10x LoRA's rate.
 ZOO_LRS = (("lora", 2e-3), ("road", 2e-2), ("ia3", 1e-2), ("full", 5e-5))

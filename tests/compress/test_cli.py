@@ -80,3 +80,21 @@ def test_task_sequences_group_by_length_without_padding(smollm2_tokenizer):
     batches = task_sequences(smollm2_tokenizer, ["sort", "caesar"], 4)
     assert sum(b.shape[0] for b in batches) == 8
     assert len({b.shape[1] for b in batches}) == len(batches)  # one batch per length
+
+
+def test_greedy_batch_equals_one_prompt_at_a_time(chat_tiny):
+    """The frontier's batched accuracy answers are the tokens greedy generation gives each prompt alone."""
+    import random
+
+    from deltafleet.compress.cli import greedy_batch
+    from deltafleet.models.generate import greedy_generate
+    from deltafleet.models.loading import load_model
+
+    model, _ = load_model(chat_tiny)
+    rng = random.Random(0)
+    prompts = [([rng.randrange(300) for _ in range(rng.randint(2, 12))], rng.randint(1, 9)) for _ in range(7)]
+    stop = 7
+    got = greedy_batch(model, prompts, stop, max_batch=3, model_len=32)
+    want = [greedy_generate(model, p, n, (stop,)) for p, n in prompts]
+    assert [g[: len(w)] for g, w in zip(got, want, strict=True)] == want
+    assert all(len(g) == len(w) or (len(g) == len(w) + 1 and g[-1] == stop) for g, w in zip(got, want, strict=True))

@@ -1,4 +1,5 @@
-"""The native BGMV LoRA kernel against its torch reference: null rows untouched, ranks below the pool width,
+"""The native BGMV LoRA and RoAd kernels against their torch references (fp32 and bf16 adapter weights): null rows
+untouched, ranks below the pool width,
 strided pool views and non-contiguous inputs; contract violations fall back (return False) instead of
 computing garbage; the compiler is found on this machine (else the fast path would vanish silently)."""
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from deltafleet import native
+from deltafleet.adapters.road.functional import rotate_half_grouped
 
 
 def _reference(x, y, A, B, index, r, null):
@@ -38,6 +40,51 @@ def test_bgmv_matches_reference(r):
     assert torch.equal(got[index == S], y[index == S])
 
 
+def test_bgmv_bf16_weights_match_reference_on_widened_weights():
+    g = torch.Generator().manual_seed(2)
+    S, R, n, d_in, d_out = 4, 8, 9, 64, 96
+    A = torch.randn(S + 1, R, d_in, generator=g).bfloat16()
+    B = torch.randn(S + 1, R, d_out, generator=g).bfloat16()
+    x, y = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+    index = torch.tensor([0, 4, 3, 1, 1, 2, 4, 0, 3])
+    got = y.clone()
+    assert native.lora_bgmv_(x, got, A, B, index, 6, S)
+    torch.testing.assert_close(got, _reference(x, y, A.float(), B.float(), index, 6, S), rtol=1e-5, atol=1e-4)
+
+
+def _road_reference(y, c, s, index, G, null):
+    out = y.clone()
+    for i, k in enumerate(index.tolist()):
+        if k != null:
+            out[i] = y[i] * c[k] + rotate_half_grouped(y[i], G) * s[k]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_road_kernel_matches_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    S, n, G, d_out = 5, 8, 8, 48
+    c = torch.randn(S + 1, d_out, generator=g).to(dtype)
+    s = torch.randn(S + 1, d_out, generator=g).to(dtype)
+    c[S], s[S] = 1, 0
+    y = torch.randn(n, d_out, generator=g)
+    index = torch.tensor([0, 5, 2, 2, 4, 1, 5, 3])
+    want = _road_reference(y, c.float(), s.float(), index, G, S)
+    got = y.clone()
+    assert native.road_apply_(got, c, s, index, G, S)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[index == S], y[index == S])
+
+
+def test_road_kernel_refuses_what_it_cannot_do():
+    y, c, s, idx = torch.randn(2, 12), torch.ones(3, 12), torch.zeros(3, 12), torch.tensor([0, 1])
+    assert not native.road_apply_(y, c, s, idx, 8, 2)  # 12 outputs are not whole groups of 8
+    assert not native.road_apply_(y, c, s, idx, 3, 2)  # odd group
+    assert not native.road_apply_(y.bfloat16(), c, s, idx, 4, 2)
+    assert not native.road_apply_(y, c, s.bfloat16(), idx, 4, 2)
+    assert native.road_apply_(y, c, s, idx, 4, 2)
+
+
 def test_bgmv_reads_strided_pool_views():
     g = torch.Generator().manual_seed(1)
     pool_A = torch.randn(5, 8, 24, generator=g)
@@ -58,6 +105,8 @@ def test_bgmv_refuses_what_it_cannot_do():
     A, B = torch.randn(2, 4, 8), torch.randn(2, 4, 4)
     idx = torch.tensor([0, 1, 0])
     assert not native.lora_bgmv_(x.bfloat16(), y.bfloat16(), A.bfloat16(), B.bfloat16(), idx, 4, 1)
+    assert not native.lora_bgmv_(x, y, A.bfloat16(), B, idx, 4, 1)  # A and B of different dtypes
+    assert not native.lora_bgmv_(x, y, A.half(), B.half(), idx, 4, 1)  # no fp16 kernel
     assert not native.lora_bgmv_(x, y, A, B, idx, 5, 1)  # rank above the pool width
     assert not native.lora_bgmv_(x, y, A, B, idx.int(), 4, 1)  # int32 index
     assert not native.lora_bgmv_(x, torch.zeros(2, 4), A, B, idx, 4, 1)  # row counts disagree

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from deltafleet.models.loading import load_model
 from deltafleet.serve.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
@@ -55,6 +56,19 @@ def test_reference_backend_matches(tiny_llama, adapters_dir, solo):
     reqs = workload(7, "distinct", True, seed=3)
     for r, o in zip(reqs, engine.generate(reqs), strict=True):
         assert o.token_ids == solo(r.prompt_ids, r.params.max_tokens, r.adapter)
+
+
+def test_bf16_adapter_pools_match_reference_backend(tiny_llama, adapters_dir):
+    """bf16 pools under an fp32 model (the native kernels widen the weights as they read them) give the reference
+    backend's tokens on the same pools, for LoRA, RoAd and low-rank deltas mixed with base requests."""
+    reqs = workload(9, "distinct", True, seed=5)
+    cpu = make_engine(tiny_llama, adapters_dir, max_batch=9, adapter_dtype="bfloat16")
+    ref = make_engine(tiny_llama, adapters_dir, max_batch=9, adapter_dtype="bfloat16", backend="reference")
+    assert cpu.adapter_dtype == torch.bfloat16 and cpu.dtype == torch.float32
+    got, want = cpu.generate(reqs), ref.generate(reqs)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    pool_dtypes = {t.dtype for p in cpu.adapters.pools for m in p.tensors.values() for t in m.values()}
+    assert pool_dtypes == {torch.bfloat16}
 
 
 def test_adapters_change_outputs(tiny_llama, adapters_dir, solo):

@@ -159,9 +159,28 @@ def bench_compress_command(
     console.print(f"wrote {path}")
 
 
-def _task_accuracy(base_path: Path, task_names: list[str], n: int):
-    """A function model -> mean over `task_names` of exact-match accuracy on `n` test examples each (greedy)."""
-    from deltafleet.models.generate import greedy_generate
+def greedy_batch(model, prompts: list[tuple[list[int], int]], stop_id: int, max_batch: int,
+                 model_len: int) -> list[list[int]]:
+    """Greedy continuations of (prompt ids, max new tokens) pairs, stopping at `stop_id`, batched by the engine
+    (no adapters): the same tokens as `models.generate.greedy_generate` one prompt at a time, several times faster."""
+    from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+
+    cfg = EngineConfig(dtype="float32", max_batch=max_batch, max_model_len=model_len, lora_slots=0, delta_slots=0,
+                       road_slots=0, max_queue=1 << 20)
+    engine = Engine(model, None, cfg)
+    try:
+        out = engine.generate([Request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                                         stop_token_ids=(stop_id,))) for p, n in prompts])
+    finally:
+        engine.adapters.shutdown()
+    return [o.token_ids for o in out]
+
+
+def _task_accuracy(base_path: Path, task_names: list[str], n: int, max_batch: int = 48):
+    """A function model -> mean over `task_names` of exact-match accuracy on `n` test examples each: greedy
+    answers (stop at end of turn, at most the longest answer + 4 tokens) generated in batches by the engine,
+    scored as `deltafleet eval` scores them."""
+    from deltafleet.eval.tasks_eval import MAX_ANSWER_SLACK
     from deltafleet.models.loading import load_tokenizer
     from deltafleet.tasks import encode_example, end_of_turn_id, get_task, prompt_ids
 
@@ -173,13 +192,16 @@ def _task_accuracy(base_path: Path, task_names: list[str], n: int):
         if task.kind != "exact_match":
             raise DeltafleetError(f"task={name!r}: accuracy needs an exact_match task, not {task.kind}")
         exs = task.examples("test", n=n)
-        longest = max(len(encode_example(tok, ex).answer_ids) for ex in exs) + 4
+        longest = max(len(encode_example(tok, ex).answer_ids) for ex in exs) + MAX_ANSWER_SLACK
         suites.append((task, exs, [prompt_ids(tok, ex.prompt) for ex in exs], longest))
+    model_len = max(len(p) + longest for _, _, prompts, longest in suites for p in prompts)
 
     def accuracy(model) -> float:
+        prompts = [(p, longest) for _, _, ps, longest in suites for p in ps]
+        outputs = iter(greedy_batch(model, prompts, eot, max_batch, model_len))
         accs = []
-        for task, exs, prompts, longest in suites:
-            outs = [tok.decode(greedy_generate(model, p, longest, (eot,)), skip_special_tokens=True) for p in prompts]
+        for task, exs, _, _ in suites:
+            outs = [tok.decode(next(outputs), skip_special_tokens=True) for _ in exs]
             accs.append(sum(task.score(o, ex) for o, ex in zip(outs, exs, strict=True)) / len(exs))
         return sum(accs) / len(accs)
 

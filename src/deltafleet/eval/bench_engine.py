@@ -36,6 +36,7 @@ ROAD = RoadConfig(variant="road_1", group_size=64, targets=PROJECTIONS)
 class BenchConfig:
     base: str = "smollm2-135m"
     dtype: str = "float32"
+    adapter_dtype: str = "bfloat16"  # resident adapter pools (the bf16); compute stays in `dtype`
     batch: int = 32
     prompt_len: int = 64
     max_tokens: int = 32
@@ -232,7 +233,8 @@ def run_peft_scenario(cfg: BenchConfig, prompts: list[list[int]], model_path) ->
 
 
 def _engine_config(cfg: BenchConfig, n_lora: int, n_road: int) -> EngineConfig:
-    return EngineConfig(dtype=cfg.dtype, max_batch=cfg.batch, max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
+    return EngineConfig(dtype=cfg.dtype, adapter_dtype=cfg.adapter_dtype, max_batch=cfg.batch,
+                        max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
                         prefill_tokens=cfg.batch * cfg.prompt_len, lora_slots=max(n_lora, 1), max_lora_rank=LORA.r,
                         delta_slots=0, road_slots=max(n_road, 1), road_group_size=ROAD.group_size,
                         host_cache_bytes=64 << 30)

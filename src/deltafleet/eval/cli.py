@@ -20,6 +20,8 @@ console = Console()
 def bench_engine_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16 (bf16 is slow on CPUs without native bf16)."),
+    adapter_dtype: str = typer.Option("bfloat16", help="Resident adapter pools: bfloat16 or float32 (compute stays "
+                                      "in --dtype; bf16 halves the adapter bytes a step reads)."),
     batch: int = typer.Option(32, min=1, help="Running batch size."),
     prompt_len: int = typer.Option(64, min=1, help="Prompt tokens per request."),
     max_tokens: int = typer.Option(32, min=2, help="Generated tokens per request."),
@@ -34,7 +36,8 @@ def bench_engine_command(
     unknown = sorted(set(scenario or []) - set(SCENARIOS))
     if unknown:
         raise typer.BadParameter(f"unknown scenario(s) {unknown}; known: {sorted(SCENARIOS)}", param_hint="--scenario")
-    common = {"base": base, "dtype": dtype, "batch": batch, "scenarios": scenario or list(SCENARIOS)}
+    common = {"base": base, "dtype": dtype, "adapter_dtype": adapter_dtype, "batch": batch,
+               "scenarios": scenario or list(SCENARIOS)}
     if quick:
         cfg = quick_config(**common)
     else:
@@ -49,7 +52,8 @@ def bench_engine_command(
 
 def print_report(rep: dict) -> None:
     c, hw = rep["config"], rep["hardware"]
-    console.print(f"[bold]{c['base']}[/bold] {c['dtype']}, batch {c['batch']}, prompt {c['prompt_len']}, "
+    console.print(f"[bold]{c['base']}[/bold] {c['dtype']} (adapters {c['adapter_dtype']}), batch {c['batch']}, "
+                  f"prompt {c['prompt_len']}, "
                   f"{c['max_tokens']} new tokens, {c['rounds']} round(s); {hw['threads']} threads, "
                   f"read bandwidth {hw['read_bandwidth_gb_s']:.1f} GB/s, grouped_mm {hw['grouped_mm']}")
     t = Table("scenario", "decode tok/s", "step ms", "TTFT ms", "adapters/step", "adapter MB/step", "RSS MB")

@@ -87,11 +87,24 @@ def _function(library: str, name: str, argtypes: list, restype=None):
     return fn
 
 
+_WEIGHT_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16w"}
+_BGMV_ARGS = [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64]
+_ROAD_ARGS = [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
+
+
 @cache
-def lora_bgmv():
-    """The `lora_bgmv_f32` function of lora_cpu.c, or None when native kernels are unavailable."""
-    return _function("lora_cpu", "lora_bgmv_f32",
-                     [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64])
+def lora_bgmv(weight_dtype: torch.dtype = torch.float32):
+    """lora_cpu.c's BGMV for adapter weights of `weight_dtype` (float32 or bfloat16; x and y float32), or None
+    when native kernels are unavailable or the dtype has no kernel."""
+    suffix = _WEIGHT_SUFFIX.get(weight_dtype)
+    return None if suffix is None else _function("lora_cpu", f"lora_bgmv_{suffix}", _BGMV_ARGS)
+
+
+@cache
+def road_apply(weight_dtype: torch.dtype = torch.float32):
+    """lora_cpu.c's RoAd element-wise kernel for c, s of `weight_dtype` (float32 or bfloat16; y float32)."""
+    suffix = _WEIGHT_SUFFIX.get(weight_dtype)
+    return None if suffix is None else _function("lora_cpu", f"road_apply_{suffix}", _ROAD_ARGS)
 
 
 @cache
@@ -126,19 +139,41 @@ def lora_bgmv_(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tenso
                r: int, null_row: int) -> bool:
     """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
 
-    x (N, in), y (N, out) float32 with contiguous rows; A (S, R, in), B (S, R, out) float32 with contiguous last
-    dimension; index (N,) int64 contiguous. Returns False (and does nothing) when the kernel is unavailable or
-    the tensors do not fit its contract; the caller then takes its torch path."""
-    fn = lora_bgmv()
-    if fn is None:
-        return False
-    if not (x.dtype == y.dtype == A.dtype == B.dtype == torch.float32 and index.dtype == torch.int64
+    x (N, in), y (N, out) float32 with contiguous rows; A (S, R, in), B (S, R, out) float32 or bfloat16 (both
+    the same) with contiguous last dimension; index (N,) int64 contiguous. Returns False (and does nothing) when
+    the kernel is unavailable or the tensors do not fit its contract; the caller then takes its torch path."""
+    if not (x.dtype == y.dtype == torch.float32 and A.dtype == B.dtype and index.dtype == torch.int64
             and x.dim() == y.dim() == 2 and A.dim() == B.dim() == 3 and x.shape[0] == y.shape[0] == index.numel()
             and A.shape[2] == x.shape[1] and B.shape[2] == y.shape[1] and 0 <= r <= min(A.shape[1], B.shape[1])
             and x.stride(1) == y.stride(1) == A.stride(2) == B.stride(2) == 1 and index.is_contiguous()
             and x.device.type == y.device.type == "cpu"):
         return False
+    fn = lora_bgmv(A.dtype)
+    if fn is None:
+        return False
     n, in_f = x.shape
     fn(n, in_f, y.shape[1], r, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
        A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), index.data_ptr(), null_row)
+    return True
+
+
+def road_apply_(y: torch.Tensor, c: torch.Tensor, s: torch.Tensor, index: torch.Tensor, group: int,
+                null_row: int) -> bool:
+    """y[i] <- y[i] * c[index[i]] + rotate_half_G(y[i]) * s[index[i]] in place (G = group) for every i with
+    index[i] != null_row.
+
+    y (N, out) float32 with contiguous rows, out % group == 0; c, s (S, out) float32 or bfloat16 (both the same)
+    with contiguous rows; index (N,) int64 contiguous. Returns False (and does nothing) when the kernel is
+    unavailable or the tensors do not fit its contract."""
+    if not (y.dtype == torch.float32 and c.dtype == s.dtype and index.dtype == torch.int64 and y.dim() == 2
+            and c.dim() == s.dim() == 2 and c.shape == s.shape and c.shape[1] == y.shape[1]
+            and y.shape[0] == index.numel() and group > 0 and group % 2 == 0 and y.shape[1] % group == 0
+            and y.stride(1) == c.stride(1) == s.stride(1) == 1 and index.is_contiguous()
+            and y.device.type == "cpu"):
+        return False
+    fn = road_apply(c.dtype)
+    if fn is None:
+        return False
+    fn(y.shape[0], y.shape[1], group, y.data_ptr(), y.stride(0), c.data_ptr(), c.stride(0), s.data_ptr(),
+       s.stride(0), index.data_ptr(), null_row)
     return True

@@ -9,10 +9,10 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
 - `cpu`: batched. Additive picks by the step's shape: when few adapters cover many tokens (prefill), two
   grouped matmuls (`torch._grouped_mm`, Punica's SGMV) over the member tokens sorted by slot once per step, each
   slot's A and B read in place from the pool; when tokens spread over many adapters (decode), the native
-  BGMV kernel (`deltafleet.native`, fp32: each token reads its adapter's rows in place, one call per projection;
-  3.4x faster than grouped_mm on SmolLM2's shapes at batch 32 with 32 adapters). Without either it falls back to
-  one matmul pair per segment, or a gather + batched matmul per token. Elementwise is one gather and
-  element-wise ops.
+  BGMV kernel (`deltafleet.native`, fp32 activations, fp32 or bf16 pools: each token reads its adapter's rows in
+  place, one call per projection; 3.4x faster than grouped_mm on SmolLM2's shapes at batch 32 with 32 adapters).
+  Without either it falls back to one matmul pair per segment, or a gather + batched matmul per token.
+  Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
 """
 
 from __future__ import annotations
@@ -124,6 +124,12 @@ class CpuBackend(Backend):
         return y.index_add(0, step.members, delta)
 
     def elementwise(self, y, c, s, step):
+        if self.native:
+            from deltafleet.native import road_apply_
+
+            y = y.contiguous()
+            if road_apply_(y, c, s, step.index, step.pool.width, step.pool.null):
+                return y
         # y * c[k] + rotate_half_G(y) * s[k], with the rotation written into one preallocated buffer and one
         # fused multiply-add: about 2x fewer passes over (N, out) than stack/cat (decode is op-overhead bound).
         idx = step.index

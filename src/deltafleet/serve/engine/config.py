@@ -17,6 +17,8 @@ class EngineConfig:
     road_slots / road_group_size: resident element-wise (RoAd) adapters with that group size.
     host_cache_bytes: loaded adapters kept in host memory (LRU).
     max_queue: waiting requests at most; more are refused (QueueFullError).
+    adapter_dtype: dtype of the resident adapter pools and host cache (None: the model's dtype). bfloat16 under a
+        float32 model halves the adapter bytes a decode step reads; the CPU kernels widen them to fp32 as read.
     """
 
     dtype: str = "bfloat16"
@@ -33,6 +35,7 @@ class EngineConfig:
     road_group_size: int = 64
     host_cache_bytes: int = 4 << 30
     max_queue: int = 1024
+    adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_model_len", "prefill_tokens", "max_queue", "host_cache_bytes"):
@@ -43,5 +46,7 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.road_group_size < 2 or self.road_group_size % 2:
             raise ValueError(f"road_group_size={self.road_group_size}: must be a positive even integer")
-        if self.dtype not in ("bfloat16", "float32", "float16"):
-            raise ValueError(f"dtype={self.dtype!r}: must be bfloat16, float32 or float16")
+        for name in ("dtype", "adapter_dtype"):
+            value = getattr(self, name)
+            if value not in ("bfloat16", "float32", "float16") and not (name == "adapter_dtype" and value is None):
+                raise ValueError(f"{name}={value!r}: must be bfloat16, float32 or float16")

@@ -90,6 +90,7 @@ class Engine:
                  adapters_dir: str | Path | None = None, base_fingerprint: str | None = None):
         self.config = config = config or EngineConfig()
         self.dtype = DTYPES[config.dtype]
+        adt = self.adapter_dtype = DTYPES[config.adapter_dtype or config.dtype]
         self.model = model.to(self.dtype).eval()
         self.tokenizer = tokenizer
         mcfg = model.config
@@ -105,12 +106,12 @@ class Engine:
         self.cache = KVCache.allocate(mcfg, max_batch, config.max_model_len, self.dtype)
         pools: list[Pool] = []
         if config.lora_slots:
-            pools.append(AdditivePool("lora", mcfg, config.lora_slots, config.max_lora_rank, self.dtype))
+            pools.append(AdditivePool("lora", mcfg, config.lora_slots, config.max_lora_rank, adt))
         if config.delta_slots:
-            pools.append(AdditivePool("delta", mcfg, config.delta_slots, config.max_delta_rank, self.dtype))
+            pools.append(AdditivePool("delta", mcfg, config.delta_slots, config.max_delta_rank, adt))
         if config.road_slots:
-            pools.append(ElementwisePool("road", mcfg, config.road_slots, config.road_group_size, self.dtype))
-        self.adapters = AdapterManager(mcfg, self.dtype, pools, config.host_cache_bytes, base_fingerprint)
+            pools.append(ElementwisePool("road", mcfg, config.road_slots, config.road_group_size, adt))
+        self.adapters = AdapterManager(mcfg, adt, pools, config.host_cache_bytes, base_fingerprint)
         if adapters_dir is not None:
             self.adapters.scan(adapters_dir)
         eos = set(mcfg.eos_token_ids)

@@ -1,6 +1,7 @@
 """The native BGMV LoRA and RoAd kernels against their torch references (fp32 and bf16 adapter weights): null
 rows untouched, ranks below the pool width, strided pool views and non-contiguous inputs; contract violations
-fall back (return False) instead of computing garbage; the compiler is found on this machine (else the fast path would vanish silently)."""
+fall back (return False) instead of computing garbage; the compiler is found on this machine (else the fast
+path would vanish silently)."""
 
 from __future__ import annotations
 

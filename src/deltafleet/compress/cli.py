@@ -6,6 +6,8 @@ Registered in the main CLI as plain commands; `app` here holds the same three fo
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -148,12 +150,19 @@ def bench_compress_command(
             eval_ids = calibration(ds.base_path, calib, eval_seqs, calib_len, skip=calib_seqs)
             kl_desc = f"{eval_seqs} x {calib_len} held-out tokens of `{calib}`"
         accuracy = _task_accuracy(ds.base_path, tasks, examples) if tasks else None
+        out.mkdir(parents=True, exist_ok=True)
+        partial = out / "frontier.partial.json"
+
+        def save(points):
+            partial.write_text(json.dumps([asdict(p) for p in points], indent=2))
+
         points = run_frontier(ds, model, [m.strip() for m in methods.split(",")], rs, ids, eval_ids,
-                              {"quantizer": quantizer}, accuracy, log=console.print)
+                              {"quantizer": quantizer}, accuracy, log=console.print, on_point=save)
         header = (f"# Compression frontier\n\nbase `{base}`, fine-tune `{finetuned}`; KL on {kl_desc}; "
                   f"calibration {calib_seqs} x {calib_len} of `{calib}`; quantizer {quantizer}"
                   + (f"; accuracy: mean over {', '.join(tasks)} of {examples} test examples each" if tasks else ""))
         path = write_frontier(points, out, header)
+        partial.unlink(missing_ok=True)
     except (DeltafleetError, ValueError, OSError) as e:
         _fail(e)
     console.print(f"wrote {path}")

@@ -99,8 +99,10 @@ def _restore(model: Transformer, ds: DeltaSet, saved: dict[str, Tensor]) -> None
 def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratios: Sequence[float],
                  calib_ids: Tensor | None, eval_ids: EvalIds, settings: dict | None = None,
                  accuracy: Callable[[Transformer], float] | None = None,
-                 log: Callable[[str], None] = lambda _: None) -> list[Point]:
-    """`model`: the base (fp32), modified in place during the run and restored after."""
+                 log: Callable[[str], None] = lambda _: None,
+                 on_point: Callable[[list[Point]], None] = lambda _: None) -> list[Point]:
+    """`model`: the base (fp32), modified in place during the run and restored after. `on_point(points so far)`
+    runs after each measured point (the CLI saves them, so a long run interrupted keeps what it measured)."""
     saved = _weights(model, ds)
     old_extras = apply_extras(model, ds.extras)
     try:
@@ -127,6 +129,7 @@ def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratio
                     p.skipped = str(e)
                     points.append(p)
                     log(f"{method} @ {ratio:.5g}: skipped ({e})")
+                    on_point(points)
                     continue
                 merge_adapter(model, c.adapter)
                 p.bytes, p.rel_error, p.seconds = c.bytes, c.mean_rel_error, c.seconds
@@ -137,6 +140,7 @@ def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratio
                     p.gain_kept = (p.accuracy - acc_base) / gain if abs(gain) > 1e-9 else None
                 _restore(model, ds, saved)
                 points.append(p)
+                on_point(points)
                 log(f"{method} @ {ratio:.5g}: rel_error {p.rel_error:.4f}, KL {p.kl:.3e}, {p.seconds:.1f} s"
                     + (f", accuracy {p.accuracy:.3f}" if p.accuracy is not None else ""))
         return points
@@ -157,8 +161,8 @@ def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
     measured = [p for p in points if p.kl is not None and p.method not in REFERENCES]
     refs = {p.method: p for p in points if p.method in REFERENCES}
     cols = [("kl", "mean KL(ft || compressed)"), ("rel_error", "mean relative error")]
-    if any(p.accuracy is not None for p in measured):
-        cols.append(("accuracy", "accuracy"))
+    if any(p.gain_kept is not None for p in measured):
+        cols.append(("gain_kept", "share of the fine-tune's accuracy gain kept"))
     fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.5))
     for ax, (field, label) in zip(axes, cols, strict=True):
         for method in dict.fromkeys(p.method for p in measured):
@@ -167,8 +171,10 @@ def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
         ref = refs.get("no-delta")
         if ref is not None and getattr(ref, field) is not None and field != "rel_error":
             ax.axhline(getattr(ref, field), color="k", ls=":", lw=1, label="no projection delta")
+        if field == "gain_kept":
+            ax.axhline(GAIN_TARGET, color="r", ls="--", lw=1, label=f"{GAIN_TARGET:.0%} of the gain")
         ax.set_xscale("log", base=2)
-        if field != "accuracy":
+        if field != "gain_kept":
             ax.set_yscale("log")
         ax.set_xlabel("compression (1 / ratio)")
         ax.set_ylabel(label)
@@ -190,5 +196,33 @@ def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
         ratio = "" if p.method in REFERENCES else f"1/{1 / p.ratio:.0f}"
         lines.append(f"| {p.method} | {ratio} | {f(p.bytes, ',')} | {f(p.rel_error, '.4f')} | {f(p.kl, '.3e')} | "
                      f"{f(p.accuracy, '.3f')} | {f(p.gain_kept, '.2f')} | {f(p.seconds, '.1f')} |")
+    lines += ["", *summary_lines(points)]
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     return out / "frontier.md"
+
+
+GAIN_TARGET = 0.95  # the issue's quality bar: a compressed delta keeps 95% of the fine-tune's accuracy gain
+
+
+def summary(points: Sequence[Point]) -> dict:
+    """The issue's frontier targets from measured points: per method the smallest ratio that still keeps
+    GAIN_TARGET of the gain (None: none does), and per ratio the method with the lowest KL."""
+    measured = [p for p in points if p.kl is not None and p.method not in REFERENCES]
+    smallest: dict[str, float | None] = {}
+    for method in dict.fromkeys(p.method for p in measured):
+        keep = [p.ratio for p in measured if p.method == method and p.gain_kept is not None
+                and p.gain_kept >= GAIN_TARGET]
+        smallest[method] = min(keep) if keep else None
+    lowest_kl = {}
+    for ratio in sorted({p.ratio for p in measured}, reverse=True):
+        at = [p for p in measured if p.ratio == ratio]
+        lowest_kl[ratio] = min(at, key=lambda p: p.kl).method
+    return {"smallest_ratio_keeping_gain": smallest, "lowest_kl_method": lowest_kl}
+
+
+def summary_lines(points: Sequence[Point]) -> list[str]:
+    s = summary(points)
+    out = [f"Smallest ratio keeping {GAIN_TARGET:.0%} of the gain: " + ", ".join(
+        f"{m} {'none' if r is None else f'1/{1 / r:.0f}'}" for m, r in s["smallest_ratio_keeping_gain"].items())]
+    out.append("Lowest KL per ratio: " + ", ".join(f"1/{1 / r:.0f} {m}" for r, m in s["lowest_kl_method"].items()))
+    return out

@@ -63,14 +63,16 @@ class BatchLayout:
             by_slot = sorted(members, key=lambda m: m[1])
             order = (torch.tensor([b for b, _ in by_slot])[:, None] * T + torch.arange(T)).reshape(-1)
             slots = [s for _, s in by_slot]
+            used = set(slots)
+            module_sets = list({id(m): m for m in (pool.slot_modules[s] for s in used)}.values())
             counts = torch.bincount(torch.tensor(slots), minlength=slots[-1] + 1) * T
             steps.append(PoolStep(
                 pool=pool, index=index,
                 members=None if len(members) == len(rows) else order.sort().values,
                 order=order, offs=counts.cumsum(0).to(torch.int32),
-                width=max(pool.slot_width[s] for s in set(slots)),
-                modules=frozenset().union(*(pool.slot_modules[s] for s in set(slots))),
-                distinct=len(set(slots)),
+                width=max(pool.slot_width[s] for s in used),
+                modules=module_sets[0] if len(module_sets) == 1 else frozenset().union(*module_sets),
+                distinct=len(used),
             ))
         return cls(N, steps)
 

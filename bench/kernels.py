@@ -5,7 +5,10 @@
 Per decoder layer (the seven projections, shapes from SmolLM2: hidden 576, intermediate 1536, 3 kv heads of
 64), for one decode step of `batch` tokens spread over `adapters` distinct LoRA adapters resident in a slot pool:
 - grouped: the grouped-matmul path (`torch._grouped_mm` over slot-sorted tokens, then index_add);
-- native: the BGMV C kernel (`deltafleet.native.lora_bgmv_`), in place;
+- native: the BGMV C kernel (`deltafleet.native.lora_bgmv_`), in place, fp32 pools;
+- native-bf16w: the same kernel reading bf16 pools (half the bytes), widening them to fp32 as it reads;
+- road-torch / road-native: RoAd's element-wise rotation of the seven outputs, torch ops (the CPU backend's
+  fallback) against the native in-place kernel (`deltafleet.native.road_apply_`);
 - base: the layer's seven dense fp32 matmuls, for scale;
 and, per 1536 x 576 matrix at 2/3/4/8 bits, the quantized-linear kernels `fast`, `native` and `cached` against
 nn.Linear. Figures are the best of 15 repeats of 20 calls (robust to a noisy machine), in ms; the weights stay in
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -35,13 +39,16 @@ def best_ms(fn, calls: int = 20, repeats: int = 15) -> float:
 
 
 def lora_paths(batch: int, adapters: int, rank: int) -> dict[str, float]:
-    from deltafleet.native import lora_bgmv_
+    from deltafleet.native import lora_bgmv_, road_apply_
+    from deltafleet.serve.engine.backends import CpuBackend
 
     g = torch.Generator().manual_seed(0)
     index = torch.arange(batch) % adapters
     order = torch.argsort(index, stable=True)
     offs = torch.bincount(index, minlength=adapters).cumsum(0).to(torch.int32)
-    total = {"grouped": 0.0, "native": 0.0, "base": 0.0}
+    total = {"grouped": 0.0, "native": 0.0, "native-bf16w": 0.0, "road-torch": 0.0, "road-native": 0.0,
+             "base": 0.0}
+    backend = CpuBackend(native=False)
     for d_in, d_out in SHAPES.values():
         x, y = torch.randn(batch, d_in, generator=g), torch.randn(batch, d_out, generator=g)
         A = torch.randn(adapters + 1, rank, d_in, generator=g) * 0.01
@@ -58,6 +65,16 @@ def lora_paths(batch: int, adapters: int, rank: int) -> dict[str, float]:
         torch.testing.assert_close(y_native, grouped(), rtol=1e-4, atol=1e-4)
         total["grouped"] += best_ms(grouped)
         total["native"] += best_ms(lambda x=x, y=y, A=A, B=B: lora_bgmv_(x, y, A, B, index, rank, adapters))
+        A16, B16 = A.bfloat16(), B.bfloat16()
+        total["native-bf16w"] += best_ms(lambda x=x, y=y, A=A16, B=B16: lora_bgmv_(x, y, A, B, index, rank, adapters))
+        c = torch.ones(adapters + 1, d_out) + 0.01 * torch.randn(adapters + 1, d_out, generator=g)
+        s = 0.01 * torch.randn(adapters + 1, d_out, generator=g)
+        step = SimpleNamespace(index=index, pool=SimpleNamespace(width=64, null=adapters))
+        y_road = y.clone()
+        assert road_apply_(y_road, c, s, index, 64, adapters)
+        torch.testing.assert_close(y_road, backend.elementwise(y, c, s, step), rtol=1e-5, atol=1e-5)
+        total["road-torch"] += best_ms(lambda y=y, c=c, s=s, step=step: backend.elementwise(y, c, s, step))
+        total["road-native"] += best_ms(lambda y=y, c=c, s=s: road_apply_(y, c, s, index, 64, adapters))
         total["base"] += best_ms(lambda x=x, W=W: torch.nn.functional.linear(x, W))
     return total
 
@@ -93,7 +110,9 @@ def main() -> None:
     print(f"{args.threads} thread(s); batch {args.batch}, {args.adapters} distinct LoRA r={args.rank} adapters")
     t = lora_paths(args.batch, args.adapters, args.rank)
     print(f"per decoder layer: grouped {t['grouped']:.3f} ms, native {t['native']:.3f} ms "
-          f"({t['grouped'] / t['native']:.2f}x), base matmuls {t['base']:.3f} ms")
+          f"({t['grouped'] / t['native']:.2f}x), native bf16 pools {t['native-bf16w']:.3f} ms; "
+          f"RoAd torch {t['road-torch']:.3f} ms, native {t['road-native']:.3f} ms "
+          f"({t['road-torch'] / t['road-native']:.2f}x); base matmuls {t['base']:.3f} ms")
     print("1536 x 576 quantized linear, group 64, ms per call:")
     for bits, row in dequant_paths(args.batch).items():
         print(f"  {bits}-bit: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())

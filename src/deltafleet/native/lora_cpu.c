@@ -31,6 +31,9 @@ static inline float bf16_load(const uint16_t *p, int64_t j) {
     return f;
 }
 
+/* Rank rows go four at a time: four independent dot products over x (the shrink), and one pass over y per four
+ * rows of B (the expand), so neither loop waits on a single accumulator chain and y is read and written r/4
+ * times instead of r. */
 #define DEFINE_BGMV(NAME, W, LOAD)                                                                  \
 void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                                        \
           const float *x, int64_t sx, float *y, int64_t sy,                                         \
@@ -42,14 +45,32 @@ void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                    
         if (k == null_row) continue;                                                                \
         const float *xi = x + i * sx;                                                               \
         float *yi = y + i * sy;                                                                     \
-        float h[r > 0 ? r : 1];                                                                     \
-        for (int64_t j = 0; j < r; j++) {                                                           \
+        float h[r > 0 ? r + 3 : 4];                                                                 \
+        int64_t j = 0;                                                                              \
+        for (; j + 4 <= r; j += 4) {                                                                \
+            const W *a0 = A + k * sa0 + j * sa1, *a1 = a0 + sa1, *a2 = a1 + sa1, *a3 = a2 + sa1;   \
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                       \
+            for (int64_t c = 0; c < in_f; c++) {                                                    \
+                const float xc = xi[c];                                                             \
+                s0 += LOAD(a0, c) * xc; s1 += LOAD(a1, c) * xc;                                     \
+                s2 += LOAD(a2, c) * xc; s3 += LOAD(a3, c) * xc;                                     \
+            }                                                                                       \
+            h[j] = s0; h[j + 1] = s1; h[j + 2] = s2; h[j + 3] = s3;                                 \
+        }                                                                                           \
+        for (; j < r; j++) {                                                                        \
             const W *a = A + k * sa0 + j * sa1;                                                     \
             float acc = 0.0f;                                                                       \
             for (int64_t c = 0; c < in_f; c++) acc += LOAD(a, c) * xi[c];                          \
             h[j] = acc;                                                                             \
         }                                                                                           \
-        for (int64_t j = 0; j < r; j++) {                                                           \
+        j = 0;                                                                                      \
+        for (; j + 4 <= r; j += 4) {                                                                \
+            const W *b0 = B + k * sb0 + j * sb1, *b1 = b0 + sb1, *b2 = b1 + sb1, *b3 = b2 + sb1;   \
+            const float h0 = h[j], h1 = h[j + 1], h2 = h[j + 2], h3 = h[j + 3];                     \
+            for (int64_t c = 0; c < out_f; c++)                                                     \
+                yi[c] += h0 * LOAD(b0, c) + h1 * LOAD(b1, c) + h2 * LOAD(b2, c) + h3 * LOAD(b3, c);  \
+        }                                                                                           \
+        for (; j < r; j++) {                                                                        \
             const W *b = B + k * sb0 + j * sb1;                                                     \
             const float hj = h[j];                                                                  \
             for (int64_t c = 0; c < out_f; c++) yi[c] += hj * LOAD(b, c);                           \

@@ -250,6 +250,8 @@ def test_sampling_params_validation(kw, match):
 def test_engine_config_validation():
     with pytest.raises(ValueError, match="road_group_size=3"):
         EngineConfig(road_group_size=3)
+    with pytest.raises(ValueError, match="adapter_dtype='int8'"):
+        EngineConfig(adapter_dtype="int8")
     with pytest.raises(ValueError, match="backend='gpu'"):
         Engine(load_model_tiny(), None, EngineConfig(backend="gpu"))
 

@@ -115,6 +115,7 @@ def bench_compress_command(
     ratios: str = typer.Option("1/8,1/16,1/32,1/64,1/128,1/256", help="Comma-separated ratios."),
     out: Path = typer.Option(..., help="Output directory: frontier.md, frontier.png, frontier.json."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq or rtn."),
+    plan: str = typer.Option("8:2,3:32,2:*", help="delta-come bands BITS:COUNT, highest bits first; * = the rest."),
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
     calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),
     calib_len: int = typer.Option(128, min=2, help="Tokens per calibration / evaluation sequence."),
@@ -157,9 +158,9 @@ def bench_compress_command(
             partial.write_text(json.dumps([asdict(p) for p in points], indent=2))
 
         points = run_frontier(ds, model, [m.strip() for m in methods.split(",")], rs, ids, eval_ids,
-                              {"quantizer": quantizer}, accuracy, log=console.print, on_point=save)
+                              {"quantizer": quantizer, "plan": plan}, accuracy, log=console.print, on_point=save)
         header = (f"# Compression frontier\n\nbase `{base}`, fine-tune `{finetuned}`; KL on {kl_desc}; "
-                  f"calibration {calib_seqs} x {calib_len} of `{calib}`; quantizer {quantizer}"
+                  f"calibration {calib_seqs} x {calib_len} of `{calib}`; quantizer {quantizer}; delta-come plan {plan}"
                   + (f"; accuracy: mean over {', '.join(tasks)} of {examples} test examples each" if tasks else ""))
         path = write_frontier(points, out, header)
         partial.unlink(missing_ok=True)

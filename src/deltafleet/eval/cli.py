@@ -52,7 +52,7 @@ def bench_engine_command(
 
 def print_report(rep: dict) -> None:
     c, hw = rep["config"], rep["hardware"]
-    console.print(f"[bold]{c['base']}[/bold] {c['dtype']} (adapters {c['adapter_dtype']}), batch {c['batch']}, "
+    console.print(f"[bold]{c['base']}[/bold] {c['dtype']} (adapters {c.get('adapter_dtype', c['dtype'])}), batch {c['batch']}, "
                   f"prompt {c['prompt_len']}, "
                   f"{c['max_tokens']} new tokens, {c['rounds']} round(s); {hw['threads']} threads, "
                   f"read bandwidth {hw['read_bandwidth_gb_s']:.1f} GB/s, grouped_mm {hw['grouped_mm']}")

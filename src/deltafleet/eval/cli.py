@@ -52,7 +52,8 @@ def bench_engine_command(
 
 def print_report(rep: dict) -> None:
     c, hw = rep["config"], rep["hardware"]
-    console.print(f"[bold]{c['base']}[/bold] {c['dtype']} (adapters {c.get('adapter_dtype', c['dtype'])}), batch {c['batch']}, "
+    adapters = c.get("adapter_dtype", c["dtype"])
+    console.print(f"[bold]{c['base']}[/bold] {c['dtype']} (adapters {adapters}), batch {c['batch']}, "
                   f"prompt {c['prompt_len']}, "
                   f"{c['max_tokens']} new tokens, {c['rounds']} round(s); {hw['threads']} threads, "
                   f"read bandwidth {hw['read_bandwidth_gb_s']:.1f} GB/s, grouped_mm {hw['grouped_mm']}")

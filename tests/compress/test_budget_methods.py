@@ -13,6 +13,7 @@ from deltafleet.compress.budget import (
     parse_plan,
     parse_ratio,
     plan_ranks,
+    resolve_plan,
     sparse_bytes,
 )
 from deltafleet.compress.kinds import QLowRankConfig, qlowrank_factors
@@ -29,6 +30,13 @@ def test_default_plan_reproduces_the_paper_at_one_sixteenth():
     # the paper's accounting (codes + Sigma only) gives 968 two-bit vectors; group scales/zeros cost ~10%
     assert 850 < ranks[2][1] < 968  # 870 here: 4096 rows x 8 groups x 3 bytes for U alone
     assert bands_bytes(4096, 4096, ranks, 128) <= budget_bytes(4096, 4096, 1 / 16)
+
+
+@pytest.mark.parametrize("ratio,expect", [(1 / 16, "8:2,3:32,2:*"), (1 / 8, "8:4,3:64,2:*"),
+                                          (1 / 32, "8:1,3:16,2:*"), (1 / 64, "2:*"), (1 / 256, "2:*")])
+def test_auto_plan_scales_the_papers_bands_down_to_one_32nd_then_is_one_2bit_band(ratio, expect):
+    assert resolve_plan("auto", ratio) == parse_plan(expect)
+    assert resolve_plan("4:3,2:*", ratio) == parse_plan("4:3,2:*")  # an explicit plan is taken as written
 
 
 @pytest.mark.parametrize("text,match", [("8:2,3", "BITS:COUNT"), ("2:4,3:*", "strictly decrease"),

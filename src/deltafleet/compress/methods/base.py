@@ -27,7 +27,7 @@ QUANTIZERS = ("gptq", "rtn")
 class CompressSettings:
     """
     method: a name in METHODS. ratio: compressed bytes / fp16 delta bytes, per projection, in (0, 1].
-    plan: delta-come bands, highest bits first ('8:2,3:32,2:*' is the paper's 1/16 default).
+    plan: delta-come bands, highest bits first ('auto': the paper's '8:2,3:32,2:*' at 1/16, see compress.budget).
     group_size: quantization group G (columns per scale and zero point). quantizer: gptq (calibrated) or rtn.
     damp, act_order: GPTQ settings (paper: 0.01, act-order). seed: DARE's drop mask.
     distill_steps, distill_lr: BitDelta scale distillation on calibration text (0 steps: off).
@@ -35,7 +35,7 @@ class CompressSettings:
 
     method: str
     ratio: float = 1 / 16
-    plan: str = "8:2,3:32,2:*"
+    plan: str = "auto"
     group_size: int = 128
     quantizer: str = "gptq"
     damp: float = 0.01

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.registry import Params
-from deltafleet.compress.budget import FP16_BITS, Band, budget_bytes, parse_plan, plan_ranks
+from deltafleet.compress.budget import FP16_BITS, Band, budget_bytes, plan_ranks, resolve_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.kinds import QLowRankConfig, Ranks, shape_key
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
@@ -85,7 +85,7 @@ class DeltaCoMe(_SVDMethod):
     needs_hessians = staticmethod(lambda s: s.quantizer == "gptq")
 
     def plan(self, s: CompressSettings) -> tuple[Band, ...]:
-        return parse_plan(s.plan)
+        return resolve_plan(s.plan, s.ratio)
 
 
 class LowRank(_SVDMethod):

@@ -11,3 +11,5 @@ $CLI lowbit-bench --base smollm2-135m --dtype bfloat16 $B >> results/lowbit/benc
 $CLI lowbit-bench --base $Q/rtn4 --kernel fast $B >> results/lowbit/bench.jsonl
 $CLI lowbit-bench --base $Q/rtn4 --kernel cached $B >> results/lowbit/bench.jsonl
 $CLI lowbit-bench --base $Q/rtn4 --kernel native $B >> results/lowbit/bench.jsonl
+[ -f $Q/rtn4-emb/deltafleet.json ] || $CLI quantize --method rtn --bits 4 --embedding rtn --out $Q/rtn4-emb >> results/lowbit/quantize.log
+$CLI lowbit-bench --base $Q/rtn4-emb --kernel native $B >> results/lowbit/bench.jsonl

@@ -33,3 +33,6 @@ for bits in 2 3 4; do  # GPTQ last: its column loop is the slowest step here (ab
   quant gptq$bits --method gptq --bits $bits
   ppl $Q/gptq$bits
 done
+# 4-bit with the embedding table (and the tied LM head) quantized too: whole-model bytes against bf16
+quant rtn4-emb --method rtn --bits 4 --embedding rtn
+ppl $Q/rtn4-emb

@@ -14,7 +14,7 @@ def greedy_stream(model: Transformer, prompt: Sequence[int], max_new_tokens: int
                   stop_ids: Sequence[int] = (), hook: ProjectionHook | None = None) -> Iterator[int]:
     """Yield up to `max_new_tokens` greedy tokens after `prompt`; stops after emitting a token in `stop_ids`."""
     cfg = model.config
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.compute_dtype
     cache = KVCache.allocate(cfg, 1, len(prompt) + max_new_tokens, dtype)
     slots = torch.zeros(1, dtype=torch.long)
     ids = torch.tensor([list(prompt)])

@@ -201,8 +201,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        """Point a tied LM head at the embedding table (a quantized base ties its tables itself)."""
+        if self.config.tie_word_embeddings and isinstance(self.model.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in (the final norm's weight: dense in every kind of base)."""
+        return self.model.norm.weight.dtype
 
     def linear(self, layer: int, proj: str) -> nn.Linear:
         """The named projection `proj` of decoder layer `layer`."""

@@ -6,10 +6,13 @@ Layout (built offline, gpt-fast style; the model's projections are swapped for `
     tokenizer files        copied from the source checkpoint
     quantized.safetensors  per projection `model.layers.{i}.{self_attn|mlp}.{proj}.qcodes` (uint8, the densely
                            packed b-bit codes, ceil(R*C*b/8) bytes), `.qscale` (fp16 (R, ngroups)), `.qzero`
-                           (uint8 (R, ngroups)); every other tensor (embeddings, norms, untied lm_head, biases)
-                           dense in `dense_dtype`
+                           (uint8 (R, ngroups)); with `quantized_tables` in the manifest (`--embedding rtn`) the
+                           same three tensors under `model.embed_tokens` (and `lm_head` when untied): the table
+                           RTN-quantized at the base's bits and group size; every other tensor (norms, biases, and
+                           the tables otherwise) dense in `dense_dtype`
     deltafleet.json        manifest: schema_version, format "deltafleet-quantized-base", method, bits, group_size,
-                           dense_dtype, method settings, source base and fingerprint, byte counts, lora_init
+                           dense_dtype, method settings, source base and fingerprint, byte counts, lora_init,
+                           quantized_tables (optional: absent means none)
     lora_init/             (apiq, loftq) a peft LoRA adapter directory: the initialisation to fine-tune from
 
 A directory is recognised as a quantized base by its manifest's `format` field, never by its name. Anything
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from torch import Tensor
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.quant.functional import QuantizedMatrix
-from deltafleet.quant.linear import DEFAULT_KERNEL, QuantLinear
+from deltafleet.quant.linear import DEFAULT_KERNEL, QuantEmbedding, QuantLinear
 from deltafleet.quant.registry import ModuleKey
 from deltafleet.store.safetensors_io import load_tensors, save_tensors
 
@@ -41,6 +44,7 @@ FORMAT = "deltafleet-quantized-base"
 MANIFEST = "deltafleet.json"
 WEIGHTS = "quantized.safetensors"
 LORA_INIT = "lora_init"
+TABLES = ("model.embed_tokens", "lm_head")  # the tables `--embedding rtn` may quantize, by checkpoint prefix
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".lock")
 _NOT_COPIED = ("model.safetensors.index.json", MANIFEST, ".deltafleet-fingerprint.json", "deltafleet_source.json")
@@ -60,31 +64,40 @@ class QuantizedBase:
 
     config: ModelConfig
     matrices: dict[ModuleKey, QuantizedMatrix]
-    dense: dict[str, Tensor]  # every non-projection-weight tensor, by its checkpoint name
+    dense: dict[str, Tensor]  # every other tensor, by its checkpoint name
     manifest: dict[str, Any]
+    tables: dict[str, QuantizedMatrix] = field(default_factory=dict)  # quantized tables by prefix (TABLES)
 
     def dequantized_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """The checkpoint a plain model would load: dense tensors plus W_hat for every projection weight."""
+        """The checkpoint a plain model would load: dense tensors plus W_hat for every quantized weight."""
         state = {k: v.to(dtype) for k, v in self.dense.items()}
         for (layer, proj), qm in self.matrices.items():
             state[f"{module_name(layer, proj)}.weight"] = qm.dequantize().to(dtype)
+        for prefix, qm in self.tables.items():
+            state[f"{prefix}.weight"] = qm.dequantize().to(dtype)
         return state
 
 
 # ----------------------------------------------------------------------------------------------- bytes
-def weight_bytes(matrices: dict[ModuleKey, QuantizedMatrix], dense: dict[str, Tensor]) -> dict[str, int]:
-    """Bytes of the projection weights quantized vs in bf16, and of the whole model (dense tensors as stored)."""
+def weight_bytes(matrices: dict[ModuleKey, QuantizedMatrix], dense: dict[str, Tensor],
+                 tables: dict[str, QuantizedMatrix] | None = None) -> dict[str, int]:
+    """Bytes of the projection weights quantized vs in bf16, of quantized tables, and of the whole model (dense
+    tensors as stored)."""
+    tables = tables or {}
     proj_q = sum(qm.nbytes for qm in matrices.values())
     proj_bf16 = sum(2 * qm.shape[0] * qm.shape[1] for qm in matrices.values())
+    tab_q = sum(qm.nbytes for qm in tables.values())
+    tab_bf16 = sum(2 * qm.shape[0] * qm.shape[1] for qm in tables.values())
     dense_b = sum(t.numel() * t.element_size() for t in dense.values())
     dense_bf16 = sum(2 * t.numel() for t in dense.values())
-    return {"projections": proj_q, "projections_bf16": proj_bf16, "dense": dense_b,
-            "total": proj_q + dense_b, "total_bf16": proj_bf16 + dense_bf16}
+    return {"projections": proj_q, "projections_bf16": proj_bf16, "tables": tab_q, "dense": dense_b,
+            "total": proj_q + tab_q + dense_b, "total_bf16": proj_bf16 + tab_bf16 + dense_bf16}
 
 
 # ----------------------------------------------------------------------------------------------- write
 def write_quantized_base(out: Path, source: Path, matrices: dict[ModuleKey, QuantizedMatrix],
-                         dense: dict[str, Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
+                         dense: dict[str, Tensor], manifest: dict[str, Any],
+                         tables: dict[str, QuantizedMatrix] | None = None) -> dict[str, Any]:
     """Write config, tokenizer, tensors and manifest into `out` (created; must not hold a quantized base)."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / WEIGHTS).exists() or (out / MANIFEST).exists():
@@ -95,9 +108,13 @@ def write_quantized_base(out: Path, source: Path, matrices: dict[ModuleKey, Quan
     tensors = dict(dense)
     for (layer, proj), qm in matrices.items():
         tensors.update(qm.tensors(module_name(layer, proj)))
+    for prefix, qm in (tables or {}).items():
+        tensors.update(qm.tensors(prefix))
     save_tensors(tensors, out / WEIGHTS, metadata={"format": FORMAT})
     full = {"schema_version": SCHEMA_VERSION, "format": FORMAT, **manifest,
-            "bytes": weight_bytes(matrices, dense)}
+            "bytes": weight_bytes(matrices, dense, tables)}
+    if tables:
+        full["quantized_tables"] = sorted(tables)
     (out / MANIFEST).write_text(json.dumps(full, indent=2))
     return full
 
@@ -190,6 +207,17 @@ def read_quantized_base(path: str | Path) -> QuantizedBase:
     if cfg.tie_word_embeddings:
         want.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)
+    names = m.get("quantized_tables", [])
+    if not isinstance(names, list) or any(n not in TABLES or f"{n}.weight" not in want for n in names):
+        raise ArtifactError(mpath, f"quantized_tables={names!r}: must list tables of this model among {TABLES}")
+    tables: dict[str, QuantizedMatrix] = {}
+    for prefix in names:
+        try:
+            tables[prefix] = QuantizedMatrix.from_tensors(tensors, prefix, want.pop(f"{prefix}.weight"), bits, gs)
+        except ValueError as e:
+            raise ArtifactError(wpath, f"{e} (with bits={bits}, group_size={gs} from {MANIFEST})") from None
+        for suffix in ("qcodes", "qscale", "qzero"):
+            tensors.pop(f"{prefix}.{suffix}")
     missing = sorted(set(want) - set(tensors))
     if missing:
         raise ArtifactError(wpath, f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
@@ -199,7 +227,7 @@ def read_quantized_base(path: str | Path) -> QuantizedBase:
     for k, shape in want.items():
         if tuple(tensors[k].shape) != shape:
             raise ArtifactError(wpath, f"tensor {k!r} has shape {tuple(tensors[k].shape)}, config implies {shape}")
-    return QuantizedBase(cfg, matrices, tensors, m)
+    return QuantizedBase(cfg, matrices, tensors, m, tables)
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -217,6 +245,12 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, k
         block = model.model.layers[layer]
         parent = block.self_attn if _group(proj) == "self_attn" else block.mlp
         setattr(parent, proj, QuantLinear(qm, None if bias is None else bias.to(dtype), kernel))
+    if "model.embed_tokens" in qb.tables:
+        model.model.embed_tokens = QuantEmbedding(qb.tables["model.embed_tokens"], dtype, kernel)
+        if cfg.tie_word_embeddings:
+            model.lm_head = model.model.embed_tokens.table  # the same buffers: one copy of the table
+    if "lm_head" in qb.tables:
+        model.lm_head = QuantLinear(qb.tables["lm_head"], None, kernel)
     model.load_state_dict({k: v.to(dtype) for k, v in dense.items()}, strict=False, assign=True)
     model.tie_weights()
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)

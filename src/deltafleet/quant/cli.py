@@ -36,7 +36,9 @@ def quantize_command(
     lr_lwc: float = typer.Option(5e-3, help="ApiQ learning rate of the clipping factors."),
     lr_lora: float = typer.Option(5e-4, help="ApiQ learning rate of LoRA A, B."),
     loftq_iters: int = typer.Option(5, help="LoftQ alternations."),
-    dense_dtype: str = typer.Option("bfloat16", help="Storage dtype of embeddings, norms and lm_head."),
+    dense_dtype: str = typer.Option("bfloat16", help="Storage dtype of norms, biases and dense tables."),
+    embedding: str = typer.Option("dense", help="Embedding table (and an untied lm_head): dense, or rtn (RTN at "
+                                                "--bits and --group-size; the tied LM head shares it)."),
     seed: int = typer.Option(0, help="Seed of calibration windows and ApiQ's LoRA init and order."),
 ) -> None:
     """Quantize the base's seven projections group-wise (RTN, GPTQ, LoftQ or ApiQ) into a quantized base."""
@@ -44,7 +46,7 @@ def quantize_command(
     from deltafleet.quant.pipeline import quantize_base
 
     try:
-        cfg = QuantConfig(method=method, bits=bits, group_size=group_size, calib_samples=samples,
+        cfg = QuantConfig(method=method, bits=bits, group_size=group_size, embedding=embedding, calib_samples=samples,
                           calib_seq_len=seq_len, seed=seed, rank=rank, alpha=alpha, loftq_iters=loftq_iters,
                           apiq_epochs=epochs, apiq_lr_lwc=lr_lwc, apiq_lr_lora=lr_lora)
         manifest = quantize_base(base, cfg, out, calib, dense_dtype, progress=lambda m: console.print(f"[dim]{m}"))

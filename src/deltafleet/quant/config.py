@@ -15,16 +15,20 @@ from typing import Any
 from deltafleet.models.config import PROJECTIONS
 
 QUANT_BITS = (2, 3, 4, 8)
+EMBEDDINGS = ("dense", "rtn")  # the embedding table (and an untied LM head): kept dense, or RTN at `bits`
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """One quantization run. `rank`, `alpha` and `targets` describe the LoRA initialisation written by the methods
-    that make one (apiq, loftq); fine-tuning from it must use the same values."""
+    that make one (apiq, loftq); fine-tuning from it must use the same values. `embedding` 'rtn' also quantizes
+    the embedding table (and an untied LM head) with RTN at `bits` and `group_size`, after the method has run
+    on the full-precision table."""
 
     method: str
     bits: int = 4
     group_size: int = 64
+    embedding: str = "dense"
     calib_samples: int = 32
     calib_seq_len: int = 128
     seed: int = 0
@@ -47,6 +51,8 @@ class QuantConfig:
 
         if self.method not in QUANTIZERS:
             raise ValueError(f"method={self.method!r}: must be one of {sorted(QUANTIZERS)}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding={self.embedding!r}: must be one of {EMBEDDINGS}")
         if self.bits not in QUANT_BITS:
             raise ValueError(f"bits={self.bits!r}: must be one of {QUANT_BITS}")
         for name in ("group_size", "calib_samples", "calib_seq_len", "rank", "loftq_iters", "apiq_epochs",
@@ -74,6 +80,8 @@ class QuantConfig:
         """JSON-ready fields for the manifest: the method's own options only."""
         d = asdict(self)
         d["targets"] = list(self.targets)
+        if self.embedding == "dense":
+            d.pop("embedding")  # absent: the tables stay dense (as in bases written before the option)
         own = {"gptq": ("gptq_",), "loftq": ("loftq_",), "apiq": ("apiq_",)}.get(self.method, ())
         for k in list(d):
             if any(k.startswith(p) for p in ("gptq_", "loftq_", "apiq_")) and not k.startswith(own):

@@ -187,3 +187,40 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self.kernel}")
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table over a stored `QuantizedMatrix` (vocab, hidden), called like `nn.Embedding`.
+
+    forward(ids (...)) -> (..., hidden) in the compute dtype: only the rows of the distinct ids are unpacked and
+    dequantized (each row's codes are a contiguous byte run when hidden * bits is a multiple of 8; otherwise the
+    whole table is dequantized, `fast` kernel). `table` is a `QuantLinear` over the same buffers, so a tied LM head
+    (`lm_head = emb.table`) shares them instead of holding a second copy. The compute dtype follows `Module.to`
+    through the empty floating buffer `dtype_probe`.
+    """
+
+    def __init__(self, qm: QuantizedMatrix, dtype: torch.dtype = torch.float32, kernel: str = DEFAULT_KERNEL):
+        super().__init__()
+        self.table = QuantLinear(qm, None, kernel)
+        self.num_embeddings, self.embedding_dim = qm.shape
+        self.register_buffer("dtype_probe", torch.zeros(0, dtype=dtype))
+
+    def rows(self, index: Tensor) -> Tensor:
+        """W_hat[index] (n, hidden) fp32 for a 1-D long tensor of row indices."""
+        t = self.table
+        R, C = t.shape
+        if (C * t.bits) % 8:
+            return _fast_weight(t, torch.float32)[index]
+        row_bytes = C * t.bits // 8
+        packed = t.qcodes[: R * row_bytes].view(R, row_bytes)[index].reshape(-1)
+        codes = fast_codes(packed, t.bits, index.numel() * C).reshape(-1, C)
+        return dequantize(codes, t.scale[index], t.qzero[index], t.group_size)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        out = self.rows(uniq).to(self.dtype_probe.dtype)[inverse]
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        t = self.table
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={t.bits}, group_size={t.group_size}"

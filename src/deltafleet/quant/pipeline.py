@@ -15,9 +15,10 @@ import torch
 
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.quant.base import DENSE_DTYPES, module_name, write_lora_init, write_quantized_base
+from deltafleet.quant.base import DENSE_DTYPES, TABLES, module_name, write_lora_init, write_quantized_base
 from deltafleet.quant.calib import shakespeare_text, text_file, token_windows
 from deltafleet.quant.config import QuantConfig
+from deltafleet.quant.functional import QuantizedMatrix
 from deltafleet.quant.registry import QUANTIZERS
 
 
@@ -63,7 +64,13 @@ def quantize_base(base: str | Path, cfg: QuantConfig, out: str | Path, calib: st
              if k not in projection_keys}
     if model.config.tie_word_embeddings:
         dense.pop("lm_head.weight", None)
-    written = write_quantized_base(out, path, result.matrices, dense, manifest)
+    tables = {}
+    if cfg.embedding == "rtn":
+        for prefix in TABLES:
+            w = dense.pop(f"{prefix}.weight", None)
+            if w is not None:
+                tables[prefix] = QuantizedMatrix.quantize(w.float(), cfg.bits, cfg.group_size)
+    written = write_quantized_base(out, path, result.matrices, dense, manifest, tables)
     if result.lora:
         write_lora_init(out, result.lora, cfg.rank, cfg.alpha, cfg.targets, base_fingerprint(out), cfg.method)
     return written

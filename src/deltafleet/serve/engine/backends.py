@@ -13,15 +13,11 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
   place, one call per projection; 3.4x faster than grouped_mm on SmolLM2's shapes at batch 32 with 32 adapters).
   Without either it falls back to one matmul pair per segment, or a gather + batched matmul per token.
   Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
-  `bind` checks a native call's full contract on its first use in a step and then calls the kernel directly,
-  checking only y's dtype, shape and layout (the pool tensors and the step's index do not change within a step):
-  about 10 microseconds less per adapted projection, i.e. about 2 ms per decode step on SmolLM2.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,10 +40,6 @@ class Backend(ABC):
         if family == ELEMENTWISE:
             return self.elementwise(y, tensors["c"], tensors["s"], step)
         raise ValueError(f"unknown pool family {family!r}")
-
-    def bind(self, family: str, tensors: dict[str, Tensor], step: PoolStep) -> Callable[[Tensor, Tensor], Tensor]:
-        """`apply` for one projection's pool tensors within one step, as a function of (x, y)."""
-        return lambda x, y: self.apply(family, x, y, tensors, step)
 
     @abstractmethod
     def additive(self, x: Tensor, y: Tensor, A: Tensor, B: Tensor, step: PoolStep) -> Tensor: ...
@@ -84,33 +76,6 @@ class CpuBackend(Backend):
         self.segment_ratio = segment_ratio
         self.grouped = _grouped_mm_works() if grouped is None else grouped
         self.native = native
-
-    def bind(self, family, tensors, step):
-        if not self.native:
-            return super().bind(family, tensors, step)
-        from deltafleet import native
-
-        if family == ELEMENTWISE:
-            c, s = tensors["c"], tensors["s"]
-            fn = native.road_apply(c.dtype)
-            tail = (step.pool.width, c.data_ptr(), c.stride(0), s.data_ptr(), s.stride(0), step.index.data_ptr(),
-                    step.pool.null)
-            return _bound(fn, lambda x, y: native.road_apply_(y, c, s, step.index, step.pool.width, step.pool.null),
-                          lambda x, y: fn(y.shape[0], y.shape[1], tail[0], y.data_ptr(), y.stride(0), *tail[1:]),
-                          lambda x, y: self.elementwise(y, c, s, step), step.index.numel(), c.shape[1], None)
-        A, B = tensors["A"], tensors["B"]
-        n = step.index.numel()
-        if family != ADDITIVE or not step.distinct * self.segment_ratio > (
-                n if step.members is None else step.members.numel()):
-            return super().bind(family, tensors, step)
-        fn = native.lora_bgmv(A.dtype)
-        r = step.width
-        tail = (A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), step.index.data_ptr(),
-                step.pool.null)
-        return _bound(fn, lambda x, y: native.lora_bgmv_(x, y, A, B, step.index, r, step.pool.null),
-                      lambda x, y: fn(n, x.shape[1], y.shape[1], r, x.data_ptr(), x.stride(0), y.data_ptr(),
-                                      y.stride(0), *tail),
-                      lambda x, y: self.additive(x, y, A, B, step), n, B.shape[2], A.shape[2])
 
     def _few_tokens_per_adapter(self, x: Tensor, step: PoolStep) -> bool:
         """Decode-like: the step's distinct adapters cover fewer than `segment_ratio` member tokens each."""
@@ -179,27 +144,6 @@ class CpuBackend(Backend):
 
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _bound(fn, checked, raw, fallback, n: int, out_f: int, in_f: int | None) -> Callable[[Tensor, Tensor], Tensor]:
-    """A bound native call: the first call goes through `checked` (the kernel's full contract, in place on a
-    contiguous y); once that succeeded, later calls whose x, y are contiguous float32 of the same shapes go
-    straight to `raw`; anything else (or a failed check) takes `fallback`, the backend's own method."""
-    state = {"ok": None}
-
-    def call(x: Tensor, y: Tensor) -> Tensor:
-        fits = (y.dtype == torch.float32 and y.is_contiguous() and y.shape == (n, out_f)
-                and (in_f is None or (x.dtype == torch.float32 and x.is_contiguous() and x.shape == (n, in_f))))
-        if fits and state["ok"]:
-            raw(x, y)
-            return y
-        if fits and state["ok"] is None and fn is not None:
-            state["ok"] = checked(x, y)
-            if state["ok"]:
-                return y
-        return fallback(x, y)
-
-    return call
 
 
 def _grouped_mm_works() -> bool:

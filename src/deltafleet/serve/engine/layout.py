@@ -77,25 +77,17 @@ class BatchLayout:
         return cls(N, steps)
 
     def hook(self, backend: Backend) -> ProjectionHook | None:
-        """The step's projection hook: per projection, the bound backend calls of the pools adapting it (bound on
-        first use, then reused by every later call of that projection within the step)."""
         if not self.pool_steps:
             return None
         steps = self.pool_steps
-        bound: dict[ModuleKey, list] = {}
 
         def apply(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
             key = (layer, proj)
-            calls = bound.get(key)
-            if calls is None:
-                calls = bound[key] = [backend.bind(st.pool.family, st.pool.tensors[key], st)
-                                      for st in steps if key in st.modules]
-            if not calls:
-                return y
             shape = y.shape
-            x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
-            for call in calls:
-                y2 = call(x2, y2)
+            x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            for st in steps:
+                if key in st.modules:
+                    y2 = backend.apply(st.pool.family, x2, y2, st.pool.tensors[key], st)
             return y2.reshape(shape)
 
         return apply

@@ -53,15 +53,16 @@ def test_ratio_parsing():
             parse_ratio(bad)
 
 
-@pytest.mark.parametrize("method", ["delta-come", "lowrank", "bitdelta", "dare"])
-def test_every_module_fits_its_budget_and_bytes_are_counted_exactly(tiny_deltas, method):
-    s = CompressSettings(method, ratio=1 / 8, quantizer="rtn")
+@pytest.mark.parametrize("method,u_groups", [("delta-come", "rank"), ("delta-come", "out"), ("lowrank", "rank"),
+                                             ("bitdelta", "rank"), ("dare", "rank")])
+def test_every_module_fits_its_budget_and_bytes_are_counted_exactly(tiny_deltas, method, u_groups):
+    s = CompressSettings(method, ratio=1 / 8, quantizer="rtn", u_groups=u_groups)
     c = compress_deltas(tiny_deltas, s)
     for st in c.stats:
         o, i = st.shape
         cfg = c.adapter.config
         if method in ("delta-come", "lowrank"):
-            expect = bands_bytes(o, i, cfg.ranks(o, i), cfg.group_size)
+            expect = bands_bytes(o, i, cfg.ranks(o, i), cfg.group_size, cfg.u_groups)
         elif method == "bitdelta":
             expect = bitdelta_bytes(o, i)
         else:
@@ -100,21 +101,31 @@ def test_delta_come_error_falls_with_budget_and_beats_lowrank(tiny_deltas):
         assert _rel(dc) < _rel(lr)  # both within the same per-module byte budget
 
 
-def test_gptq_beats_rtn_on_output_error():
+def test_u_grouped_along_out_buys_rank_at_low_ratios():
+    """576 x 576 at 1/128 with one 2-bit band: U's scales per output row cost 1,728 of the 5,184 bytes."""
+    budget = budget_bytes(576, 576, 1 / 128)
+    by_rank = plan_ranks(576, 576, budget, parse_plan("2:*"), 128, "rank")
+    by_out = plan_ranks(576, 576, budget, parse_plan("2:*"), 128, "out")
+    assert by_rank == ((2, 11),) and by_out == ((2, 16),)
+    assert bands_bytes(576, 576, by_out, 128, "out") <= budget
+
+
+@pytest.mark.parametrize("u_groups", ["rank", "out"])
+def test_gptq_beats_rtn_on_output_error(u_groups):
     g = torch.Generator().manual_seed(3)
     delta = long_tail_delta(128, 256, g)
     mix = torch.randn(256, 256, generator=g) * (torch.rand(256, generator=g) ** 4)  # correlated, uneven inputs
     x = torch.randn(2048, 256, generator=g) @ mix
     H = hessian(x)
     ranks = ((8, 2), (3, 16), (2, 24))
-    cfg = QLowRankConfig(bands=(("128x256", ranks),), group_size=64)
+    cfg = QLowRankConfig(bands=(("128x256", ranks),), group_size=64, u_groups=u_groups)
 
     def out_err(params):
         U, S, Vt = qlowrank_factors(cfg, params, 128, 256)
         return float(((x @ ((U * S) @ Vt - delta).t()).norm()) / (x @ delta.t()).norm())
 
-    rtn = out_err(quantize_factors(delta, ranks, 64))
-    gptq = out_err(quantize_factors(delta, ranks, 64, H))
+    rtn = out_err(quantize_factors(delta, ranks, 64, u_groups=u_groups))
+    gptq = out_err(quantize_factors(delta, ranks, 64, H, u_groups=u_groups))
     assert gptq < 0.9 * rtn
 
 

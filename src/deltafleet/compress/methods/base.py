@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from deltafleet.adapters import Adapter
-from deltafleet.compress.budget import parse_plan
+from deltafleet.compress.budget import U_GROUPS, parse_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
@@ -29,6 +29,7 @@ class CompressSettings:
     method: a name in METHODS. ratio: compressed bytes / fp16 delta bytes, per projection, in (0, 1].
     plan: delta-come bands, highest bits first ('auto': the paper's '8:2,3:32,2:*' at 1/16, see compress.budget).
     group_size: quantization group G (columns per scale and zero point). quantizer: gptq (calibrated) or rtn.
+    u_groups: delta-come's U grouped along the rank ('rank', per output row) or along out ('out'); see budget.
     damp, act_order: GPTQ settings (paper: 0.01, act-order). seed: DARE's drop mask.
     distill_steps, distill_lr: BitDelta scale distillation on calibration text (0 steps: off).
     """
@@ -37,6 +38,7 @@ class CompressSettings:
     ratio: float = 1 / 16
     plan: str = "auto"
     group_size: int = 128
+    u_groups: str = "rank"
     quantizer: str = "gptq"
     damp: float = 0.01
     act_order: bool = True
@@ -53,6 +55,8 @@ class CompressSettings:
         parse_plan(self.plan)
         if self.group_size < 1:
             raise ValueError(f"group_size={self.group_size!r}: must be a positive integer")
+        if self.u_groups not in U_GROUPS:
+            raise ValueError(f"u_groups={self.u_groups!r}: must be one of {U_GROUPS}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer={self.quantizer!r}: must be one of {QUANTIZERS}")
         if not 0 <= self.damp < 1:

@@ -24,14 +24,15 @@ from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.kinds import QLowRankConfig, Ranks, shape_key
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.quant.functional import QuantizedMatrix
+from deltafleet.quant.functional import QuantizedMatrix, gptq_quantize_transposed
 
 
 def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | None = None,
-                     damp: float = 0.01, act_order: bool = True) -> Params:
+                     damp: float = 0.01, act_order: bool = True, u_groups: str = "rank") -> Params:
     """delta (out, in), bands ((bits, r), ...) -> stored params of a `qlowrank` module.
 
-    H (in, in): Hessian of the projection input (GPTQ); None: round-to-nearest.
+    H (in, in): Hessian of the projection input (GPTQ); None: round-to-nearest. u_groups 'out': U stored as
+    U^T (r, out) grouped along out (GPTQ then feeds each column's error forward across the rank).
     """
     U, S, Vt = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, k), (k,), (k, in)
     params: Params = {}
@@ -47,18 +48,24 @@ def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | N
         gptq = {"damp": damp, "act_order": act_order}
         qV = QuantizedMatrix.quantize(Vtb, bits, group_size, H, **gptq) if H is not None else \
             QuantizedMatrix.quantize(Vtb, bits, group_size)
+        Hz = None
         if H is not None:
             P = qV.dequantize() * S16.float()[:, None]  # (r, in): z = x P^T
-            qU = QuantizedMatrix.quantize(Ub, bits, group_size, P @ H @ P.t(), **gptq)
+            Hz = P @ H @ P.t()
+        if u_groups == "out":
+            qU = QuantizedMatrix.quantize(Ub.t().contiguous(), bits, group_size) if Hz is None else \
+                QuantizedMatrix.from_codes(*gptq_quantize_transposed(Ub, Hz, bits, group_size, damp=damp), bits,
+                                           group_size)
         else:
-            qU = QuantizedMatrix.quantize(Ub, bits, group_size)
+            qU = QuantizedMatrix.quantize(Ub, bits, group_size, Hz, **gptq) if Hz is not None else \
+                QuantizedMatrix.quantize(Ub, bits, group_size)
         params |= qV.tensors(f"b{i}.V") | qU.tensors(f"b{i}.U")
     return params
 
 
 def band_plan(ds: DeltaSet, s: CompressSettings, plan: tuple[Band, ...]) -> tuple[tuple[str, Ranks], ...]:
     shapes = sorted({ds.config.linear_shape(p) for p in PROJECTIONS})
-    return tuple((shape_key(o, i), plan_ranks(o, i, budget_bytes(o, i, s.ratio), plan, s.group_size))
+    return tuple((shape_key(o, i), plan_ranks(o, i, budget_bytes(o, i, s.ratio), plan, s.group_size, s.u_groups))
                  for o, i in shapes)
 
 
@@ -68,13 +75,15 @@ class _SVDMethod(Method):
         """The bands, highest bits first."""
 
     def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
-        cfg = QLowRankConfig(targets=PROJECTIONS, bands=band_plan(ds, s, self.plan(s)), group_size=s.group_size)
+        cfg = QLowRankConfig(targets=PROJECTIONS, bands=band_plan(ds, s, self.plan(s)), group_size=s.group_size,
+                             u_groups=s.u_groups)
         params = {}
         for (layer, proj), delta in ds.deltas.items():
             H = ctx.hessians[(layer, proj)] if ctx.hessians is not None else None
             ranks = cfg.ranks(*delta.shape)
             if ranks:  # else not even one vector fits the budget: the module is left out (delta dropped)
-                params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order)
+                params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order,
+                                                         s.u_groups)
             ctx.tick()
         return Adapter(cfg, params)
 

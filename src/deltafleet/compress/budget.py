@@ -15,7 +15,8 @@ counts scaled by ratio / (1/16) (1/8 -> `8:4,3:64,2:*`, 1/32 -> `8:1,3:16,2:*`);
 `2:*`. Each band pays U's group scales and zeros for every output row (3 bytes x out), a third of a 576 x 576
 delta's 1/128 budget, so at small budgets rank beats bits: on the zoo's broad fine-tune (SmolLM2) mean KL at
 1/64, 1/128, 1/256 was 8.9e-2, 2.9e-1, 3.7e-1 with the paper's plan, 5.2e-2, 1.6e-1, 3.3e-1 with scaled counts
-and 3.7e-2, 1.1e-1, 2.7e-1 with `2:*` (results/compress/README.md).
+and 3.7e-2, 1.1e-1, 2.7e-1 with `2:*` (results/compress/README.md). Those plans were compared with U grouped
+along the rank (`u_groups='rank'`); grouped along out, extra bands cost little and the comparison is not redone.
 """
 
 from __future__ import annotations

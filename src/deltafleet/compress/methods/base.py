@@ -38,7 +38,7 @@ class CompressSettings:
     ratio: float = 1 / 16
     plan: str = "auto"
     group_size: int = 128
-    u_groups: str = "rank"
+    u_groups: str = "out"
     quantizer: str = "gptq"
     damp: float = 0.01
     act_order: bool = True

@@ -132,6 +132,26 @@ def rtn_quantize(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor,
     return codes.to(torch.uint8), scale.reshape(R, G).half(), zero.reshape(R, G).to(torch.uint8)
 
 
+def _gptq_inputs(w: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 copies of w (R, C) and H (C, C), checked; columns whose H diagonal is zero (inputs that never fire)
+    are zeroed in w and given a unit diagonal in H."""
+    W = w.float().clone()
+    C = W.shape[1]
+    if H.shape != (C, C):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({C}, {C}) for a matrix of {C} columns")
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def _damped_inverse_factor(H: Tensor, damp: float) -> Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (C, C)."""
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, *, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ. w (R, C), H (C, C) = sum of x x^T over calibration inputs -> codes, scale, zero as `rtn_quantize`.
@@ -139,14 +159,8 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, *, damp: flo
     Columns whose H diagonal is zero (inputs that never fire) are set to zero before quantizing.
     """
     _check_bits(bits)
-    W = w.float().clone()
+    W, H = _gptq_inputs(w, H)
     R, C = W.shape
-    if H.shape != (C, C):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({C}, {C}) for a matrix of {C} columns")
-    H = H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     G = num_groups(C, group_size)
     scale = torch.zeros(R, G)
     zero = torch.zeros(R, G)
@@ -158,10 +172,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, *, damp: flo
         perm = torch.arange(C)
         block_size = group_size  # a group then always starts a block, so its range sees all earlier feedback
     W = W[:, perm]
-    H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(C)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky factor of H^-1
+    Hinv = _damped_inverse_factor(H[perm][:, perm], damp)
     codes = torch.zeros(R, C)
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
@@ -192,16 +203,9 @@ def gptq_quantize_transposed(w: Tensor, H: Tensor, bits: int, group_size: int, *
     the inverse Hessian H (C, C). Returns codes, scale, zero of w^T (C, R), as `rtn_quantize(w.t())` lays them
     out. Used for Delta-CoMe's U (out, r), whose input dimension r is often below one group."""
     _check_bits(bits)
-    W = w.float().clone()
+    W, H = _gptq_inputs(w, H)
     R, C = W.shape
-    if H.shape != (C, C):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({C}, {C}) for a matrix of {C} columns")
-    H = H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(C)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = _damped_inverse_factor(H, damp)
     G = num_groups(R, group_size)
     codes, scale, zero = torch.zeros(C, R, dtype=torch.uint8), torch.zeros(C, G), torch.zeros(C, G)
     for j in range(C):

@@ -60,15 +60,18 @@ def _road_reference(y, c, s, index, G, null):
     return out
 
 
+# (group, outputs, tokens): a group below one vector, one with a vector and a tail, and a batch large enough
+# for the threaded loop
+@pytest.mark.parametrize("G,d_out,n", [(8, 48, 8), (24, 48, 8), (64, 1536, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_road_kernel_matches_reference(dtype):
+def test_road_kernel_matches_reference(dtype, G, d_out, n):
     g = torch.Generator().manual_seed(3)
-    S, n, G, d_out = 5, 8, 8, 48
+    S = 5
     c = torch.randn(S + 1, d_out, generator=g).to(dtype)
     s = torch.randn(S + 1, d_out, generator=g).to(dtype)
     c[S], s[S] = 1, 0
     y = torch.randn(n, d_out, generator=g)
-    index = torch.tensor([0, 5, 2, 2, 4, 1, 5, 3])
+    index = torch.tensor([0, 5, 2, 2, 4, 1, 5, 3]).repeat(n // 8)
     want = _road_reference(y, c.float(), s.float(), index, G, S)
     got = y.clone()
     assert native.road_apply_(got, c, s, index, G, S)

@@ -135,26 +135,90 @@ def dequant_groups_(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return fn(R, C, bits, group_size, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr()) == 0
 
 
+class BoundBgmv:
+    """lora_cpu.c's BGMV bound to one pool's A (S, R, in) and B (S, R, out): the pool side of the contract is
+    checked once here, so a call (one projection of one decode step) checks only the batch side. Pools are
+    allocated once and written in place, so a binding stays valid as long as its pool lives."""
+
+    __slots__ = ("fn", "A", "B", "in_f", "out_f", "R", "static")
+
+    def __init__(self, fn, A: torch.Tensor, B: torch.Tensor):
+        self.fn, self.A, self.B = fn, A, B
+        self.in_f, self.out_f, self.R = A.shape[2], B.shape[2], min(A.shape[1], B.shape[1])
+        self.static = (A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1))
+
+    @classmethod
+    def bind(cls, A: torch.Tensor, B: torch.Tensor) -> BoundBgmv | None:
+        """None when the kernel is unavailable or A, B do not fit its contract (same dtype, float32 or bfloat16,
+        3-d, contiguous last dimension, on the CPU)."""
+        if not (A.dtype == B.dtype and A.dim() == B.dim() == 3 and A.shape[0] == B.shape[0]
+                and A.stride(2) == B.stride(2) == 1 and A.device.type == B.device.type == "cpu"):
+            return None
+        fn = lora_bgmv(A.dtype)
+        return None if fn is None else cls(fn, A, B)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, r: int, null_row: int) -> bool:
+        """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
+        x (..., in), y (..., out) float32, contiguous, on the CPU, with N = prod(...) rows; index (N,) int64
+        contiguous; r <= R. Returns False (and does nothing) when the batch does not fit the contract."""
+        n = index.shape[0]
+        if not (x.dtype is _F32 and y.dtype is _F32 and index.dtype is _I64T and x.shape[-1] == self.in_f
+                and y.shape[-1] == self.out_f and x.numel() == n * self.in_f and y.numel() == n * self.out_f
+                and 0 <= r <= self.R and x.is_contiguous() and y.is_contiguous() and index.is_contiguous()
+                and x.is_cpu and y.is_cpu and index.is_cpu):
+            return False
+        self.fn(n, self.in_f, self.out_f, r, x.data_ptr(), self.in_f, y.data_ptr(), self.out_f, *self.static,
+                index.data_ptr(), null_row)
+        return True
+
+
+class BoundRoad:
+    """lora_cpu.c's RoAd kernel bound to one pool's c, s (S, out) and group size G, checked once (see
+    BoundBgmv)."""
+
+    __slots__ = ("fn", "c", "s", "out_f", "group", "static")
+
+    def __init__(self, fn, c: torch.Tensor, s: torch.Tensor, group: int):
+        self.fn, self.c, self.s, self.out_f, self.group = fn, c, s, c.shape[1], group
+        self.static = (c.data_ptr(), c.stride(0), s.data_ptr(), s.stride(0))
+
+    @classmethod
+    def bind(cls, c: torch.Tensor, s: torch.Tensor, group: int) -> BoundRoad | None:
+        """None when the kernel is unavailable or c, s, G do not fit its contract (same dtype and shape, float32
+        or bfloat16, 2-d with contiguous rows, on the CPU; G even and dividing out)."""
+        if not (c.dtype == s.dtype and c.dim() == s.dim() == 2 and c.shape == s.shape and group > 0
+                and group % 2 == 0 and c.shape[1] % group == 0 and c.stride(1) == s.stride(1) == 1
+                and c.device.type == s.device.type == "cpu"):
+            return None
+        fn = road_apply(c.dtype)
+        return None if fn is None else cls(fn, c, s, group)
+
+    def __call__(self, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
+        """y[i] <- y[i] * c[index[i]] + rotate_half_G(y[i]) * s[index[i]] in place for every i with
+        index[i] != null_row. y (..., out) float32, contiguous, on the CPU, with N = prod(...) rows; index (N,)
+        int64 contiguous. Returns False (and does nothing) when the batch does not fit the contract."""
+        n = index.shape[0]
+        if not (y.dtype is _F32 and index.dtype is _I64T and y.shape[-1] == self.out_f
+                and y.numel() == n * self.out_f and y.is_contiguous() and index.is_contiguous()
+                and y.is_cpu and index.is_cpu):
+            return False
+        self.fn(n, self.out_f, self.group, y.data_ptr(), self.out_f, *self.static, index.data_ptr(), null_row)
+        return True
+
+
+_F32, _I64T = torch.float32, torch.int64
+
+
 def lora_bgmv_(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
                r: int, null_row: int) -> bool:
     """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
 
     x (N, in), y (N, out) float32 with contiguous rows; A (S, R, in), B (S, R, out) float32 or bfloat16 (both
     the same) with contiguous last dimension; index (N,) int64 contiguous. Returns False (and does nothing) when
-    the kernel is unavailable or the tensors do not fit its contract; the caller then takes its torch path."""
-    if not (x.dtype == y.dtype == torch.float32 and A.dtype == B.dtype and index.dtype == torch.int64
-            and x.dim() == y.dim() == 2 and A.dim() == B.dim() == 3 and x.shape[0] == y.shape[0] == index.numel()
-            and A.shape[2] == x.shape[1] and B.shape[2] == y.shape[1] and 0 <= r <= min(A.shape[1], B.shape[1])
-            and x.stride(1) == y.stride(1) == A.stride(2) == B.stride(2) == 1 and index.is_contiguous()
-            and x.device.type == y.device.type == "cpu"):
-        return False
-    fn = lora_bgmv(A.dtype)
-    if fn is None:
-        return False
-    n, in_f = x.shape
-    fn(n, in_f, y.shape[1], r, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-       A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), index.data_ptr(), null_row)
-    return True
+    the kernel is unavailable or the tensors do not fit its contract; the caller then takes its torch path.
+    A one-off call; a hot loop binds the pool once (`BoundBgmv.bind`)."""
+    bound = BoundBgmv.bind(A, B)
+    return bound is not None and bound(x, y, index, r, null_row)
 
 
 def road_apply_(y: torch.Tensor, c: torch.Tensor, s: torch.Tensor, index: torch.Tensor, group: int,
@@ -164,16 +228,6 @@ def road_apply_(y: torch.Tensor, c: torch.Tensor, s: torch.Tensor, index: torch.
 
     y (N, out) float32 with contiguous rows, out % group == 0; c, s (S, out) float32 or bfloat16 (both the same)
     with contiguous rows; index (N,) int64 contiguous. Returns False (and does nothing) when the kernel is
-    unavailable or the tensors do not fit its contract."""
-    if not (y.dtype == torch.float32 and c.dtype == s.dtype and index.dtype == torch.int64 and y.dim() == 2
-            and c.dim() == s.dim() == 2 and c.shape == s.shape and c.shape[1] == y.shape[1]
-            and y.shape[0] == index.numel() and group > 0 and group % 2 == 0 and y.shape[1] % group == 0
-            and y.stride(1) == c.stride(1) == s.stride(1) == 1 and index.is_contiguous()
-            and y.device.type == "cpu"):
-        return False
-    fn = road_apply(c.dtype)
-    if fn is None:
-        return False
-    fn(y.shape[0], y.shape[1], group, y.data_ptr(), y.stride(0), c.data_ptr(), c.stride(0), s.data_ptr(),
-       s.stride(0), index.data_ptr(), null_row)
-    return True
+    unavailable or the tensors do not fit its contract. A one-off call; a hot loop binds (`BoundRoad.bind`)."""
+    bound = BoundRoad.bind(c, s, group)
+    return bound is not None and bound(y, index, null_row)

@@ -18,9 +18,39 @@
  *
  * x and y are float32. Adapter weights (A, B, c, s) are float32 (`_f32`) or bfloat16 (`_bf16w`, widened to
  * float32 as they are read: half the bytes a decode step streams from memory, the same fp32 arithmetic).
- * Tokens are independent: the loop over them runs on OpenMP threads (torch's own runtime when loaded by it). */
+ *
+ * A decode step's adapter rows live in DRAM (hundreds of MB per step, read once), so BGMV is a streaming read:
+ * each token reads its A rows, then its B rows, one row after another (one sequential stream per matrix, not
+ * several interleaved ones), prefetching PREFETCH_AHEAD bytes ahead of the read position and, before a token's
+ * work starts, the heads of the streams that come next (its B, the next token's A), which no hardware
+ * prefetcher can predict. With AVX2 + FMA the row loops are written with intrinsics (four independent
+ * accumulators); otherwise they are plain loops left to the compiler. Tokens are independent: the loop over
+ * them runs on OpenMP threads (torch's own runtime when loaded by it); RoAd's small work runs on one thread. */
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DF_AVX2 1
+#endif
+
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 1024
+#endif
+#ifndef PREFETCH_HEAD
+#define PREFETCH_HEAD 1024
+#endif
+#ifndef ROAD_LOOKAHEAD
+#define ROAD_LOOKAHEAD 2
+#endif
+#ifndef ROAD_PARALLEL_MIN
+#define ROAD_PARALLEL_MIN 8192 /* RoAd runs threaded only from this many outputs per call */
+#endif
+
+static inline void prefetch_head(const void *p) {
+    const char *c = (const char *)p;
+    for (int o = 0; o < PREFETCH_HEAD; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
 
 static inline float f32_load(const float *p, int64_t j) { return p[j]; }
 
@@ -31,74 +61,134 @@ static inline float bf16_load(const uint16_t *p, int64_t j) {
     return f;
 }
 
-/* Rank rows go four at a time: four independent dot products over x (the shrink), and one pass over y per four
- * rows of B (the expand), so neither loop waits on a single accumulator chain and y is read and written r/4
- * times instead of r. */
-#define DEFINE_BGMV(NAME, W, LOAD)                                                                  \
-void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                                        \
-          const float *x, int64_t sx, float *y, int64_t sy,                                         \
-          const W *A, int64_t sa0, int64_t sa1, const W *B, int64_t sb0, int64_t sb1,               \
-          const int64_t *idx, int64_t null_row) {                                                   \
-    _Pragma("omp parallel for schedule(static) if (n > 1)")                                         \
-    for (int64_t i = 0; i < n; i++) {                                                               \
-        int64_t k = idx[i];                                                                         \
-        if (k == null_row) continue;                                                                \
-        const float *xi = x + i * sx;                                                               \
-        float *yi = y + i * sy;                                                                     \
-        float h[r > 0 ? r + 3 : 4];                                                                 \
-        int64_t j = 0;                                                                              \
-        for (; j + 4 <= r; j += 4) {                                                                \
-            const W *a0 = A + k * sa0 + j * sa1, *a1 = a0 + sa1, *a2 = a1 + sa1, *a3 = a2 + sa1;   \
-            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                       \
-            for (int64_t c = 0; c < in_f; c++) {                                                    \
-                const float xc = xi[c];                                                             \
-                s0 += LOAD(a0, c) * xc; s1 += LOAD(a1, c) * xc;                                     \
-                s2 += LOAD(a2, c) * xc; s3 += LOAD(a3, c) * xc;                                     \
-            }                                                                                       \
-            h[j] = s0; h[j + 1] = s1; h[j + 2] = s2; h[j + 3] = s3;                                 \
-        }                                                                                           \
-        for (; j < r; j++) {                                                                        \
-            const W *a = A + k * sa0 + j * sa1;                                                     \
-            float acc = 0.0f;                                                                       \
-            for (int64_t c = 0; c < in_f; c++) acc += LOAD(a, c) * xi[c];                          \
-            h[j] = acc;                                                                             \
-        }                                                                                           \
-        j = 0;                                                                                      \
-        for (; j + 4 <= r; j += 4) {                                                                \
-            const W *b0 = B + k * sb0 + j * sb1, *b1 = b0 + sb1, *b2 = b1 + sb1, *b3 = b2 + sb1;   \
-            const float h0 = h[j], h1 = h[j + 1], h2 = h[j + 2], h3 = h[j + 3];                     \
-            for (int64_t c = 0; c < out_f; c++)                                                     \
-                yi[c] += h0 * LOAD(b0, c) + h1 * LOAD(b1, c) + h2 * LOAD(b2, c) + h3 * LOAD(b3, c);  \
-        }                                                                                           \
-        for (; j < r; j++) {                                                                        \
-            const W *b = B + k * sb0 + j * sb1;                                                     \
-            const float hj = h[j];                                                                  \
-            for (int64_t c = 0; c < out_f; c++) yi[c] += hj * LOAD(b, c);                           \
-        }                                                                                           \
-    }                                                                                               \
+#ifdef DF_AVX2
+static inline __m256 f32_load8(const float *p) { return _mm256_loadu_ps(p); }
+
+static inline __m256 bf16_load8(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-#define DEFINE_ROAD(NAME, W, LOAD)                                                                  \
-void NAME(int64_t n, int64_t out_f, int64_t group, float *y, int64_t sy,                            \
-          const W *c, int64_t sc, const W *s, int64_t ss, const int64_t *idx, int64_t null_row) {   \
-    const int64_t h = group / 2;                                                                    \
-    _Pragma("omp parallel for schedule(static) if (n > 1)")                                         \
-    for (int64_t i = 0; i < n; i++) {                                                               \
-        int64_t k = idx[i];                                                                         \
-        if (k == null_row) continue;                                                                \
-        float *yi = y + i * sy;                                                                     \
-        const W *ci = c + k * sc, *si = s + k * ss;                                                 \
-        for (int64_t g = 0; g < out_f; g += group) {                                                \
-            for (int64_t j = g; j < g + h; j++) {                                                   \
-                const float a = yi[j], b = yi[j + h];                                               \
-                yi[j] = a * LOAD(ci, j) - b * LOAD(si, j);                                          \
-                yi[j + h] = b * LOAD(ci, j + h) + a * LOAD(si, j + h);                              \
-            }                                                                                       \
-        }                                                                                           \
-    }                                                                                               \
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
 }
 
-DEFINE_BGMV(lora_bgmv_f32, float, f32_load)
-DEFINE_BGMV(lora_bgmv_bf16w, uint16_t, bf16_load)
-DEFINE_ROAD(road_apply_f32, float, f32_load)
-DEFINE_ROAD(road_apply_bf16w, uint16_t, bf16_load)
+/* One weight row: dot(a[:n], x[:n]); y[:n] += h * b[:n]; and RoAd's rotation of one group of 2h outputs. */
+#define DEFINE_ROW_OPS(SUF, W)                                                                       \
+static inline float dot_##SUF(const W *a, const float *x, int64_t n) {                               \
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;                                      \
+    int64_t c = 0;                                                                                   \
+    for (; c + 32 <= n; c += 32) {                                                                   \
+        __builtin_prefetch((const char *)(a + c) + PREFETCH_AHEAD, 0, 3);                            \
+        s0 = _mm256_fmadd_ps(SUF##_load8(a + c), _mm256_loadu_ps(x + c), s0);                        \
+        s1 = _mm256_fmadd_ps(SUF##_load8(a + c + 8), _mm256_loadu_ps(x + c + 8), s1);                \
+        s2 = _mm256_fmadd_ps(SUF##_load8(a + c + 16), _mm256_loadu_ps(x + c + 16), s2);              \
+        s3 = _mm256_fmadd_ps(SUF##_load8(a + c + 24), _mm256_loadu_ps(x + c + 24), s3);              \
+    }                                                                                                \
+    float acc = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));                  \
+    for (; c < n; c++) acc += SUF##_load(a, c) * x[c];                                               \
+    return acc;                                                                                      \
+}                                                                                                    \
+static inline void axpy_##SUF(float h, const W *b, float *y, int64_t n) {                            \
+    const __m256 hv = _mm256_set1_ps(h);                                                             \
+    int64_t c = 0;                                                                                   \
+    for (; c + 16 <= n; c += 16) {                                                                   \
+        __builtin_prefetch((const char *)(b + c) + PREFETCH_AHEAD, 0, 3);                            \
+        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(hv, SUF##_load8(b + c), _mm256_loadu_ps(y + c)));    \
+        _mm256_storeu_ps(y + c + 8, _mm256_fmadd_ps(hv, SUF##_load8(b + c + 8),                      \
+                                                    _mm256_loadu_ps(y + c + 8)));                    \
+    }                                                                                                \
+    for (; c < n; c++) y[c] += h * SUF##_load(b, c);                                                 \
+}                                                                                                    \
+static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {                       \
+    int64_t j = 0;                                                                                   \
+    for (; j + 8 <= h; j += 8) {                                                                     \
+        const __m256 a = _mm256_loadu_ps(y + j), b = _mm256_loadu_ps(y + j + h);                     \
+        _mm256_storeu_ps(y + j, _mm256_fmsub_ps(a, SUF##_load8(c + j),                               \
+                                                _mm256_mul_ps(b, SUF##_load8(s + j))));           \
+        _mm256_storeu_ps(y + j + h, _mm256_fmadd_ps(b, SUF##_load8(c + j + h),                       \
+                                                    _mm256_mul_ps(a, SUF##_load8(s + j + h))));      \
+    }                                                                                                \
+    for (; j < h; j++) {                                                                             \
+        const float a = y[j], b = y[j + h];                                                          \
+        y[j] = a * SUF##_load(c, j) - b * SUF##_load(s, j);                                          \
+        y[j + h] = b * SUF##_load(c, j + h) + a * SUF##_load(s, j + h);                              \
+    }                                                                                                \
+}
+#else
+#define DEFINE_ROW_OPS(SUF, W)                                                                       \
+static inline float dot_##SUF(const W *a, const float *x, int64_t n) {                               \
+    float acc = 0.0f;                                                                                \
+    for (int64_t c = 0; c < n; c++) acc += SUF##_load(a, c) * x[c];                                  \
+    return acc;                                                                                      \
+}                                                                                                    \
+static inline void axpy_##SUF(float h, const W *b, float *y, int64_t n) {                            \
+    for (int64_t c = 0; c < n; c++) y[c] += h * SUF##_load(b, c);                                    \
+}                                                                                                    \
+static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {                       \
+    for (int64_t j = 0; j < h; j++) {                                                                \
+        const float a = y[j], b = y[j + h];                                                          \
+        y[j] = a * SUF##_load(c, j) - b * SUF##_load(s, j);                                          \
+        y[j + h] = b * SUF##_load(c, j + h) + a * SUF##_load(s, j + h);                              \
+    }                                                                                                \
+}
+#endif
+
+#define DEFINE_BGMV(NAME, W, SUF)                                                                    \
+void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                                         \
+          const float *x, int64_t sx, float *y, int64_t sy,                                          \
+          const W *A, int64_t sa0, int64_t sa1, const W *B, int64_t sb0, int64_t sb1,                \
+          const int64_t *idx, int64_t null_row) {                                                    \
+    _Pragma("omp parallel for schedule(static) if (n > 1)")                                          \
+    for (int64_t i = 0; i < n; i++) {                                                                \
+        const int64_t k = idx[i];                                                                    \
+        if (k == null_row) continue;                                                                 \
+        const float *xi = x + i * sx;                                                                \
+        float *yi = y + i * sy;                                                                      \
+        float h[r > 0 ? r : 1];                                                                      \
+        prefetch_head(B + k * sb0);                                                                  \
+        if (i + 1 < n && idx[i + 1] != null_row) prefetch_head(A + idx[i + 1] * sa0);                \
+        for (int64_t j = 0; j < r; j++) h[j] = dot_##SUF(A + k * sa0 + j * sa1, xi, in_f);           \
+        for (int64_t j = 0; j < r; j++) axpy_##SUF(h[j], B + k * sb0 + j * sb1, yi, out_f);          \
+    }                                                                                                \
+}
+
+static inline void prefetch_bytes(const void *p, int64_t nbytes) {
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+/* A token's c and s rows are short (out values each) and at random places, so a token would wait on DRAM
+ * latency twice and then compute briefly; the rows of the token ROAD_LOOKAHEAD places ahead are prefetched
+ * whole instead. */
+#define DEFINE_ROAD(NAME, W, SUF)                                                                    \
+void NAME(int64_t n, int64_t out_f, int64_t group, float *y, int64_t sy,                             \
+          const W *c, int64_t sc, const W *s, int64_t ss, const int64_t *idx, int64_t null_row) {    \
+    const int64_t h = group / 2, row_bytes = out_f * (int64_t)sizeof(W);                             \
+    for (int64_t i = 0; i < n && i < ROAD_LOOKAHEAD; i++)                                            \
+        if (idx[i] != null_row) { prefetch_bytes(c + idx[i] * sc, row_bytes);                        \
+                                  prefetch_bytes(s + idx[i] * ss, row_bytes); }                      \
+    _Pragma("omp parallel for schedule(static) if (n * out_f >= ROAD_PARALLEL_MIN)")                 \
+    for (int64_t i = 0; i < n; i++) {                                                                \
+        const int64_t ahead = i + ROAD_LOOKAHEAD;                                                    \
+        if (ahead < n && idx[ahead] != null_row) {                                                   \
+            prefetch_bytes(c + idx[ahead] * sc, row_bytes);                                          \
+            prefetch_bytes(s + idx[ahead] * ss, row_bytes);                                          \
+        }                                                                                            \
+        const int64_t k = idx[i];                                                                    \
+        if (k == null_row) continue;                                                                 \
+        float *yi = y + i * sy;                                                                      \
+        const W *ci = c + k * sc, *si = s + k * ss;                                                  \
+        for (int64_t g = 0; g < out_f; g += group) rotate_##SUF(yi + g, ci + g, si + g, h);          \
+    }                                                                                                \
+}
+
+DEFINE_ROW_OPS(f32, float)
+DEFINE_ROW_OPS(bf16, uint16_t)
+DEFINE_BGMV(lora_bgmv_f32, float, f32)
+DEFINE_BGMV(lora_bgmv_bf16w, uint16_t, bf16)
+DEFINE_ROAD(road_apply_f32, float, f32)
+DEFINE_ROAD(road_apply_bf16w, uint16_t, bf16)

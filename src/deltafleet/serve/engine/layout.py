@@ -83,11 +83,9 @@ class BatchLayout:
 
         def apply(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
             key = (layer, proj)
-            shape = y.shape
-            x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
             for st in steps:
                 if key in st.modules:
-                    y2 = backend.apply(st.pool.family, x2, y2, st.pool.tensors[key], st)
-            return y2.reshape(shape)
+                    y = backend.apply(st.pool.family, x, y, st.pool.tensors[key], st)
+            return y
 
         return apply

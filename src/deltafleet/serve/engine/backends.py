@@ -6,14 +6,15 @@ Semantics (the reference backend spells them out token by token; fast backends m
 Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchanged.
 
 - `reference`: a plain loop over tokens; the oracle in tests.
-- `cpu`: batched. Additive picks by the step's shape: when few adapters cover many tokens (prefill), two
-  grouped matmuls (`torch._grouped_mm`, Punica's SGMV) over the member tokens sorted by slot once per step, each
-  slot's A and B read in place from the pool; when tokens spread over many adapters (decode), the native
-  BGMV kernel (`deltafleet.native`, fp32 activations, fp32 or bf16 pools: each token reads its adapter's rows in
-  place, one call per projection; 7x faster than grouped_mm on SmolLM2's shapes at batch 32 with 32 adapters).
+- `cpu`: batched. Additive is the native BGMV kernel (`deltafleet.native`, fp32 activations, fp32 or bf16
+  pools: each token reads its adapter's rows in place, one call per projection) for every step shape: on
+  SmolLM2's shapes it beat grouped_mm 2.5-7x from 32 to 2048 tokens and 1 to 32 adapters (`bench/kernels.py`).
   Native kernels are bound to a pool's tensors once (`deltafleet.native.BoundBgmv`/`BoundRoad`) and take the
   projection's (..., features) tensors as they come, so a call costs a few microseconds of Python.
-  Without either it falls back to one matmul pair per segment, or a gather + batched matmul per token.
+  Without the native kernel, additive picks by the step's shape: when few adapters cover many tokens
+  (prefill), two grouped matmuls (`torch._grouped_mm`, Punica's SGMV) over the member tokens sorted by slot
+  once per step, each slot's A and B read in place from the pool; when tokens spread over many adapters, a
+  gather + batched matmul per token; without grouped_mm, one matmul pair per segment.
   Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
 """
 
@@ -98,10 +99,9 @@ class CpuBackend(Backend):
         # call per adapted projection, and each reshape costs about 2 us of Python).
         if self.native:
             if family == ADDITIVE:
-                if self._few_tokens_per_adapter(step):
-                    kernel = self._binding(tensors, lambda: BoundBgmv.bind(tensors["A"], tensors["B"]))
-                    if kernel is not None and kernel(x.contiguous(), y, step.index, step.width, step.pool.null):
-                        return y
+                kernel = self._binding(tensors, lambda: BoundBgmv.bind(tensors["A"], tensors["B"]))
+                if kernel is not None and kernel(x.contiguous(), y, step.index, step.width, step.pool.null):
+                    return y
             elif family == ELEMENTWISE:
                 kernel = self._binding(tensors, lambda: BoundRoad.bind(tensors["c"], tensors["s"], step.pool.width))
                 if kernel is not None and kernel(y, step.index, step.pool.null):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltafleet.adapters import LoraConfig, RoadConfig, random_adapter
+from deltafleet.models import prepack
 from deltafleet.models.config import PROJECTIONS
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
 
@@ -216,20 +217,26 @@ def run_peft_scenario(cfg: BenchConfig, prompts: list[list[int]], model_path) ->
     ids = torch.tensor([prompts[i % len(prompts)] for i in range(cfg.batch)])
     adapter_names = [names[i % len(names)] for i in range(cfg.batch)]
 
-    def gen(n_new: int) -> float:
+    def gen(n_new: int, names: list[str] | None) -> float:
         t = time.perf_counter()
         with torch.inference_mode():
-            pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=adapter_names,
-                        max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+            kwargs = {} if names is None else {"adapter_names": names}
+            pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                        min_new_tokens=n_new, do_sample=False, pad_token_id=0, **kwargs)
         return time.perf_counter() - t
 
-    gen(2)  # warm-up
-    t1 = min(gen(1) for _ in range(2))  # best of two: a noisy machine must not make decode time negative
-    tn = min(gen(cfg.max_tokens) for _ in range(2))
-    dec_tokens = cfg.batch * (cfg.max_tokens - 1)
-    return Result(name="peft32", decode_tok_s=dec_tokens / (tn - t1), ttft_ms=1e3 * t1,
-                  step_ms=1e3 * (tn - t1) / (cfg.max_tokens - 1), distinct_per_step=len(set(adapter_names)),
-                  adapter_bytes_per_step=0.0, rss_mb=_rss_mb())
+    def decode_step(names: list[str] | None) -> tuple[float, float]:
+        gen(2, names)  # warm-up
+        t1 = min(gen(1, names) for _ in range(2))  # best of two: a noisy machine must not make decode time < 0
+        tn = min(gen(cfg.max_tokens, names) for _ in range(2))
+        return t1, (tn - t1) / (cfg.max_tokens - 1)
+
+    t1, step = decode_step(adapter_names)
+    with pm.disable_adapter():  # transformers' own base decode step, for scale (not a scenario)
+        _, hf_base_step = decode_step(None)
+    return Result(name="peft32", decode_tok_s=cfg.batch / step, ttft_ms=1e3 * t1, step_ms=1e3 * step,
+                  distinct_per_step=len(set(adapter_names)), adapter_bytes_per_step=0.0, rss_mb=_rss_mb(),
+                  extra={"transformers_base_step_ms": 1e3 * hf_base_step})
 
 
 def _engine_config(cfg: BenchConfig, n_lora: int, n_road: int) -> EngineConfig:
@@ -337,4 +344,5 @@ def report(cfg: BenchConfig, results: dict[str, Result], bandwidth: float, engin
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "kv_cache_mb": (engine.cache.k.numel() + engine.cache.v.numel()) * engine.cache.k.element_size() / 2**20,
         "adapter_pools_mb": sum(p.nbytes for p in engine.adapters.pools) / 2**20,
+        "prepacked_weights_mb": prepack.packed_bytes(engine.model) / 2**20,
     }

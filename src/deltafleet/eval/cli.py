@@ -71,7 +71,11 @@ def print_report(rep: dict) -> None:
                   "-" if target is None else f">= {target}")
     console.print(t)
     console.print(f"peak RSS {rep['peak_rss_mb']:.0f} MB; KV cache {rep['kv_cache_mb']:.0f} MB; "
-                  f"adapter slot pools {rep['adapter_pools_mb']:.0f} MB")
+                  f"adapter slot pools {rep['adapter_pools_mb']:.0f} MB; "
+                  f"prepacked base weights {rep.get('prepacked_weights_mb', 0):.0f} MB")
+    hf = rep["scenarios"].get("peft32", {}).get("extra", {}).get("transformers_base_step_ms")
+    if hf is not None:
+        console.print(f"for scale: transformers' own base decode step (no adapters) {hf:.1f} ms")
 
 
 # ----------------------------------------------------------------------------------------------- eval, zoo

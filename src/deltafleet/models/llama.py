@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltafleet.models import prepack
 from deltafleet.models.config import ModelConfig, RopeConfig
 
 ProjectionHook = Callable[[int, str, Tensor, Tensor], Tensor]
@@ -124,7 +125,7 @@ class RMSNorm(nn.Module):
 
 
 def _project(linear: nn.Linear, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:
-    y = linear(x)
+    y = prepack.linear(linear, x)
     return y if hook is None else hook(layer, name, x, y)
 
 
@@ -268,4 +269,4 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]
-        return self.lm_head(x)
+        return prepack.linear(self.lm_head, x)

@@ -29,6 +29,7 @@ import torch
 
 from deltafleet.adapters import Adapter
 from deltafleet.errors import DeltafleetError
+from deltafleet.models import prepack
 from deltafleet.models.llama import KVCache, Transformer
 from deltafleet.serve.engine.adapters import AdapterManager, UnknownAdapterError
 from deltafleet.serve.engine.backends import make_backend
@@ -92,6 +93,8 @@ class Engine:
         self.dtype = DTYPES[config.dtype]
         adt = self.adapter_dtype = DTYPES[config.adapter_dtype or config.dtype]
         self.model = model.to(self.dtype).eval()
+        if config.prepack:
+            prepack.pack_linears_(self.model, batch_hint=config.max_batch)
         self.tokenizer = tokenizer
         mcfg = model.config
         self.backend = make_backend(config.backend)

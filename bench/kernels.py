@@ -1,6 +1,6 @@
 """Microbenchmark of the CPU adapter and dequantization paths on SmolLM2-135M's projection shapes.
 
-    python bench/kernels.py [--threads N] [--batch 32] [--adapters 32] [--rank 16]
+    python bench/kernels.py [--threads N] [--batch 32] [--adapters 32] [--rank 16] [--dram]
 
 Per decoder layer (the seven projections, shapes from SmolLM2: hidden 576, intermediate 1536, 3 kv heads of
 64), for one decode step of `batch` tokens spread over `adapters` distinct LoRA adapters resident in a slot pool:
@@ -13,6 +13,12 @@ Per decoder layer (the seven projections, shapes from SmolLM2: hidden 576, inter
 and, per 1536 x 576 matrix at 2/3/4/8 bits, the quantized-linear kernels `fast`, `native` and `cached` against
 nn.Linear. Figures are the best of 15 repeats of 20 calls (robust to a noisy machine), in ms; the weights stay in
 cache between calls, so these are op costs, not DRAM-bound step costs (`deltafleet bench engine` measures those).
+
+`--dram` adds one whole decode step in DRAM: 30 layers x 7 projections, each with its own bf16 slot pool (as
+the engine holds them, about 300 MB for 32 adapters, far beyond the caches), the native BGMV call per projection
+against a streaming read (torch sum) of the same bytes; and the step's base matmuls (210 projections and the
+49152-row LM head, fp32) through F.linear against the prepacked oneDNN path (`deltafleet.models.prepack`).
+Medians of 9 alternating repeats.
 """
 
 from __future__ import annotations
@@ -99,12 +105,59 @@ def dequant_paths(batch: int) -> dict[int, dict[str, float]]:
     return out
 
 
+def dram_step(batch: int, adapters: int, rank: int) -> dict[str, float]:
+    import statistics
+
+    import torch.nn.functional as F
+
+    from deltafleet.native import BoundBgmv
+
+    g = torch.Generator().manual_seed(2)
+    index = torch.randperm(batch, generator=g) % adapters
+    calls, weights = [], []
+    for _ in range(30):
+        for d_in, d_out in SHAPES.values():
+            A = (torch.randn(adapters + 1, rank, d_in, generator=g) * 0.01).bfloat16()
+            B = (torch.randn(adapters + 1, rank, d_out, generator=g) * 0.01).bfloat16()
+            calls.append((BoundBgmv.bind(A, B), torch.randn(batch, d_in, generator=g), torch.zeros(batch, d_out)))
+            weights.append(torch.randn(d_out, d_in, generator=g) * 0.02)
+    weights.append(torch.randn(49152, 576, generator=g) * 0.02)
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+    xs = {d: torch.randn(batch, d, generator=g) for d in (576, 1536)}
+    nbytes = sum(2 * (k.A[:adapters].numel() + k.B[:adapters].numel()) for k, _, _ in calls)
+    stream = torch.ones(nbytes // 4)
+
+    def bgmv():
+        for k, x, y in calls:
+            k(x, y, index, rank, adapters)
+
+    def f_linear():
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+
+    def onednn():
+        for w, p in zip(weights, packed, strict=True):
+            torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
+
+    fns = {"bgmv": bgmv, "sum": lambda: stream.sum(), "F.linear": f_linear, "onednn": onednn}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(9):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out["mb"] = nbytes / 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dram", action="store_true", help="also time one whole decode step with pools in DRAM")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s); batch {args.batch}, {args.adapters} distinct LoRA r={args.rank} adapters")
@@ -113,6 +166,12 @@ def main() -> None:
           f"({t['grouped'] / t['native']:.2f}x), native bf16 pools {t['native-bf16w']:.3f} ms; "
           f"RoAd torch {t['road-torch']:.3f} ms, native {t['road-native']:.3f} ms "
           f"({t['road-torch'] / t['road-native']:.2f}x); base matmuls {t['base']:.3f} ms")
+    if args.dram:
+        d = dram_step(args.batch, args.adapters, args.rank)
+        print(f"one decode step, pools in DRAM ({d['mb']:.0f} MB of bf16 adapter rows): native BGMV {d['bgmv']:.1f} ms "
+              f"({d['mb'] / d['bgmv']:.1f} GB/s), streaming sum of the same bytes {d['sum']:.1f} ms "
+              f"({d['mb'] / d['sum']:.1f} GB/s); base matmuls F.linear {d['F.linear']:.1f} ms, "
+              f"prepacked oneDNN {d['onednn']:.1f} ms ({d['F.linear'] / d['onednn']:.2f}x)")
     print("1536 x 576 quantized linear, group 64, ms per call:")
     for bits, row in dequant_paths(args.batch).items():
         print(f"  {bits}-bit: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())

@@ -127,3 +127,40 @@ def test_disabled_by_environment(monkeypatch):
         monkeypatch.undo()
         native._library.cache_clear()
         native.lora_bgmv.cache_clear()
+
+
+def test_portable_build_matches_the_native_one(tmp_path):
+    """The plain-loop build (no AVX2/FMA, as on older CPUs) computes what this machine's build computes."""
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the portable flags below are x86-64's")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
+    so = tmp_path / "portable.so"
+    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "lora_cpu.c"), "-o", str(so)], check=True)
+    lib = ctypes.CDLL(str(so))
+    g = torch.Generator().manual_seed(4)
+    idx = torch.tensor([0, 4, 1, 2, 3, 4, 0, 1, 2])
+    for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16w")):
+        fn = getattr(lib, f"lora_bgmv_{suffix}")
+        fn.argtypes = native._BGMV_ARGS
+        A = torch.randn(5, 16, 77, generator=g).to(dtype)
+        B = torch.randn(5, 16, 45, generator=g).to(dtype)
+        x, y = torch.randn(9, 77, generator=g), torch.randn(9, 45, generator=g)
+        want, got = y.clone(), y.clone()
+        fn(9, 77, 45, 13, x.data_ptr(), 77, got.data_ptr(), 45, A.data_ptr(), A.stride(0), A.stride(1),
+           B.data_ptr(), B.stride(0), B.stride(1), idx.data_ptr(), 4)
+        assert native.lora_bgmv_(x, want, A, B, idx, 13, 4)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        fn = getattr(lib, f"road_apply_{suffix}")
+        fn.argtypes = native._ROAD_ARGS
+        c, s = torch.randn(5, 48, generator=g).to(dtype), torch.randn(5, 48, generator=g).to(dtype)
+        y = torch.randn(9, 48, generator=g)
+        want, got = y.clone(), y.clone()
+        fn(9, 48, 24, got.data_ptr(), 48, c.data_ptr(), 48, s.data_ptr(), 48, idx.data_ptr(), 4)
+        assert native.road_apply_(want, c, s, idx, 24, 4)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -232,11 +232,13 @@ def run_peft_scenario(cfg: BenchConfig, prompts: list[list[int]], model_path) ->
         return t1, (tn - t1) / (cfg.max_tokens - 1)
 
     t1, step = decode_step(adapter_names)
-    with pm.disable_adapter():  # transformers' own base decode step, for scale (not a scenario)
-        _, hf_base_step = decode_step(None)
+    extra = {}
+    if not cfg.quick:  # transformers' own base decode step, for scale (not a scenario; --quick skips it)
+        with pm.disable_adapter():
+            extra["transformers_base_step_ms"] = 1e3 * decode_step(None)[1]
     return Result(name="peft32", decode_tok_s=cfg.batch / step, ttft_ms=1e3 * t1, step_ms=1e3 * step,
                   distinct_per_step=len(set(adapter_names)), adapter_bytes_per_step=0.0, rss_mb=_rss_mb(),
-                  extra={"transformers_base_step_ms": 1e3 * hf_base_step})
+                  extra=extra)
 
 
 def _engine_config(cfg: BenchConfig, n_lora: int, n_road: int) -> EngineConfig:

@@ -110,19 +110,21 @@ def dram_step(batch: int, adapters: int, rank: int) -> dict[str, float]:
 
     import torch.nn.functional as F
 
+    from deltafleet.models import prepack
     from deltafleet.native import BoundBgmv
 
     g = torch.Generator().manual_seed(2)
     index = torch.randperm(batch, generator=g) % adapters
-    calls, weights = [], []
+    calls, linears = [], []
     for _ in range(30):
         for d_in, d_out in SHAPES.values():
             A = (torch.randn(adapters + 1, rank, d_in, generator=g) * 0.01).bfloat16()
             B = (torch.randn(adapters + 1, rank, d_out, generator=g) * 0.01).bfloat16()
             calls.append((BoundBgmv.bind(A, B), torch.randn(batch, d_in, generator=g), torch.zeros(batch, d_out)))
-            weights.append(torch.randn(d_out, d_in, generator=g) * 0.02)
-    weights.append(torch.randn(49152, 576, generator=g) * 0.02)
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+            linears.append(torch.nn.Linear(d_in, d_out, bias=False))
+    linears.append(torch.nn.Linear(576, 49152, bias=False))  # the LM head
+    base = torch.nn.Sequential(*linears).requires_grad_(False)
+    prepack.pack_linears_(base, batch_hint=batch)
     xs = {d: torch.randn(batch, d, generator=g) for d in (576, 1536)}
     nbytes = sum(2 * (k.A[:adapters].numel() + k.B[:adapters].numel()) for k, _, _ in calls)
     stream = torch.ones(nbytes // 4)
@@ -132,14 +134,14 @@ def dram_step(batch: int, adapters: int, rank: int) -> dict[str, float]:
             k(x, y, index, rank, adapters)
 
     def f_linear():
-        for w in weights:
-            F.linear(xs[w.shape[1]], w)
+        for m in linears:
+            F.linear(xs[m.in_features], m.weight)
 
-    def onednn():
-        for w, p in zip(weights, packed, strict=True):
-            torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
+    def packed():
+        for m in linears:
+            prepack.linear(m, xs[m.in_features])
 
-    fns = {"bgmv": bgmv, "sum": lambda: stream.sum(), "F.linear": f_linear, "onednn": onednn}
+    fns = {"bgmv": bgmv, "sum": lambda: stream.sum(), "F.linear": f_linear, "onednn": packed}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(9):
         for k, fn in fns.items():

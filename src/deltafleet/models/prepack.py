@@ -5,7 +5,7 @@ engine's token batches (a few to a few thousand rows) over weights that live in 
 share of the step. oneDNN with the weight reordered once into its blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, the op torch.compile's CPU weight prepacking uses) skips it. On
 SmolLM2-135M's shapes (2-core AVX2 EPYC, 32 rows, the 210 projections and the 49152-row LM head of one decode
-step, weights in DRAM) the matmuls of a step went from 123 to 87 ms.
+step, weights in DRAM; `python bench/kernels.py --dram`) the matmuls of a step went from 118 to 94 ms.
 
 The module's `weight` stays the source of truth (state_dicts, merges and conversions read it); the packed copy
 sits beside it and costs one more copy of those weights in memory. A weight replaced or changed in place after
@@ -34,7 +34,7 @@ def pack_linears_(model: nn.Module, batch_hint: int = 32) -> int:
     with torch.no_grad():
         for module in model.modules():
             w = module.weight if type(module) is nn.Linear else None
-            if w is None or w.dtype != torch.float32 or w.device.type != "cpu" or _fresh(module, w):
+            if w is None or w.dtype != torch.float32 or w.device.type != "cpu" or _packed(module) is not None:
                 continue
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
             object.__setattr__(module, _ATTR, (packed, w.data_ptr(), w._version))
@@ -48,21 +48,26 @@ def unpack_linears_(model: nn.Module) -> None:
         module.__dict__.pop(_ATTR, None)
 
 
-def _fresh(module: nn.Module, w: Tensor) -> bool:
-    packed = module.__dict__.get(_ATTR)
-    return packed is not None and packed[1] == w.data_ptr() and packed[2] == w._version
+def _packed(module: nn.Module) -> Tensor | None:
+    """The module's packed weight if it still matches `module.weight`; a stale one (the weight changed or was
+    replaced after packing) is dropped."""
+    entry = module.__dict__.get(_ATTR)
+    if entry is None:
+        return None
+    w = module.weight
+    if entry[1] == w.data_ptr() and entry[2] == w._version:
+        return entry[0]
+    del module.__dict__[_ATTR]
+    return None
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
     """module(x), through the packed weight when there is a fresh one and x is an fp32 CPU tensor that needs no
     gradient."""
-    packed = module.__dict__.get(_ATTR)
-    if packed is not None:
-        w = module.weight
-        if (packed[1] == w.data_ptr() and packed[2] == w._version and x.dtype is torch.float32 and x.is_cpu
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            return torch.ops.mkldnn._linear_pointwise(x, packed[0], module.bias, "none", [], "")
-        del module.__dict__[_ATTR]  # stale: the weight changed after packing
+    packed = _packed(module)
+    if (packed is not None and x.dtype is torch.float32 and x.is_cpu
+            and not (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
     return module(x)
 
 

@@ -25,7 +25,8 @@
  * work starts, the heads of the streams that come next (its B, the next token's A), which no hardware
  * prefetcher can predict. With AVX2 + FMA the row loops are written with intrinsics (four independent
  * accumulators); otherwise they are plain loops left to the compiler. Tokens are independent: the loop over
- * them runs on OpenMP threads (torch's own runtime when loaded by it); RoAd's small work runs on one thread. */
+ * them runs on OpenMP threads (torch's own runtime when loaded by it); RoAd only from ROAD_PARALLEL_MIN outputs
+ * per call, below which a thread fork costs more than the work. */
 #include <stdint.h>
 #include <string.h>
 
@@ -39,9 +40,6 @@
 #endif
 #ifndef PREFETCH_HEAD
 #define PREFETCH_HEAD 1024
-#endif
-#ifndef ROAD_LOOKAHEAD
-#define ROAD_LOOKAHEAD 2
 #endif
 #ifndef ROAD_PARALLEL_MIN
 #define ROAD_PARALLEL_MIN 8192 /* RoAd runs threaded only from this many outputs per call */
@@ -108,7 +106,7 @@ static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {  
     for (; j + 8 <= h; j += 8) {                                                                     \
         const __m256 a = _mm256_loadu_ps(y + j), b = _mm256_loadu_ps(y + j + h);                     \
         _mm256_storeu_ps(y + j, _mm256_fmsub_ps(a, SUF##_load8(c + j),                               \
-                                                _mm256_mul_ps(b, SUF##_load8(s + j))));           \
+                                                _mm256_mul_ps(b, SUF##_load8(s + j))));              \
         _mm256_storeu_ps(y + j + h, _mm256_fmadd_ps(b, SUF##_load8(c + j + h),                       \
                                                     _mm256_mul_ps(a, SUF##_load8(s + j + h))));      \
     }                                                                                                \
@@ -156,28 +154,12 @@ void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                    
     }                                                                                                \
 }
 
-static inline void prefetch_bytes(const void *p, int64_t nbytes) {
-    const char *c = (const char *)p;
-    for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-}
-
-/* A token's c and s rows are short (out values each) and at random places, so a token would wait on DRAM
- * latency twice and then compute briefly; the rows of the token ROAD_LOOKAHEAD places ahead are prefetched
- * whole instead. */
 #define DEFINE_ROAD(NAME, W, SUF)                                                                    \
 void NAME(int64_t n, int64_t out_f, int64_t group, float *y, int64_t sy,                             \
           const W *c, int64_t sc, const W *s, int64_t ss, const int64_t *idx, int64_t null_row) {    \
-    const int64_t h = group / 2, row_bytes = out_f * (int64_t)sizeof(W);                             \
-    for (int64_t i = 0; i < n && i < ROAD_LOOKAHEAD; i++)                                            \
-        if (idx[i] != null_row) { prefetch_bytes(c + idx[i] * sc, row_bytes);                        \
-                                  prefetch_bytes(s + idx[i] * ss, row_bytes); }                      \
+    const int64_t h = group / 2;                                                                     \
     _Pragma("omp parallel for schedule(static) if (n * out_f >= ROAD_PARALLEL_MIN)")                 \
     for (int64_t i = 0; i < n; i++) {                                                                \
-        const int64_t ahead = i + ROAD_LOOKAHEAD;                                                    \
-        if (ahead < n && idx[ahead] != null_row) {                                                   \
-            prefetch_bytes(c + idx[ahead] * sc, row_bytes);                                          \
-            prefetch_bytes(s + idx[ahead] * ss, row_bytes);                                          \
-        }                                                                                            \
         const int64_t k = idx[i];                                                                    \
         if (k == null_row) continue;                                                                 \
         float *yi = y + i * sy;                                                                      \

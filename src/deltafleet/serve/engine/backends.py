@@ -11,10 +11,10 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
   SmolLM2's shapes it beat grouped_mm 2.5-7x from 32 to 2048 tokens and 1 to 32 adapters (`bench/kernels.py`).
   Native kernels are bound to a pool's tensors once (`deltafleet.native.BoundBgmv`/`BoundRoad`) and take the
   projection's (..., features) tensors as they come, so a call costs a few microseconds of Python.
-  Without the native kernel, additive picks by the step's shape: when few adapters cover many tokens
-  (prefill), two grouped matmuls (`torch._grouped_mm`, Punica's SGMV) over the member tokens sorted by slot
-  once per step, each slot's A and B read in place from the pool; when tokens spread over many adapters, a
-  gather + batched matmul per token; without grouped_mm, one matmul pair per segment.
+  Without the native kernel (no compiler, or a non-fp32 model), additive is two grouped matmuls
+  (`torch._grouped_mm`, Punica's SGMV) over the member tokens sorted by slot once per step, each slot's A and B
+  read in place from the pool; without grouped_mm, it picks by the step's shape: one matmul pair per segment
+  when few adapters cover many tokens (prefill), else a gather + batched matmul per token.
   Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
 """
 

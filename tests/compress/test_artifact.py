@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from deltafleet.adapters import load_adapter
+from deltafleet.adapters.delta_format import DELTA_FILE
 from deltafleet.compress import CompressSettings, compress_deltas, load_extras, save_compressed
-from deltafleet.compress.artifact import DELTA_FILE, MANIFEST
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import ModelConfig
+from deltafleet.store.manifest import MANIFEST
 
 
 @pytest.fixture(scope="module", params=["delta-come", "lowrank", "bitdelta", "dare"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deltafleet.adapters.qlowrank import QLowRankConfig, qlowrank_factors
 from deltafleet.compress import CompressSettings, compress_deltas
 from deltafleet.compress.budget import (
     bands_bytes,
@@ -16,7 +17,6 @@ from deltafleet.compress.budget import (
     resolve_plan,
     sparse_bytes,
 )
-from deltafleet.compress.kinds import QLowRankConfig, qlowrank_factors
 from deltafleet.compress.methods.bitdelta import distill_loss, distill_scales
 from deltafleet.compress.methods.dare import dare_sparsify
 from deltafleet.compress.methods.svd import quantize_factors

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltafleet.quant.functional import (
+from deltafleet.quant.functional import gptq_quantize, hessian
+from deltafleet.store.quantized import (
     QuantizedMatrix,
     dequantize,
-    gptq_quantize,
-    hessian,
     pack_codes,
     packed_nbytes,
     rtn_quantize,

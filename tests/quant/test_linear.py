@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltafleet.quant.functional import QuantizedMatrix, pack_codes, unpack_codes
 from deltafleet.quant.linear import KERNELS, QuantLinear, fast_unpack
+from deltafleet.store.quantized import QuantizedMatrix, pack_codes, unpack_codes
 from tests.conftest import TOL
 
 

@@ -14,9 +14,9 @@ from deltafleet.quant.apiq import lwc_fake_quant, lwc_quantize
 from deltafleet.quant.base import LORA_INIT, MANIFEST
 from deltafleet.quant.calib import attention_inputs, embed
 from deltafleet.quant.config import QuantConfig
-from deltafleet.quant.functional import QuantizedMatrix
 from deltafleet.quant.loftq import loftq_matrix
 from deltafleet.quant.pipeline import quantize_base
+from deltafleet.store.quantized import QuantizedMatrix
 from tests.quant.conftest import CALIB, tiny_config
 
 

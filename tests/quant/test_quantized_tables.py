@@ -13,10 +13,10 @@ from deltafleet.errors import ArtifactError
 from deltafleet.models.generate import greedy_generate
 from deltafleet.models.loading import load_model
 from deltafleet.quant.base import MANIFEST, WEIGHTS, hf_causal_lm, load_quantized_model, read_quantized_base
-from deltafleet.quant.functional import QuantizedMatrix
 from deltafleet.quant.linear import QuantEmbedding, QuantLinear
 from deltafleet.quant.pipeline import quantize_base
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from deltafleet.store.quantized import QuantizedMatrix
 from deltafleet.store.safetensors_io import load_tensors, save_tensors
 from tests.conftest import TOL, token_batch
 from tests.quant.conftest import tiny_config

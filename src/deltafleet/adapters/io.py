@@ -24,10 +24,9 @@ from deltafleet.adapters.peft_format import KEY_RE, PEFT_FORMATS, PEFT_KEY_PREFI
 from deltafleet.adapters.registry import get_kind
 from deltafleet.errors import ArtifactError, DeltafleetError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.store.manifest import MANIFEST, read_json_object, read_manifest, write_manifest
 from deltafleet.store.safetensors_io import load_tensors, refuse_pickles, save_tensors
 
-SCHEMA_VERSION = 1
-MANIFEST = "deltafleet.json"
 PEFT_CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 
@@ -53,26 +52,6 @@ def register_format(name: str, loader: FormatLoader, *, kinds: tuple[str, ...] =
 
 def _group(proj: str) -> str:
     return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(path, f"not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(path, "must hold a JSON object")
-    return data
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    m = _read_json(path)
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(path, f"schema_version={m.get('schema_version')!r}; this deltafleet reads {SCHEMA_VERSION}")
-    return m
 
 
 def _weights_file(directory: Path) -> Path:
@@ -133,7 +112,7 @@ def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
 
 def _load_peft(d: Path) -> Adapter:
     cfg_path = d / PEFT_CONFIG
-    cfg = _read_json(cfg_path)
+    cfg = read_json_object(cfg_path)
     peft_type = cfg.get("peft_type")
     fmt = PEFT_FORMATS.get(peft_type)
     if fmt is None:
@@ -197,9 +176,7 @@ def save_adapter(adapter: Adapter, directory: str | Path, *, model_cfg: ModelCon
                                           for layer, proj in sorted(adapter.params)]
         peft_cfg.update(base_model_name_or_path=base_model, task_type="CAUSAL_LM", inference_mode=True)
         (d / PEFT_CONFIG).write_text(json.dumps(peft_cfg, indent=2))
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "format": "peft" if fmt else "deltafleet",
+    write_manifest(d, "peft" if fmt else "deltafleet", {
         "kind": adapter.config.kind,
         "config": adapter.config.to_dict(),
         "base_model": base_model,
@@ -207,6 +184,5 @@ def save_adapter(adapter: Adapter, directory: str | Path, *, model_cfg: ModelCon
         "num_params": adapter.num_params,
         "bytes": adapter.nbytes,
         **(extra or {}),
-    }
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    })
     return d

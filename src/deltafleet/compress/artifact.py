@@ -1,78 +1,12 @@
-"""The compressed-delta artifact: a directory with a manifest and safetensors files.
-
-    deltafleet.json     manifest: schema_version, format "deltafleet-delta", kind + typed config (band plan),
-                        method + settings, base model + fingerprint, bytes (total and per module), the shape of
-                        each module, the extras, and the SHA-256 of each weights file
-    delta.safetensors   per projection `layers.{i}.{proj}.{param}`: packed integer codes (uint8), fp16 scales,
-                        uint8 zero points, fp16 singular values (qlowrank); packed signs + scale (bitdelta);
-                        CSR values, column indices, row pointers (sparse)
-    extras.safetensors  non-projection parameters the fine-tune changed, exact, under their checkpoint names
-
-Loading checks every rule and names the file: schema version, checksums (a corrupted or truncated file is
-refused), complete and correctly shaped parameters, and (through `adapters.io.load_adapter`) the base-model
-fingerprint. The loader is registered with `adapters.io.register_format`, so engines load these directories
-like any adapter (by the manifest's `format`, never by file names).
-"""
+"""Writing a compression run as a compressed-delta artifact (the `deltafleet-delta` format of
+`deltafleet.adapters.delta_format`, which also reads it), with the run's statistics in the manifest."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import re
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from deltafleet.adapters import Adapter
-from deltafleet.adapters.io import MANIFEST, SCHEMA_VERSION, read_manifest, register_format
-from deltafleet.adapters.registry import get_kind
+from deltafleet.adapters.delta_format import write_artifact
 from deltafleet.compress.pipeline import Compressed
-from deltafleet.errors import ArtifactError
-from deltafleet.models.config import PROJECTIONS, ModelConfig
-from deltafleet.store.safetensors_io import load_tensors, save_tensors
-
-FORMAT = "deltafleet-delta"
-DELTA_FILE = "delta.safetensors"
-EXTRAS_FILE = "extras.safetensors"
-KEY_RE = re.compile(r"^layers\.(\d+)\.(\w+)\.(.+)$")
-SERVING_NOTE = ("the engine serves the projection deltas only; non-projection extras (norms, embeddings) are "
-                "applied by `deltafleet merge`")
-log = logging.getLogger(__name__)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_artifact(adapter: Adapter, directory: str | Path, shapes: dict[tuple[int, str], tuple[int, int]],
-                   extras: dict[str, torch.Tensor], fields: dict[str, Any]) -> Path:
-    """The files of an artifact: delta.safetensors, extras.safetensors (if any) and the manifest with `fields`."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layers.{layer}.{proj}.{n}": t for (layer, proj), p in sorted(adapter.params.items())
-               for n, t in p.items()}
-    save_tensors(tensors, d / DELTA_FILE, metadata={"format": FORMAT})
-    files = {DELTA_FILE: sha256(d / DELTA_FILE)}
-    if extras:
-        save_tensors(extras, d / EXTRAS_FILE, metadata={"format": FORMAT})
-        files[EXTRAS_FILE] = sha256(d / EXTRAS_FILE)
-    manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT, "kind": adapter.config.kind,
-                "config": adapter.config.to_dict(), **fields}
-    modules = manifest.setdefault("modules", {})
-    for (layer, proj), shape in shapes.items():
-        if (layer, proj) in adapter.params:
-            modules.setdefault(f"layers.{layer}.{proj}", {})["shape"] = list(shape)
-    manifest |= {"extras": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                             "bytes": t.numel() * t.element_size()} for n, t in sorted(extras.items())],
-                 "files": files, "serving": SERVING_NOTE}
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return d
 
 
 def save_compressed(c: Compressed, directory: str | Path, *, base_model: str | None = None,
@@ -92,86 +26,3 @@ def save_compressed(c: Compressed, directory: str | Path, *, base_model: str | N
         "compress_seconds": round(c.seconds, 3),
     }
     return write_artifact(c.adapter, directory, {(s.layer, s.proj): s.shape for s in c.stats}, c.extras, fields)
-
-
-def save_adapter_artifact(adapter: Adapter, directory: str | Path, *, model_cfg: ModelConfig | None = None,
-                          base_fingerprint: str | None = None, base_model: str | None = None,
-                          extra: dict[str, Any] | None = None) -> Path:
-    """`adapters.io.save_adapter` for the compressed kinds (an adapter without compression statistics)."""
-    if model_cfg is None:
-        raise ValueError(f"saving a {adapter.config.kind!r} adapter needs model_cfg (projection shapes)")
-    shapes = {(layer, proj): model_cfg.linear_shape(proj) for layer, proj in adapter.params}
-    fields = {"base_model": base_model, "base_fingerprint": base_fingerprint,
-              "bytes": {"compressed": adapter.nbytes}, **(extra or {})}
-    return write_artifact(adapter, directory, shapes, {}, fields)
-
-
-def _verified(d: Path, manifest: dict[str, Any], name: str) -> Path:
-    path = d / name
-    want = manifest.get("files", {}).get(name)
-    if want is None:
-        raise ArtifactError(d / MANIFEST, f"field 'files' lists no checksum for {name}")
-    if not path.is_file():
-        raise ArtifactError(path, "file not found")
-    got = sha256(path)
-    if got != want:
-        raise ArtifactError(path, f"checksum mismatch (sha256 {got[:16]}..., manifest {want[:16]}...): the file is "
-                                  f"corrupted or was modified; refusing to load it")
-    return path
-
-
-def load_compressed(directory: str | Path, manifest: dict[str, Any] | None = None) -> Adapter:
-    """Read and validate the projection deltas of an artifact (registered with `adapters.io`)."""
-    d = Path(directory)
-    manifest = manifest if manifest is not None else read_manifest(d)
-    if manifest is None or manifest.get("format") != FORMAT:
-        raise ArtifactError(d / MANIFEST, f"not a compressed-delta manifest (format must be {FORMAT!r})")
-    mpath = d / MANIFEST
-    try:
-        kind = get_kind(str(manifest["kind"]))
-        config = kind.config_from_dict(manifest["config"])
-        shapes = {k: tuple(v["shape"]) for k, v in manifest["modules"].items()}
-    except KeyError as e:
-        raise ArtifactError(mpath, f"missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ArtifactError(mpath, f"malformed field ({e})") from None
-    path = _verified(d, manifest, DELTA_FILE)
-    params: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in load_tensors(path).items():
-        m = KEY_RE.match(key)
-        if m is None or m[2] not in PROJECTIONS:
-            raise ArtifactError(path, f"tensor {key!r} is not a projection parameter (layers.N.PROJ.NAME)")
-        params.setdefault((int(m[1]), m[2]), {})[m[3]] = t
-    if set(f"layers.{layer}.{proj}" for layer, proj in params) != set(shapes):
-        raise ArtifactError(path, "its modules differ from the manifest's 'modules'")
-    for (layer, proj), p in params.items():
-        out_f, in_f = shapes[f"layers.{layer}.{proj}"]
-        try:
-            want = kind.param_shapes(config, out_f, in_f)
-        except ValueError as e:
-            raise ArtifactError(mpath, str(e)) from None
-        got = {n: tuple(t.shape) for n, t in p.items()}
-        if got != want:
-            bad = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
-            raise ArtifactError(path, f"layers.{layer}.{proj}: parameter {bad[0]!r} has shape {got.get(bad[0])}, "
-                                      f"expected {want.get(bad[0])}")
-    if manifest.get("extras"):
-        log.warning("%s: %d changed non-projection tensors (%s) are not served; %s", d, len(manifest["extras"]),
-                    ", ".join(e["name"] for e in manifest["extras"][:3]), SERVING_NOTE)
-    return Adapter(config, params)
-
-
-def load_extras(directory: str | Path) -> dict[str, torch.Tensor]:
-    d = Path(directory)
-    manifest = read_manifest(d) or {}
-    if not manifest.get("extras"):
-        return {}
-    tensors = load_tensors(_verified(d, manifest, EXTRAS_FILE))
-    names = {e["name"] for e in manifest["extras"]}
-    if set(tensors) != names:
-        raise ArtifactError(d / EXTRAS_FILE, "its tensors differ from the manifest's 'extras'")
-    return tensors
-
-
-register_format(FORMAT, load_compressed, kinds=("qlowrank", "bitdelta", "sparse"),
-                saver=save_adapter_artifact)

@@ -25,12 +25,11 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from deltafleet.quant.functional import SUPPORTED_BITS, num_groups, packed_nbytes
+from deltafleet.adapters.qlowrank import BAND_BITS, FP16_BITS
+from deltafleet.adapters.sparse import index_bytes
+from deltafleet.store.quantized import num_groups, packed_nbytes
 
-FP16_BITS = 16
 GROUP_BYTES = 3  # fp16 scale + uint8 zero point
-BAND_BITS = (*SUPPORTED_BITS, FP16_BITS)
-U_GROUPS = ("rank", "out")
 
 
 def parse_ratio(text: str | float) -> float:
@@ -154,11 +153,6 @@ def bands_bytes(out_f: int, in_f: int, ranks: tuple[tuple[int, int], ...], group
 def bitdelta_bytes(out_f: int, in_f: int) -> int:
     """One sign bit per weight, packed 8 per byte, plus one fp16 scale."""
     return packed_nbytes(out_f * in_f, 1) + 2
-
-
-def index_bytes(in_f: int) -> int:
-    """Bytes of one stored column index: int16 while columns fit, else int32."""
-    return 2 if in_f <= 1 << 15 else 4
 
 
 def sparse_bytes(out_f: int, in_f: int, nnz: int) -> int:

@@ -119,7 +119,7 @@ DEQUANT_BITS = (2, 3, 4, 8)
 
 def dequant_groups_(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
                     out: torch.Tensor) -> bool:
-    """out (R, C) fp32 <- (q - zero) * scale of the packed codes (`quant.functional` layout), bit-identical to the
+    """out (R, C) fp32 <- (q - zero) * scale of the packed codes (`store.quantized` layout), bit-identical to the
     torch paths. packed uint8 (R*C*bits/8,); scale, zero (R, C / group_size) fp32. Returns False (out untouched)
     when the kernel is unavailable or the shapes are outside its contract (C % group_size, group_size % 8, bits)."""
     fn = dequant_groups()

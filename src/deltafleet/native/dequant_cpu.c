@@ -1,4 +1,4 @@
-/* Group-wise dequantization of densely packed b-bit codes into fp32 (the weight format of quant/functional.py):
+/* Group-wise dequantization of densely packed b-bit codes into fp32 (the weight format of store/quantized.py):
  *
  *     W[r, c] = q[r, c] * scale[r, g] - zero[r, g] * scale[r, g],    g = c / group_size
  *

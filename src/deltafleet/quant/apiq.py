@@ -39,8 +39,8 @@ from deltafleet.models.config import PROJECTIONS
 from deltafleet.models.llama import Transformer
 from deltafleet.quant.calib import attention_inputs, embed
 from deltafleet.quant.config import QuantConfig
-from deltafleet.quant.functional import QuantizedMatrix, group_params, num_groups, quantize_with
 from deltafleet.quant.registry import Quantizer, QuantResult, register_quantizer
+from deltafleet.store.quantized import QuantizedMatrix, group_params, num_groups, quantize_with
 
 
 def _grouped(w: Tensor, group_size: int) -> Tensor:

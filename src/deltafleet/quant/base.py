@@ -17,7 +17,7 @@ Layout (built offline, gpt-fast style; the model's projections are swapped for `
 
 A directory is recognised as a quantized base by its manifest's `format` field, never by its name. Anything
 malformed (wrong schema, bits out of range, missing or mis-shaped tensor, truncated file) raises `ArtifactError`
-naming the file. Dequantization is `quant.functional.dequantize`; transformers gets the dequantized (fake-quantized)
+naming the file. Dequantization is `store.quantized.dequantize`; transformers gets the dequantized (fake-quantized)
 weights, which is numerically what a dequantize-then-matmul QLoRA layer computes.
 """
 
@@ -34,9 +34,9 @@ from torch import Tensor
 
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
-from deltafleet.quant.functional import QuantizedMatrix
 from deltafleet.quant.linear import DEFAULT_KERNEL, QuantEmbedding, QuantLinear
 from deltafleet.quant.registry import ModuleKey
+from deltafleet.store.quantized import QuantizedMatrix
 from deltafleet.store.safetensors_io import load_tensors, save_tensors
 
 SCHEMA_VERSION = 1

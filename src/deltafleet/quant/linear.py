@@ -1,6 +1,6 @@
 """`QuantLinear`: a linear layer over group-wise quantized weights, called exactly like `nn.Linear`.
 
-It holds what a quantized base stores for one projection (`quant.functional.QuantizedMatrix`): the densely packed
+It holds what a quantized base stores for one projection (`store.quantized.QuantizedMatrix`): the densely packed
 b-bit codes (R*C*b/8 bytes), fp16 scales and uint8 zero points per group of G input columns, and the optional
 bias. `forward(x)` computes y = x W_hat^T + bias with W_hat = (q - zero) * scale, so the model's projection hook
 still sees the projection's input x and output y and adapters work on top unchanged.
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltafleet.quant.functional import QuantizedMatrix, dequantize, packed_nbytes, unpack_codes
+from deltafleet.store.quantized import QuantizedMatrix, dequantize, packed_nbytes, unpack_codes
 
 
 def fast_unpack(packed: Tensor, bits: int, numel: int) -> Tensor:

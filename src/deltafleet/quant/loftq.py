@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.quant.functional import QuantizedMatrix, dequantize, rtn_quantize
 from deltafleet.quant.registry import Quantizer, QuantResult, register_quantizer
+from deltafleet.store.quantized import QuantizedMatrix, dequantize, rtn_quantize
 
 
 def truncated_svd(m: Tensor, rank: int, oversample: int = 32, niter: int = 4) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,8 +21,9 @@ from deltafleet.models.config import PROJECTIONS
 from deltafleet.models.llama import Transformer
 from deltafleet.quant.calib import attention_inputs, embed
 from deltafleet.quant.config import QuantConfig
-from deltafleet.quant.functional import QuantizedMatrix, gptq_quantize, hessian
+from deltafleet.quant.functional import gptq_quantize, hessian
 from deltafleet.quant.registry import Quantizer, QuantResult, register_quantizer
+from deltafleet.store.quantized import QuantizedMatrix
 
 
 def _rtn(model: Transformer, cfg: QuantConfig, calib: Tensor | None, progress: Callable[[str], None]) -> QuantResult:

@@ -18,8 +18,8 @@ from deltafleet.models.config import PROJECTIONS
 from deltafleet.quant.base import DENSE_DTYPES, TABLES, module_name, write_lora_init, write_quantized_base
 from deltafleet.quant.calib import shakespeare_text, text_file, token_windows
 from deltafleet.quant.config import QuantConfig
-from deltafleet.quant.functional import QuantizedMatrix
 from deltafleet.quant.registry import QUANTIZERS
+from deltafleet.store.quantized import QuantizedMatrix
 
 
 def calibration_windows(path: Path, cfg: QuantConfig, calib: str | Path | None) -> tuple[torch.Tensor, str]:

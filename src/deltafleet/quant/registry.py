@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from deltafleet.quant.functional import QuantizedMatrix
+from deltafleet.store.quantized import QuantizedMatrix
 
 if TYPE_CHECKING:
     from deltafleet.models.llama import Transformer

@@ -1,6 +1,6 @@
 """The compression-method registry and the typed settings every method reads.
 
-A method turns a `DeltaSet` into an `Adapter` of one of the kinds in `compress.kinds`, module by module, within
+A method turns a `DeltaSet` into an `Adapter` of one of the kinds in `deltafleet.adapters`, module by module, within
 `budget.budget_bytes(out, in, ratio)` bytes per projection. Methods register themselves with `register_method`;
 the pipeline never dispatches on method names.
 """
@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from deltafleet.adapters import Adapter
-from deltafleet.compress.budget import U_GROUPS, parse_plan
+from deltafleet.adapters.qlowrank import U_GROUPS
+from deltafleet.compress.budget import parse_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters import Adapter
+from deltafleet.adapters.bitdelta import BitDeltaConfig, pack_signs
 from deltafleet.compress.budget import bitdelta_bytes, budget_bytes, fp16_bytes
 from deltafleet.compress.delta import DeltaSet, swapped_extras
-from deltafleet.compress.kinds import BitDeltaConfig, pack_signs
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS

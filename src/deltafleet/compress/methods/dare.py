@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from deltafleet.adapters import Adapter
+from deltafleet.adapters.qlowrank import shape_key
+from deltafleet.adapters.sparse import SparseConfig, index_dtype
 from deltafleet.compress.budget import budget_bytes, sparse_nnz
 from deltafleet.compress.delta import DeltaSet
-from deltafleet.compress.kinds import SparseConfig, index_dtype, shape_key
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
 from deltafleet.models.config import PROJECTIONS
 

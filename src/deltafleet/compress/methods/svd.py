@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters import Adapter
+from deltafleet.adapters.qlowrank import FP16_BITS, QLowRankConfig, Ranks, shape_key
 from deltafleet.adapters.registry import Params
-from deltafleet.compress.budget import FP16_BITS, Band, budget_bytes, plan_ranks, resolve_plan
+from deltafleet.compress.budget import Band, budget_bytes, plan_ranks, resolve_plan
 from deltafleet.compress.delta import DeltaSet
-from deltafleet.compress.kinds import QLowRankConfig, Ranks, shape_key
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.quant.functional import QuantizedMatrix, gptq_quantize_transposed
+from deltafleet.quant.functional import gptq_matrix, gptq_quantize_transposed
+from deltafleet.store.quantized import QuantizedMatrix
 
 
 def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | None = None,
@@ -46,7 +47,7 @@ def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | N
             params |= {f"b{i}.V": Vtb.half().contiguous(), f"b{i}.U": Ub.half().contiguous()}
             continue
         gptq = {"damp": damp, "act_order": act_order}
-        qV = QuantizedMatrix.quantize(Vtb, bits, group_size, H, **gptq) if H is not None else \
+        qV = gptq_matrix(Vtb, H, bits, group_size, **gptq) if H is not None else \
             QuantizedMatrix.quantize(Vtb, bits, group_size)
         Hz = None
         if H is not None:
@@ -57,7 +58,7 @@ def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | N
                 QuantizedMatrix.from_codes(*gptq_quantize_transposed(Ub, Hz, bits, group_size, damp=damp), bits,
                                            group_size)
         else:
-            qU = QuantizedMatrix.quantize(Ub, bits, group_size, Hz, **gptq) if Hz is not None else \
+            qU = gptq_matrix(Ub, Hz, bits, group_size, **gptq) if Hz is not None else \
                 QuantizedMatrix.quantize(Ub, bits, group_size)
         params |= qV.tensors(f"b{i}.V") | qU.tensors(f"b{i}.U")
     return params

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters import Adapter, AdapterConfig
+from deltafleet.adapters.qlowrank import qlowrank_factors, qlowrank_shape
 from deltafleet.adapters.registry import Params
 from deltafleet.adapters.road.functional import road_cols
-from deltafleet.compress.kinds import qlowrank_factors, qlowrank_shape
 
 ADDITIVE, ELEMENTWISE = "additive", "elementwise"
 ModuleKey = tuple[int, str]

@@ -1,0 +1,61 @@
+"""The typed config of a `qlowrank` adapter: its band plan per projection shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from deltafleet.adapters.registry import AdapterConfig
+from deltafleet.store.quantized import SUPPORTED_BITS
+
+FP16_BITS = 16  # a band kept in fp16 instead of quantized
+BAND_BITS = (*SUPPORTED_BITS, FP16_BITS)
+U_GROUPS = ("rank", "out")  # how quantized U is grouped: along the rank (U stored (out, r)) or along out (U^T)
+Ranks = tuple[tuple[int, int], ...]  # ((bits, rank), ...) highest bits first
+
+
+def shape_key(out_f: int, in_f: int) -> str:
+    return f"{out_f}x{in_f}"
+
+
+# ------------------------------------------------------------------------------------------ qlowrank
+@dataclass(frozen=True)
+class QLowRankConfig(AdapterConfig):
+    """bands: per projection shape 'OUTxIN', the (bits, rank) of each band; group_size: quantization group G;
+    u_groups: how quantized U is grouped (`compress.budget`): 'rank' stores U (out, r) grouped along r (the
+    layout of schema-1 artifacts written before the option, hence the default when a manifest omits it), 'out'
+    stores U^T (r, out) grouped along out."""
+
+    bands: tuple[tuple[str, Ranks], ...] = ()
+    group_size: int = 128
+    u_groups: str = "rank"
+    kind: ClassVar[str] = "qlowrank"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r}: must be a positive integer")
+        if self.u_groups not in U_GROUPS:
+            raise ValueError(f"u_groups={self.u_groups!r}: must be one of {U_GROUPS}")
+        for key, ranks in self.bands:
+            for bits, r in ranks:
+                if bits not in BAND_BITS or not isinstance(r, int) or r < 1:
+                    raise ValueError(f"bands[{key!r}]: ({bits!r}, {r!r}) must be (bits in {BAND_BITS}, rank >= 1)")
+
+    def ranks(self, out_f: int, in_f: int) -> Ranks:
+        for key, ranks in self.bands:
+            if key == shape_key(out_f, in_f):
+                return ranks
+        raise ValueError(f"bands: no band plan for a {shape_key(out_f, in_f)} projection")
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(f"{k}: " + "+".join(f"{r}@{b}b" for b, r in ranks) for k, ranks in self.bands)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "targets": list(self.targets), "group_size": self.group_size,
+                "u_groups": self.u_groups, "bands": {k: [list(br) for br in ranks] for k, ranks in self.bands}}
+
+    def stored_u_shape(self, out_f: int, r: int) -> tuple[int, int]:
+        """The shape quantized U is stored in: (out, r), or U^T (r, out) when grouped along out."""
+        return (out_f, r) if self.u_groups == "rank" else (r, out_f)

@@ -1,0 +1,113 @@
+"""qlowrank math: dW = sum over bands of U_b diag(S_b) V_b^T, with V_b^T (r_b, in) and U_b (out, r_b) quantized to
+the band's bit width (group-wise, `store.quantized`), or kept in fp16 for 16-bit bands; S_b (r_b,) fp16.
+Applied to activations right to left, y' = y + U (S * (V^T x)), so it is served without a dense matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltafleet.adapters.qlowrank.config import FP16_BITS, QLowRankConfig
+from deltafleet.adapters.registry import AdapterKind, Params
+from deltafleet.store.quantized import QuantizedMatrix, num_groups, packed_nbytes
+
+
+def _band_shapes(out_f: int, in_f: int, bits: int, r: int, G: int, i: int,
+                 u_shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    if bits == FP16_BITS:
+        return {f"b{i}.V": (r, in_f), f"b{i}.U": (out_f, r), f"b{i}.S": (r,)}
+    shapes = {f"b{i}.S": (r,)}
+    for name, (R, C) in (("V", (r, in_f)), ("U", u_shape)):
+        shapes |= {f"b{i}.{name}.qcodes": (packed_nbytes(R * C, bits),), f"b{i}.{name}.qscale": (R, num_groups(C, G)),
+                   f"b{i}.{name}.qzero": (R, num_groups(C, G))}
+    return shapes
+
+
+def qlowrank_shape(cfg: QLowRankConfig, params: Params) -> tuple[int, int]:
+    """(out, in) of a module: the one shape in `cfg.bands` whose parameter shapes are exactly those of `params`."""
+    got = {n: tuple(t.shape) for n, t in params.items()}
+    kind = QLowRankKind()
+    hits = []
+    for key, _ in cfg.bands:
+        out_f, in_f = (int(v) for v in key.split("x"))
+        if kind.param_shapes(cfg, out_f, in_f) == got:
+            hits.append((out_f, in_f))
+    if len(hits) != 1:
+        raise ValueError(f"qlowrank parameters {sorted(got)} match {len(hits)} projection shapes of the band plan; "
+                         f"expected exactly one")
+    return hits[0]
+
+
+def _stored(params: Params, prefix: str) -> Params:
+    """The quantized tensors in their stored dtypes (`Adapter.to(dtype)` casts every tensor; integer codes and
+    zero points below 256 survive any float dtype exactly)."""
+    dtypes = {"qcodes": torch.uint8, "qscale": torch.float16, "qzero": torch.uint8}
+    return {f"{prefix}.{n}": params[f"{prefix}.{n}"].to(dt) for n, dt in dtypes.items() if f"{prefix}.{n}" in params}
+
+
+def qlowrank_factors(cfg: QLowRankConfig, params: Params, out_f: int,
+                     in_f: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Dequantized U (out, R), S (R,), V^T (R, in) in fp32, bands concatenated (R = total rank)."""
+    Us, Ss, Vts = [], [], []
+    for i, (bits, r) in enumerate(cfg.ranks(out_f, in_f)):
+        if bits == FP16_BITS:
+            Vt, U = params[f"b{i}.V"].float(), params[f"b{i}.U"].float()
+        else:
+            Vt = QuantizedMatrix.from_tensors(_stored(params, f"b{i}.V"), f"b{i}.V", (r, in_f), bits,
+                                              cfg.group_size).dequantize()
+            U = QuantizedMatrix.from_tensors(_stored(params, f"b{i}.U"), f"b{i}.U", cfg.stored_u_shape(out_f, r),
+                                             bits, cfg.group_size).dequantize()
+            U = U if cfg.u_groups == "rank" else U.t()
+        Us.append(U)
+        Ss.append(params[f"b{i}.S"].float())
+        Vts.append(Vt)
+    return torch.cat(Us, 1), torch.cat(Ss), torch.cat(Vts, 0)
+
+
+def qlowrank_apply(x: Tensor, y: Tensor, U: Tensor, S: Tensor, Vt: Tensor) -> Tensor:
+    """x (..., in), y (..., out) -> y + ((x Vt^T) * S) U^T = y + U (S * (Vt x)), never forming (out, in)."""
+    return y + ((x @ Vt.t().to(x.dtype)) * S.to(x.dtype)) @ U.t().to(x.dtype)
+
+
+class QLowRankKind(AdapterKind):
+    name = "qlowrank"
+    config_cls = QLowRankConfig
+    param_names = ("S", "U", "V")  # per band b{i}.{name}[.qcodes|.qscale|.qzero]; see param_shapes
+
+    def param_shapes(self, cfg: QLowRankConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, (bits, r) in enumerate(cfg.ranks(out_features, in_features)):
+            shapes |= _band_shapes(out_features, in_features, bits, r, cfg.group_size, i,
+                                   cfg.stored_u_shape(out_features, r))
+        return shapes
+
+    def init_params(self, cfg: QLowRankConfig, out_features: int, in_features: int, *, identity: bool,
+                    generator: torch.Generator) -> Params:
+        params: Params = {}
+        for i, (bits, r) in enumerate(cfg.ranks(out_features, in_features)):
+            Vt = torch.linalg.qr(torch.randn(in_features, r, generator=generator))[0].t()
+            U = torch.linalg.qr(torch.randn(out_features, r, generator=generator))[0]
+            S = torch.zeros(r) if identity else torch.rand(r, generator=generator) * 0.5
+            params[f"b{i}.S"] = S.half()
+            if bits == FP16_BITS:
+                params |= {f"b{i}.V": Vt.half(), f"b{i}.U": U.half()}
+            else:
+                params |= QuantizedMatrix.quantize(Vt, bits, cfg.group_size).tensors(f"b{i}.V")
+                Us = U if cfg.u_groups == "rank" else U.t().contiguous()
+                params |= QuantizedMatrix.quantize(Us, bits, cfg.group_size).tensors(f"b{i}.U")
+        return params
+
+    def apply(self, cfg: QLowRankConfig, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return qlowrank_apply(x, y, *qlowrank_factors(cfg, params, y.shape[-1], x.shape[-1]))
+
+    def delta_weight(self, cfg: QLowRankConfig, params: Params, weight: Tensor) -> Tensor:
+        U, S, Vt = qlowrank_factors(cfg, params, *weight.shape)
+        return (U * S) @ Vt
+
+    def config_from_dict(self, d: dict[str, Any]) -> QLowRankConfig:
+        bands = tuple((str(k), tuple((int(b), int(r)) for b, r in v)) for k, v in dict(d["bands"]).items())
+        return QLowRankConfig(targets=tuple(d["targets"]), group_size=int(d["group_size"]), bands=bands,
+                              u_groups=str(d.get("u_groups", "rank")))

@@ -17,7 +17,8 @@ cache between calls, so these are op costs, not DRAM-bound step costs (`deltafle
 `--dram` adds one whole decode step in DRAM: 30 layers x 7 projections, each with its own bf16 slot pool (as
 the engine holds them, about 300 MB for 32 adapters, far beyond the caches), the native BGMV call per projection
 against a streaming read (torch sum) of the same bytes; and the step's base matmuls (210 projections and the
-49152-row LM head, fp32) through F.linear against the prepacked oneDNN path (`deltafleet.models.prepack`).
+49152-row LM head, fp32) through F.linear against the prepacked oneDNN path (the `PrepackedLinear` modules
+`deltafleet.models.prepack` swaps in).
 Medians of 9 alternating repeats.
 """
 
@@ -86,8 +87,8 @@ def lora_paths(batch: int, adapters: int, rank: int) -> dict[str, float]:
 
 
 def dequant_paths(batch: int) -> dict[int, dict[str, float]]:
-    from deltafleet.quant.functional import QuantizedMatrix
     from deltafleet.quant.linear import QuantLinear
+    from deltafleet.store.quantized import QuantizedMatrix
 
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(1536, 576, generator=g) * 0.05, torch.randn(batch, 576, generator=g)
@@ -123,8 +124,9 @@ def dram_step(batch: int, adapters: int, rank: int) -> dict[str, float]:
             calls.append((BoundBgmv.bind(A, B), torch.randn(batch, d_in, generator=g), torch.zeros(batch, d_out)))
             linears.append(torch.nn.Linear(d_in, d_out, bias=False))
     linears.append(torch.nn.Linear(576, 49152, bias=False))  # the LM head
-    base = torch.nn.Sequential(*linears).requires_grad_(False)
-    prepack.pack_linears_(base, batch_hint=batch)
+    for m in linears:
+        m.requires_grad_(False)
+    packed_linears = [prepack.PrepackedLinear(m, batch_hint=batch) for m in linears]  # what pack_linears_ swaps in
     xs = {d: torch.randn(batch, d, generator=g) for d in (576, 1536)}
     nbytes = sum(2 * (k.A[:adapters].numel() + k.B[:adapters].numel()) for k, _, _ in calls)
     stream = torch.ones(nbytes // 4)
@@ -138,8 +140,8 @@ def dram_step(batch: int, adapters: int, rank: int) -> dict[str, float]:
             F.linear(xs[m.in_features], m.weight)
 
     def packed():
-        for m in linears:
-            prepack.linear(m, xs[m.in_features])
+        for m in packed_linears:
+            m(xs[m.in_features])
 
     fns = {"bgmv": bgmv, "sum": lambda: stream.sum(), "F.linear": f_linear, "onednn": packed}
     times: dict[str, list[float]] = {k: [] for k in fns}

@@ -3,13 +3,13 @@
 set -e
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 Q=${Q:-/tmp/lowbit}
-CLI="${PY:-.venv/bin/python} -m deltafleet.quant.cli"
+CLI="${CLI:-.venv/bin/deltafleet}"
 [ -f $Q/rtn4/deltafleet.json ] || $CLI quantize --method rtn --bits 4 --out $Q/rtn4 >> results/lowbit/quantize.log
 B="--batch 8 --prompt-len 16 --max-tokens 8 --json"
-$CLI lowbit-bench --base smollm2-135m $B >> results/lowbit/bench.jsonl
-$CLI lowbit-bench --base smollm2-135m --dtype bfloat16 $B >> results/lowbit/bench.jsonl
-$CLI lowbit-bench --base $Q/rtn4 --kernel fast $B >> results/lowbit/bench.jsonl
-$CLI lowbit-bench --base $Q/rtn4 --kernel cached $B >> results/lowbit/bench.jsonl
-$CLI lowbit-bench --base $Q/rtn4 --kernel native $B >> results/lowbit/bench.jsonl
+$CLI bench lowbit --base smollm2-135m $B >> results/lowbit/bench.jsonl
+$CLI bench lowbit --base smollm2-135m --dtype bfloat16 $B >> results/lowbit/bench.jsonl
+$CLI bench lowbit --base $Q/rtn4 --kernel fast $B >> results/lowbit/bench.jsonl
+$CLI bench lowbit --base $Q/rtn4 --kernel cached $B >> results/lowbit/bench.jsonl
+$CLI bench lowbit --base $Q/rtn4 --kernel native $B >> results/lowbit/bench.jsonl
 [ -f $Q/rtn4-emb/deltafleet.json ] || $CLI quantize --method rtn --bits 4 --embedding rtn --out $Q/rtn4-emb >> results/lowbit/quantize.log
-$CLI lowbit-bench --base $Q/rtn4-emb --kernel native $B >> results/lowbit/bench.jsonl
+$CLI bench lowbit --base $Q/rtn4-emb --kernel native $B >> results/lowbit/bench.jsonl

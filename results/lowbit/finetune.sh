@@ -20,7 +20,7 @@ one() {  # one NAME BASE [LORA_INIT]
   rm -rf "$out"
   .venv/bin/deltafleet train --base "$base" --task $TASK --method lora --rank 16 --alpha 16 $init --steps $STEPS \
     --lr $LR --batch-size 8 --precision fp32 --save-every 0 --eval-examples 32 --out "$out" > "$out.log" 2>&1
-  .venv/bin/python -m deltafleet.quant.cli lowbit-ppl --json --base "$base" --adapter "$out" > "$out.ppl"
+  .venv/bin/deltafleet lowbit-ppl --json --base "$base" --adapter "$out" > "$out.ppl"
   .venv/bin/python - "$out" "$name" "$TASK" "$LR" "$STEPS" "$base" "${3:-}" >> $R/finetune.jsonl <<'PY'
 import json, sys
 out, name, task, lr, steps, base, init = sys.argv[1:]

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 Q=${Q:-/tmp/lowbit}
 PY=${PY:-.venv/bin/python}
 R=results/lowbit
-CLI="$PY -m deltafleet.quant.cli"
+CLI=${CLI:-.venv/bin/deltafleet}
 mkdir -p "$Q"
 touch $R/ppl.jsonl
 ppl() {  # ppl BASE [ADAPTER]

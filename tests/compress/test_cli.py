@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from deltafleet.compress.cli import app
+from deltafleet.cli import app
 
 runner = CliRunner()
 
@@ -42,7 +42,7 @@ def test_errors_exit_2_naming_the_rule(tiny_llama, tiny_ft, tmp_path):
 
 def test_frontier_measures_each_method_and_ratio(tiny_llama, tiny_ft, tmp_path):
     out = tmp_path / "frontier"
-    _ok(["frontier", "--base", tiny_llama, "--finetuned", tiny_ft, "--methods", "delta-come,lowrank,bitdelta",
+    _ok(["bench", "compress", "--base", tiny_llama, "--finetuned", tiny_ft, "--methods", "delta-come,lowrank,bitdelta",
          "--ratios", "1/8,1/32", "--quantizer", "rtn", "--calib", "synthetic", "--calib-seqs", "2",
          "--calib-len", "16", "--eval-seqs", "2", "--out", out])
     points = json.loads((out / "frontier.json").read_text())
@@ -62,14 +62,14 @@ def test_frontier_on_task_prompts_with_mean_accuracy_over_tasks(chat_tiny, tmp_p
 
     ft = make_finetune(chat_tiny, tmp_path / "ft", scale=0.08)
     out = tmp_path / "frontier"
-    _ok(["frontier", "--base", chat_tiny, "--finetuned", ft, "--methods", "lowrank", "--ratios", "1/4,1/32",
+    _ok(["bench", "compress", "--base", chat_tiny, "--finetuned", ft, "--methods", "lowrank", "--ratios", "1/4,1/32",
          "--calib", "synthetic", "--calib-seqs", "2", "--calib-len", "16", "--task", "sort,caesar",
          "--examples", "3", "--out", out])
     points = {(p["method"], p["ratio"]): p for p in json.loads((out / "frontier.json").read_text())}
     assert points[("no-delta", 0.0)]["kl"] > points[("lowrank", 1 / 32)]["kl"] > points[("lowrank", 1 / 4)]["kl"] > 0
     assert all(p["accuracy"] is not None and 0.0 <= p["accuracy"] <= 1.0 for p in points.values())
     assert "KL on 3 test prompts + answers of each of sort, caesar" in (out / "frontier.md").read_text()
-    r = runner.invoke(app, ["frontier", "--base", str(chat_tiny), "--finetuned", str(ft), "--kl-on", "task",
+    r = runner.invoke(app, ["bench", "compress", "--base", str(chat_tiny), "--finetuned", str(ft), "--kl-on", "task",
                             "--calib", "synthetic", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "kl_on='task'" in r.output
 
@@ -86,7 +86,7 @@ def test_greedy_batch_equals_one_prompt_at_a_time(chat_tiny):
     """The frontier's batched accuracy answers are the tokens greedy generation gives each prompt alone."""
     import random
 
-    from deltafleet.compress.cli import greedy_batch
+    from deltafleet.eval.core import greedy_batch
     from deltafleet.models.generate import greedy_generate
     from deltafleet.models.loading import load_model
 

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from deltafleet.eval.cli import eval_app, zoo_app
+from deltafleet.cli.eval import eval_app, zoo_app
 from deltafleet.eval.perplexity import perplexity
 from deltafleet.models.loading import load_model
 from deltafleet.train.config import TrainConfig

@@ -10,16 +10,17 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from deltafleet.adapters import load_adapter, random_adapter
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, to_serving_form
+from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
 from deltafleet.models.loading import load_model
 from deltafleet.serve.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
-from deltafleet.serve.engine.adapters import UnknownAdapterError
+from deltafleet.serve.engine.adapters import AdapterState, UnknownAdapterError
 from deltafleet.serve.engine.backends import CpuBackend, make_backend
 from deltafleet.serve.engine.engine import EngineShutdownError, PromptTooLongError, QueueFullError
-from deltafleet.serve.engine.forms import to_serving_form
 from deltafleet.serve.engine.layout import BatchLayout
-from deltafleet.serve.engine.pools import AdditivePool, ElementwisePool
-from deltafleet.serve.engine.types import NO_ADAPTER
+from deltafleet.serve.engine.pools import AdditivePool, ElementwisePool, PoolSpec
+from deltafleet.serve.engine.types import NO_ADAPTER, InvalidParameterError
 from tests.adapters.test_peft_equivalence import _peft_adapter_dir
 from tests.conftest import TOL
 from tests.serve.conftest import ADAPTER_CONFIGS
@@ -68,7 +69,7 @@ def test_peft_adapter_names_mixed_batch_agrees(tiny_llama, peft_dirs):
     with torch.no_grad():
         want = pm(input_ids=ids, adapter_names=names).logits
     model, _ = load_model(tiny_llama)
-    pools = {"lora": AdditivePool("lora", model.config, 2, 16, torch.float32)}
+    pools = {"lora": AdditivePool(PoolSpec("lora", ADDITIVE, 2, 16), model.config, torch.float32)}
     for slot, c in enumerate(cases):
         pools["lora"].write(slot, to_serving_form(load_adapter(d / c, model.config), torch.float32))
     layout = BatchLayout.build([(pools["lora"], 0), (None, NO_ADAPTER), (pools["lora"], 1)], ids.shape[1])
@@ -80,8 +81,8 @@ def test_peft_adapter_names_mixed_batch_agrees(tiny_llama, peft_dirs):
 # ---------------------------------------------------------------------------------------------- backends
 
 def _pools(cfg: ModelConfig, dtype):
-    lora = AdditivePool("lora", cfg, 5, 16, dtype)
-    road = ElementwisePool("road", cfg, 3, 64, dtype)
+    lora = AdditivePool(PoolSpec("lora", ADDITIVE, 5, 16), cfg, dtype)
+    road = ElementwisePool(PoolSpec("road", ELEMENTWISE, 3, 64), cfg, dtype)
     for slot, name in enumerate(["lora-r2-qv", "lora-r8-all", "lora-r16-mlp", "lora-r4-ko", "delta-r6"]):
         lora.write(slot, to_serving_form(random_adapter(cfg, ADAPTER_CONFIGS[name], seed=slot), dtype))
     for slot, name in enumerate(["road1-all", "road2-qkv", "road4-mlp"]):
@@ -245,6 +246,48 @@ def test_errors_name_the_rule(tiny_llama, adapters_dir):
 def test_sampling_params_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_refusals_are_typed_and_name_their_field(tiny_llama, adapters_dir):
+    engine = make_engine(tiny_llama, adapters_dir)
+    cases = [(lambda: engine.submit(Request([1, 320])), "prompt_ids"),
+             (lambda: engine.submit(Request([1], SamplingParams(stop=("x",)))), "stop"),
+             (lambda: Request([]), "prompt_ids"),
+             (lambda: SamplingParams(top_p=1.5), "top_p"),
+             (lambda: SamplingParams(top_k=-2), "top_k")]
+    engine.submit(Request([1], request_id="dup"))
+    cases.append((lambda: engine.submit(Request([2], request_id="dup")), "request_id"))
+    for make, field in cases:
+        with pytest.raises(InvalidParameterError) as e:
+            make()
+        assert e.value.field == field and str(e.value).startswith(field)
+    with pytest.raises(InvalidParameterError) as e:
+        SamplingParams(temperature=2.5)
+    assert (e.value.value, e.value.rule) == (2.5, "must be in [0, 2]")
+    assert str(e.value) == "temperature=2.5: must be in [0, 2]" and isinstance(e.value, ValueError)
+
+
+def test_adapter_state_is_typed_and_a_failed_load_keeps_its_error(tiny_llama, adapters_dir, tmp_path):
+    engine = make_engine(tiny_llama, adapters_dir)
+    states = engine.adapters.status
+    assert states("lora-r2-qv") is AdapterState.ON_DISK
+    engine.add_adapter("extra", adapters_dir / "lora-r8-all")
+    engine.adapters.wait_loaded("extra", timeout=30)
+    assert states("extra") is AdapterState.HOST_MEMORY
+    engine.generate([Request([1, 2], SamplingParams(max_tokens=1), adapter="extra")])
+    assert states("extra") is AdapterState.RESIDENT
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    engine.add_adapter("broken", broken)
+    with pytest.raises(DeltafleetError, match="adapter_model.safetensors"):
+        engine.adapters.wait_loaded("broken", timeout=30)
+    assert states("broken") is AdapterState.FAILED
+    rows = {r["name"]: r for r in engine.adapters.listing()}
+    assert rows["broken"]["state"] is AdapterState.FAILED and "adapter_model.safetensors" in rows["broken"]["error"]
+    assert rows["extra"]["state"] is AdapterState.RESIDENT and rows["extra"]["error"] is None
+    assert rows["lora-r2-qv"]["state"] is AdapterState.ON_DISK and rows["lora-r2-qv"]["error"] is None
 
 
 def test_engine_config_validation():

@@ -6,8 +6,8 @@ import statistics
 
 from typer.testing import CliRunner
 
+from deltafleet.bench.serve import percentile, run_bench
 from deltafleet.cli import app
-from deltafleet.serve.http.bench import percentile, run_bench
 
 
 def test_serve_refuses_a_bad_tenancy_file(tmp_path):
@@ -37,7 +37,7 @@ def test_bench_serve_end_to_end_on_the_tiny_model(tiny_chat_model):
 
 
 def test_bench_engine_reports_every_scenario_ratio_and_limit(tiny_chat_model):
-    from deltafleet.eval.bench_engine import RATIOS, SCENARIOS, quick_config, run
+    from deltafleet.bench.engine import RATIOS, SCENARIOS, quick_config, run
 
     rep = run(quick_config(base=str(tiny_chat_model), batch=4, max_tokens=6))
     assert set(rep["scenarios"]) == set(SCENARIOS)

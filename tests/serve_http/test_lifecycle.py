@@ -195,6 +195,6 @@ def test_metrics_in_prometheus_text(live):
 
 
 def test_http_layer_does_not_import_torch():
-    code = ("import sys, deltafleet.serve.http.app, deltafleet.serve.http.server, deltafleet.serve.http.cli; "
+    code = ("import sys, deltafleet.serve.http.app, deltafleet.serve.http.server, deltafleet.cli.serve; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from deltafleet.dtypes import native_bf16
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.train.config import TrainConfig, native_bf16
+from deltafleet.train.config import TrainConfig
 
 
 def _cfg(**kw):

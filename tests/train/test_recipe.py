@@ -3,6 +3,7 @@ outputs load back (peft, deltafleet's loader, transformers), resume equals an un
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -13,13 +14,16 @@ from transformers import AutoModelForCausalLM
 
 from deltafleet.adapters import load_adapter
 from deltafleet.errors import DeltafleetError
+from deltafleet.eval.core import validation_metrics
 from deltafleet.models.config import ModelConfig
 from deltafleet.models.loading import load_model
 from deltafleet.store.fingerprint import base_fingerprint
+from deltafleet.train import recipe
 from deltafleet.train.checkpoint import latest_checkpoint
 from deltafleet.train.config import TrainConfig
-from deltafleet.train.recipe import train
 from tests.conftest import TOL, token_batch
+
+train = functools.partial(recipe.train, validate=validation_metrics)  # the validation `deltafleet train` runs
 
 # lr well above the method defaults: 8 steps on a random tiny model must move the loss.
 FAST = {"lora": 1e-2, "road": 3e-2, "ia3": 3e-2, "full": 1e-3}

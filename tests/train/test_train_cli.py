@@ -10,8 +10,9 @@ import signal
 from typer.testing import CliRunner
 
 from deltafleet.cli import app
+from deltafleet.dtypes import native_bf16
 from deltafleet.train.checkpoint import latest_checkpoint
-from deltafleet.train.config import TrainConfig, native_bf16
+from deltafleet.train.config import TrainConfig
 from deltafleet.train.recipe import DeferredInterrupt, train
 
 runner = CliRunner()

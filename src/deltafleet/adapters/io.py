@@ -21,9 +21,10 @@ import torch
 
 from deltafleet.adapters.adapter import Adapter
 from deltafleet.adapters.peft_format import KEY_RE, PEFT_FORMATS, PEFT_KEY_PREFIX, peft_format_for_kind
-from deltafleet.adapters.registry import get_kind
+from deltafleet.adapters.registry import AdapterConfig, get_kind
 from deltafleet.errors import ArtifactError, DeltafleetError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.registry import Registry
 from deltafleet.store.manifest import MANIFEST, read_json_object, read_manifest, write_manifest
 from deltafleet.store.safetensors_io import load_tensors, refuse_pickles, save_tensors
 
@@ -33,21 +34,27 @@ WEIGHTS = "adapter_model.safetensors"
 
 FormatLoader = Callable[[Path, dict[str, Any]], Adapter]
 FormatSaver = Callable[..., Path]  # (adapter, directory, *, model_cfg, base_fingerprint, base_model, extra) -> dir
-FORMAT_LOADERS: dict[str, FormatLoader] = {}
-FORMAT_SAVERS: dict[str, FormatSaver] = {}  # adapter kind -> the saver of the format that carries it
+BUILTIN_FORMATS = ("peft", "deltafleet")
+
+
+def _check_format(name: str, loader: FormatLoader) -> None:
+    if name in BUILTIN_FORMATS:
+        raise ValueError(f"adapter format {name!r} registered twice (it is built in)")
+
+
+FORMAT_LOADERS: Registry[FormatLoader] = Registry("adapter format", _check_format)
+FORMAT_SAVERS: Registry[FormatSaver] = Registry("saver for adapter kind")  # kind -> the saver of its format
 
 
 def register_format(name: str, loader: FormatLoader, *, kinds: tuple[str, ...] = (),
                     saver: FormatSaver | None = None) -> None:
     """Load directories whose manifest says `"format": name` with `loader(directory, manifest)`; `save_adapter`
     writes adapters of `kinds` with `saver`."""
-    if name in FORMAT_LOADERS or name in ("peft", "deltafleet"):
-        raise ValueError(f"adapter format {name!r} registered twice")
-    FORMAT_LOADERS[name] = loader
+    if kinds and saver is None:
+        raise ValueError(f"adapter format {name!r}: kinds {kinds} need a saver")
+    FORMAT_LOADERS.register(name, loader)
     for kind in kinds:
-        if saver is None or kind in FORMAT_SAVERS:
-            raise ValueError(f"adapter kind {kind!r}: needs one saver, got {saver!r}")
-        FORMAT_SAVERS[kind] = saver
+        FORMAT_SAVERS.register(kind, saver)
 
 
 def _group(proj: str) -> str:
@@ -81,6 +88,41 @@ def _split_params(tensors: dict[str, torch.Tensor], path: Path,
     return params
 
 
+def adapter_layout(directory: str | Path, manifest: dict[str, Any] | None = None) -> str | None:
+    """Which layout an adapter directory holds, by its files (never its name): a registered format named by its
+    manifest, "peft" (`adapter_config.json`), "deltafleet" (a manifest alone), or None when it is no adapter."""
+    d = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(d)
+    if manifest is not None and manifest.get("format") in FORMAT_LOADERS:
+        return manifest["format"]
+    if (d / PEFT_CONFIG).is_file():
+        return "peft"
+    return "deltafleet" if manifest is not None else None
+
+
+def peek_config(directory: str | Path) -> AdapterConfig:
+    """The typed config of an adapter directory from its config files alone (no weights read)."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    layout = adapter_layout(d, manifest)
+    if layout is None:
+        raise ArtifactError(d, f"not an adapter directory: needs {PEFT_CONFIG} (peft) or {MANIFEST} (deltafleet)")
+    if layout == "peft":
+        cfg_path = d / PEFT_CONFIG
+        cfg = read_json_object(cfg_path)
+        fmt = PEFT_FORMATS.get(cfg.get("peft_type"), None)
+        if fmt is None:
+            raise ArtifactError(cfg_path, f"peft_type={cfg.get('peft_type')!r} is not supported; supported: "
+                                          f"{sorted(PEFT_FORMATS)}")
+        return fmt.config_from_peft(cfg, PROJECTIONS, cfg_path)
+    try:
+        return get_kind(str(manifest.get("kind"))).config_from_dict(manifest["config"])
+    except KeyError:
+        raise ArtifactError(d / MANIFEST, "missing field 'config'") from None
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(d / MANIFEST, f"field 'config': {e}") from None
+
+
 def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
                  expected_fingerprint: str | None = None) -> Adapter:
     """Read a peft or deltafleet adapter directory; shapes are checked against `model_cfg` when given."""
@@ -93,15 +135,16 @@ def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
             d / MANIFEST,
             f"made for base {manifest['base_fingerprint']}, but the loaded base is {expected_fingerprint}",
         )
-    if manifest is not None and manifest.get("format") in FORMAT_LOADERS:
-        adapter = FORMAT_LOADERS[manifest["format"]](d, manifest)
-    elif (d / PEFT_CONFIG).is_file():
-        adapter = _load_peft(d)
-    elif manifest is not None:
-        adapter = _load_native(d, manifest)
-    else:
+    layout = adapter_layout(d, manifest)
+    if layout is None:
         refuse_pickles(d, WEIGHTS)
         raise ArtifactError(d, f"not an adapter directory: needs {PEFT_CONFIG} (peft) or {MANIFEST} (deltafleet)")
+    if layout == "peft":
+        adapter = _load_peft(d)
+    elif layout == "deltafleet":
+        adapter = _load_native(d, manifest)
+    else:
+        adapter = FORMAT_LOADERS[layout](d, manifest)
     if model_cfg is not None:
         try:
             adapter.check_shapes(model_cfg, source=str(d / WEIGHTS))

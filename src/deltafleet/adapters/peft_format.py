@@ -18,6 +18,7 @@ from typing import Any
 from deltafleet.adapters.registry import AdapterConfig
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import PROJECTIONS
+from deltafleet.registry import Registry
 
 KEY_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(.+)$")
 PEFT_KEY_PREFIX = "base_model.model."
@@ -32,13 +33,11 @@ class PeftFormat:
     config_to_peft: Callable[[AdapterConfig], dict[str, Any]]
 
 
-PEFT_FORMATS: dict[str, PeftFormat] = {}
+PEFT_FORMATS: Registry[PeftFormat] = Registry("peft type")
 
 
 def register_peft_format(fmt: PeftFormat) -> None:
-    if fmt.peft_type in PEFT_FORMATS:
-        raise ValueError(f"peft type {fmt.peft_type!r} registered twice")
-    PEFT_FORMATS[fmt.peft_type] = fmt
+    PEFT_FORMATS.register(fmt.peft_type, fmt)
 
 
 def peft_format_for_kind(kind: str) -> PeftFormat | None:

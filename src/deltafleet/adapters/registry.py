@@ -6,20 +6,24 @@ A kind is a bundle of pure functions over one projection's parameters (STYLE pri
     delta_weight(cfg, params, W (out, in)) -> dW (out, in)             W_merged = W + dW
     merge(cfg, params, W, b) -> (W', b')       unmerge(cfg, params, W', b') -> (W, b)
 
-plus the shapes of its parameters and an initialiser. Merge, serving and compression all reuse them.
+plus the shapes of its parameters and an initialiser. Merge, serving and compression all reuse them. A kind
+the engine serves in mixed batches also says how, per projection (`serving_form`, see `adapters.serving`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS
+from deltafleet.registry import Registry
+
+if TYPE_CHECKING:
+    from deltafleet.adapters.serving import ServingParams
 
 Params = dict[str, Tensor]
 
@@ -57,6 +61,9 @@ class AdapterKind(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[AdapterConfig]]
     param_names: ClassVar[tuple[str, ...]]
+    # Served kinds only: host memory keeps the adapter as loaded (e.g. packed codes), its slot contents are built
+    # when it is written into a slot.
+    compact: ClassVar[bool] = False
 
     @abstractmethod
     def param_shapes(self, cfg: AdapterConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
@@ -84,30 +91,39 @@ class AdapterKind(ABC):
                 bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return weight - self.delta_weight(cfg, params, weight).to(weight.dtype), bias
 
+    def serving_form(self, cfg: AdapterConfig, params: Params) -> ServingParams | None:
+        """One projection's slot contents for the serving engine (`adapters.serving`); None: merge-only."""
+        return None
+
+    @property
+    def served(self) -> bool:
+        """Whether the kind has a serving form (overrides `serving_form`)."""
+        return type(self).serving_form is not AdapterKind.serving_form
+
     def config_from_dict(self, d: dict[str, Any]) -> AdapterConfig:
         d = {k: v for k, v in d.items() if k != "kind"}
         d["targets"] = tuple(d.get("targets", ()))
         return self.config_cls(**d)
 
 
-KINDS: dict[str, AdapterKind] = {}
+def _check_kind(name: str, kind: AdapterKind) -> None:
+    """Checked at registration, so a broken plugin fails at import, not mid-request."""
+    if kind.config_cls.kind != kind.name:
+        raise TypeError(f"{kind.config_cls.__name__}.kind={kind.config_cls.kind!r} != kind name {kind.name!r}")
+    if kind.compact and not kind.served:
+        raise TypeError(f"adapter kind {kind.name!r}: compact=True needs a serving_form (merge-only kinds are not "
+                        f"kept in host memory)")
+
+
+KINDS: Registry[AdapterKind] = Registry("adapter kind", _check_kind)
 
 
 def register_kind(kind: AdapterKind) -> AdapterKind:
-    """Add a kind to the registry; checked here so a broken plugin fails at import, not mid-request."""
     for attr in ("name", "config_cls", "param_names"):
         if not getattr(kind, attr, None):
             raise TypeError(f"adapter kind {type(kind).__name__} must define {attr}")
-    if kind.name in KINDS:
-        raise ValueError(f"adapter kind {kind.name!r} registered twice")
-    if kind.config_cls.kind != kind.name:
-        raise TypeError(f"{kind.config_cls.__name__}.kind={kind.config_cls.kind!r} != kind name {kind.name!r}")
-    KINDS[kind.name] = kind
-    return kind
+    return KINDS.register(kind.name, kind)
 
 
 def get_kind(name: str) -> AdapterKind:
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise DeltafleetError(f"unknown adapter kind {name!r}; registered kinds: {sorted(KINDS)}") from None
+    return KINDS.lookup(name)

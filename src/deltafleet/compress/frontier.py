@@ -28,6 +28,7 @@ from deltafleet.compress.methods import CompressSettings
 from deltafleet.compress.pipeline import compress_deltas
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
+from deltafleet.tasks import encode_example, get_task
 
 REFERENCES = ("finetuned", "no-delta")  # the uncompressed fine-tune, and the base with only its exact extras
 
@@ -74,7 +75,6 @@ def mean_kl(model: Transformer, ids: EvalIds, ref_logprobs: Tensor | Sequence[Te
 def task_sequences(tokenizer, tasks: Sequence[str], n: int, split: str = "test") -> list[Tensor]:
     """The first `n` examples of `split` of each task as chat-formatted prompt + answer token ids, grouped into
     batches of equal length (no padding): the held-out task prompts the KL is measured on."""
-    from deltafleet.tasks import encode_example, get_task
 
     by_len: dict[int, list[list[int]]] = {}
     for name in tasks:

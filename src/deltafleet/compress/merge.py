@@ -18,14 +18,13 @@ import torch
 from deltafleet.adapters import Adapter, load_adapter, merge_adapter
 from deltafleet.adapters.delta_format import FORMAT, load_extras
 from deltafleet.compress.delta import apply_extras
+from deltafleet.dtypes import SAFETENSORS_DTYPES
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
 from deltafleet.models.loading import load_model, resolve_base
 from deltafleet.store.fingerprint import CACHE_NAME, base_fingerprint
 from deltafleet.store.manifest import read_manifest
 from deltafleet.store.safetensors_io import save_tensors, stored_dtypes
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def merged_model(base: str | Path, adapter_dir: str | Path) -> tuple[Transformer, Adapter, Path]:

@@ -13,6 +13,10 @@ of fixed-length models"), at `window / stride` times the compute.
     ppl    = exp(nll / tokens)
 
 Windows run `batch_size` at a time (right-padded; the LM head runs only on the scored positions).
+
+`windows_perplexity` scores given windows (N, T) instead (the low-bit tables: `tasks.text.token_windows` of the
+Shakespeare test plays): every token after the first of each window, given its window prefix. Both go through
+one scoring loop over `eval.core.transformer_logits`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from deltafleet.errors import DeltafleetError
+from deltafleet.eval.core import LogitsAt, transformer_logits
 from deltafleet.models.llama import ProjectionHook, Transformer
 
 
@@ -59,25 +65,40 @@ def perplexity(model: Transformer, tokenizer, text: str, *, hook: ProjectionHook
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if len(ids) < 2:
         raise DeltafleetError(f"text has {len(ids)} token(s): perplexity needs at least 2")
-    x = torch.tensor(ids)
     spans = windows(len(ids), window, stride, max_windows)
+    # target x_t (first <= t <= end) is predicted at column t - 1 - begin of the window x[begin:end]
+    rows = [(ids[begin:end], list(range(first - 1 - begin, end - begin)), ids[first:end + 1])
+            for begin, end, first in spans]
+    nll, tokens = _score(transformer_logits(model, hook), rows, batch_size)
+    return {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens), "windows": len(spans)}
+
+
+@torch.inference_mode()
+def windows_perplexity(model: Transformer, windows: Tensor, hook: ProjectionHook | None = None,
+                       batch_size: int = 8) -> float:
+    """windows (N, T) -> exp(mean NLL of tokens 1..T-1 of each window given its prefix), fp32 log-softmax."""
+    T = windows.shape[1]
+    rows = [(w.tolist(), list(range(T - 1)), w[1:].tolist()) for w in windows]
+    nll, tokens = _score(transformer_logits(model, hook), rows, batch_size)
+    return math.exp(nll / tokens)
+
+
+def _score(logits_at: LogitsAt, rows: list[tuple[list[int], list[int], list[int]]],
+           batch_size: int) -> tuple[float, int]:
+    """rows: (input ids, scored columns, their targets) -> (sum of -log p(target), number of targets)."""
     nll, tokens = 0.0, 0
-    for i in range(0, len(spans), batch_size):
-        group = spans[i : i + batch_size]
-        T = max(end - begin for begin, end, _ in group)
+    for i in range(0, len(rows), batch_size):
+        group = rows[i : i + batch_size]
+        T = max(len(inp) for inp, _, _ in group)
         input_ids = torch.zeros((len(group), T), dtype=torch.long)
         mask = torch.zeros((len(group), T), dtype=torch.long)
-        rows, cols, targets = [], [], []
-        for b, (begin, end, first) in enumerate(group):
-            input_ids[b, : end - begin] = x[begin:end]
-            mask[b, : end - begin] = 1
-            # target x_t is predicted at column t - 1 - begin
-            for t in range(first, end + 1):
-                rows.append(b)
-                cols.append(t - 1 - begin)
-                targets.append(ids[t])
-        flat = torch.tensor(rows) * T + torch.tensor(cols)  # (M,) positions in the flattened (B*T) batch
-        logits = model(input_ids, attention_mask=mask, hook=hook, logits_index=flat)  # (M, V)
+        where, targets = [], []
+        for b, (inp, cols, tgt) in enumerate(group):
+            input_ids[b, : len(inp)] = torch.tensor(inp)
+            mask[b, : len(inp)] = 1
+            where += [b * T + c for c in cols]  # positions in the flattened (B*T) batch
+            targets += tgt
+        logits = logits_at(input_ids, mask, torch.tensor(where))  # (M, V)
         nll += float(F.cross_entropy(logits.float(), torch.tensor(targets), reduction="sum"))
         tokens += len(targets)
-    return {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens), "windows": len(spans)}
+    return nll, tokens

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from deltafleet.tasks import get_task
+from deltafleet.tasks.mixture import MixtureTask
+
 METHOD_ORDER = ("base", "lora", "road", "ia3", "full", "broad")
 
 
 def _column(tenant: dict[str, Any]) -> str:
-    from deltafleet.tasks import get_task
-    from deltafleet.tasks.mixture import MixtureTask
 
     task = tenant.get("task")
     if tenant["method"] == "full" and task is not None and isinstance(get_task(task), MixtureTask):

@@ -25,18 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from deltafleet.adapters import Adapter, load_adapter
+from deltafleet.dtypes import DTYPES
 from deltafleet.errors import DeltafleetError
+from deltafleet.eval.core import (
+    adapters_engine_config,
+    answer_budget,
+    answer_nll,
+    engine_generate,
+    score,
+    transformer_logits,
+)
 from deltafleet.eval.tenants import ADAPTER, BASE, Tenant, discover, tenant_model
 from deltafleet.models.llama import ProjectionHook, Transformer
-from deltafleet.tasks import SPLITS, TASKS, Example, encode_example, end_of_turn_id, get_task, prompt_ids
+from deltafleet.models.loading import load_model, load_tokenizer, resolve_base
+from deltafleet.serve.engine import Engine
+from deltafleet.store.fingerprint import base_fingerprint
+from deltafleet.tasks import SPLITS, TASKS, Example, end_of_turn_id, get_task, prompt_ids
 from deltafleet.tasks.mixture import MixtureTask
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAX_ANSWER_SLACK = 4  # generated tokens allowed beyond the longest reference answer (as in train.evaluate)
 
 
 @dataclass(frozen=True)
@@ -132,50 +138,6 @@ def tenant_tasks(tenant: Tenant, selected: Sequence[str] | None) -> tuple[str, .
     return own if selected is None else tuple(t for t in own if t in selected)
 
 
-def answer_nll(model: Transformer, tokenizer, examples: Sequence[Example], hook: ProjectionHook | None,
-               batch_size: int, max_len: int) -> tuple[float, int]:
-    """Sum of -log p(answer token | prompt, earlier answer tokens) over all examples, and the token count.
-
-    Right-padded batches (B, T) of prompt + answer ids; the LM head runs only at the (M,) positions that predict
-    an answer token. An example longer than `max_len` loses the tail of its answer."""
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(examples), batch_size):
-            enc = [encode_example(tokenizer, ex) for ex in examples[i : i + batch_size]]
-            rows = [(list(e.prompt_ids), list(e.answer_ids[: max(0, max_len - len(e.prompt_ids))])) for e in enc]
-            T = max(len(p) + len(a) for p, a in rows)
-            ids = torch.zeros((len(rows), T), dtype=torch.long)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)
-            where, targets = [], []
-            for b, (p, a) in enumerate(rows):
-                ids[b, : len(p) + len(a)] = torch.tensor(p + a)
-                mask[b, : len(p) + len(a)] = 1
-                where += [b * T + len(p) + j - 1 for j in range(len(a))]  # position predicting answer token j
-                targets += a
-            if not targets:
-                continue
-            logits = model(ids, attention_mask=mask, hook=hook, logits_index=torch.tensor(where))  # (M, V)
-            nll += float(F.cross_entropy(logits.float(), torch.tensor(targets), reduction="sum"))
-            count += len(targets)
-    return nll, count
-
-
-def _engine_config(adapters: dict[str, Adapter], dtype: str, max_batch: int, max_model_len: int):
-    from deltafleet.serve.engine import EngineConfig
-    from deltafleet.serve.engine.forms import ADDITIVE, ELEMENTWISE, to_serving_form
-
-    forms = {n: to_serving_form(a, DTYPES[dtype]) for n, a in adapters.items()}
-    additive = [f.width for f in forms.values() if f.family == ADDITIVE]
-    groups = {f.width for f in forms.values() if f.family == ELEMENTWISE}
-    if len(groups) > 1:
-        raise DeltafleetError(f"RoAd adapters with group sizes {sorted(groups)}: one evaluation serves one group size")
-    elementwise = [f for f in forms.values() if f.family == ELEMENTWISE]
-    return EngineConfig(dtype=dtype, max_batch=max_batch, max_model_len=max_model_len,
-                        lora_slots=len(additive), max_lora_rank=max(additive, default=1), delta_slots=0,
-                        road_slots=len(elementwise), road_group_size=groups.pop() if groups else 64,
-                        max_queue=1 << 20)
-
-
 class _Run:
     """The shared state of one evaluation: tokenizer, examples per task, and the results being filled."""
 
@@ -198,47 +160,41 @@ class _Run:
         if task not in self._prompts:
             exs = self.examples(task)
             self._prompts[task] = [prompt_ids(self.tok, ex.prompt) for ex in exs]
-            longest = max(len(encode_example(self.tok, ex).answer_ids) for ex in exs)
-            self._max_tokens[task] = longest + MAX_ANSWER_SLACK
+            self._max_tokens[task] = answer_budget(self.tok, exs)
         return self._prompts[task], self._max_tokens[task]
 
     def run_engine(self, model: Transformer, adapters: dict[str, Adapter], rows: list[tuple[TenantResult, str | None]]):
         """Exact-match tasks of every row through one engine; `rows` pairs a result with its adapter name."""
-        from deltafleet.serve.engine import Engine, Request, SamplingParams
-
         jobs = [(r, name, t) for r, name in rows for t in r.tasks if get_task(t).kind == "exact_match"]
         if not jobs:
             return
         longest = max(len(p) + self.prompts(t)[1] for _, _, t in jobs for p in self.prompts(t)[0])
-        engine = Engine(model, self.tok, _engine_config(adapters, self.cfg.dtype, self.cfg.max_batch, longest))
+        engine = Engine(model, self.tok, adapters_engine_config(adapters, self.cfg.dtype, self.cfg.max_batch,
+                                                                longest))
         for name, adapter in adapters.items():
             engine.add_adapter(name, adapter)
-        requests, slots = [], []
+        prompts, slots = [], []
         for i in range(max(len(self.examples(t)) for _, _, t in jobs)):  # round-robin: batches mix tenants
             for r, name, t in jobs:
-                prompts, max_tokens = self.prompts(t)
-                if i < len(prompts):
-                    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                            stop_token_ids=(self.eot,))
-                    requests.append(Request(prompts[i], params, adapter=name))
+                task_prompts, max_tokens = self.prompts(t)
+                if i < len(task_prompts):
+                    prompts.append((task_prompts[i], max_tokens, name))
                     slots.append((r, t))
-        self.progress(f"generating {len(requests)} answers for {len({id(r) for r, _, _ in jobs})} tenant(s)")
+        self.progress(f"generating {len(prompts)} answers for {len({id(r) for r, _, _ in jobs})} tenant(s)")
         t0 = time.perf_counter()
-        outputs = engine.generate(requests)
+        try:
+            outputs = engine_generate(engine, prompts, self.eot)
+        finally:
+            engine.adapters.shutdown()
         seconds = time.perf_counter() - t0
-        engine.adapters.shutdown()
         answers: dict[tuple[int, str], list[str]] = {}
         for (r, t), out in zip(slots, outputs, strict=True):
-            if out.error is not None:
-                raise DeltafleetError(f"tenant {r.tenant.name!r}: generation failed: {out.error}")
-            answers.setdefault((id(r), t), []).append(self.tok.decode(out.token_ids, skip_special_tokens=True))
+            answers.setdefault((id(r), t), []).append(self.tok.decode(out, skip_special_tokens=True))
         for r, _, t in jobs:
             preds = answers[(id(r), t)]
-            task = get_task(t)
-            score = sum(task.score(p, ex) for p, ex in zip(preds, self.examples(t), strict=True)) / len(preds)
-            r.scores[t] = TaskScore(t, "accuracy", score, len(preds), preds)
-        generated = sum(len(o.token_ids) for o in outputs)
-        self.engines.append({"tenants": [r.tenant.name for r, _ in rows], "requests": len(requests),
+            r.scores[t] = TaskScore(t, "accuracy", score(get_task(t), preds, self.examples(t)), len(preds), preds)
+        generated = sum(len(o) for o in outputs)
+        self.engines.append({"tenants": [r.tenant.name for r, _ in rows], "requests": len(prompts),
                              "generated_tokens": generated, "seconds": round(seconds, 3),
                              "tokens_per_s": round(generated / max(seconds, 1e-9), 1)})
 
@@ -248,15 +204,13 @@ class _Run:
                 continue
             self.progress(f"perplexity of {result.tenant.name} on {t}")
             exs = self.examples(t)
-            nll, n = answer_nll(model, self.tok, exs, hook, self.cfg.ppl_batch_size, self.cfg.max_seq_len)
+            nll, n = answer_nll(transformer_logits(model, hook), self.tok, exs, self.cfg.ppl_batch_size,
+                                self.cfg.max_seq_len)
             result.scores[t] = TaskScore(t, "perplexity", math.exp(nll / n), len(exs))
 
 
 def evaluate(cfg: EvalConfig, progress: Callable[[str], None] = lambda _: None) -> EvalReport:
     """Evaluate the base and every tenant of `cfg.adapters` (see the module docstring)."""
-    from deltafleet.models.loading import load_model, load_tokenizer, resolve_base
-    from deltafleet.store.fingerprint import base_fingerprint
-
     t0 = time.perf_counter()
     base_path = resolve_base(cfg.base, progress)
     tokenizer = load_tokenizer(base_path)

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from deltafleet.adapters.io import MANIFEST, PEFT_CONFIG, WEIGHTS, read_manifest
+from deltafleet.adapters.io import PEFT_CONFIG, WEIGHTS, adapter_layout, peek_config
 from deltafleet.adapters.peft_format import KEY_RE, PEFT_FORMATS
-from deltafleet.adapters.registry import get_kind
 from deltafleet.errors import ArtifactError, DeltafleetError
 from deltafleet.models.llama import Transformer
+from deltafleet.models.loading import load_model
+from deltafleet.store.manifest import MANIFEST, read_manifest
 from deltafleet.store.safetensors_io import load_tensors
 
 ADAPTER, FOLDED, CHECKPOINT, BASE = "adapter", "folded", "checkpoint", "base"
@@ -101,10 +102,8 @@ def classify(d: Path) -> Tenant:
                                              f"{sorted([*PEFT_FORMATS, *FOLDERS])}")
     if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
         return Tenant(d.name, d, str(manifest.get("method", "full")), CHECKPOINT, task, manifest)
-    if manifest and (d / WEIGHTS).is_file():
-        kind = str(manifest.get("kind"))
-        get_kind(kind)  # raises for an unknown kind
-        return Tenant(d.name, d, kind, ADAPTER, task, manifest)
+    if adapter_layout(d, manifest or None) is not None and any(d.glob("*.safetensors")):
+        return Tenant(d.name, d, peek_config(d).kind, ADAPTER, task, manifest)
     raise DeltafleetError(f"{d}: not a tenant: needs {PEFT_CONFIG} (peft adapter), config.json + *.safetensors "
                           f"(full fine-tune) or {MANIFEST} + {WEIGHTS} (deltafleet adapter)")
 
@@ -119,7 +118,6 @@ def discover(directory: str | Path) -> list[Tenant]:
 
 def tenant_model(tenant: Tenant, base: str | Path, dtype: torch.dtype) -> Transformer:
     """The model a folded or checkpoint tenant runs as (fp32 folding, then cast to `dtype`)."""
-    from deltafleet.models.loading import load_model
 
     if tenant.served == CHECKPOINT:
         return load_model(tenant.path, dtype=dtype)[0]

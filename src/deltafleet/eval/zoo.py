@@ -32,13 +32,19 @@ from typing import Any
 import torch
 
 from deltafleet.errors import DeltafleetError
+from deltafleet.eval.core import validation_metrics
 from deltafleet.models.config import PROJECTIONS
+from deltafleet.models.loading import read_checkpoint_tensors, resolve_base
+from deltafleet.store.cache import cache_dir
+from deltafleet.store.manifest import read_manifest
 from deltafleet.tasks import get_task
 from deltafleet.tasks.mixture import ALL_TASKS
+from deltafleet.train.checkpoint import latest_checkpoint
+from deltafleet.train.config import TrainConfig
+from deltafleet.train.recipe import train
 
 ADAPTER_METHODS = ("lora", "road", "ia3")
 ENERGY_KS = (8, 32, 128)
-MANIFEST = "deltafleet.json"
 PLAN_FILE = "zoo.json"
 # Seconds per optimizer step (batch 8, ~60-token examples) measured with `deltafleet train` on this project's
 # 2-core AVX2 CPU in fp32 (LoRA on json-field / sort: 3.5 / 4.5 s); used only for the runtime estimate.
@@ -133,21 +139,17 @@ def scaled(plan: ZooPlan, *, tasks: Sequence[str] | None = None, steps: int | No
 
 
 def default_out(base: str) -> Path:
-    from deltafleet.models.embedded import cache_dir
 
     return cache_dir() / "zoo" / Path(base).name
 
 
 def entry_status(out: Path, entry: ZooEntry) -> str:
     """done (finished manifest with the planned steps), partial (checkpoints to resume) or missing."""
-    from deltafleet.train.checkpoint import latest_checkpoint
 
     d = out / entry.name
-    m = d / MANIFEST
-    if m.is_file():
-        manifest = json.loads(m.read_text())
-        if manifest.get("completed") and manifest.get("steps") == entry.steps:
-            return "done"
+    manifest = read_manifest(d) if d.is_dir() else None
+    if manifest and manifest.get("completed") and manifest.get("steps") == entry.steps:
+        return "done"
     return "partial" if latest_checkpoint(d) is not None else "missing"
 
 
@@ -208,7 +210,6 @@ def energy_profile(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
 
 
 def checkpoint_energy(base_dir: Path, tuned_dir: Path, ks: Sequence[int] = ENERGY_KS) -> dict[str, Any]:
-    from deltafleet.models.loading import read_checkpoint_tensors
 
     return energy_profile(read_checkpoint_tensors(base_dir)[0], read_checkpoint_tensors(tuned_dir)[0], ks)
 
@@ -239,10 +240,6 @@ class BuildReport:
 def build(plan: ZooPlan, out: Path, *, console=None, show_progress: bool = True,
           progress: Callable[[str], None] = lambda _: None) -> BuildReport:
     """Train every missing entry of `plan` into `out` (resuming partial ones), then write the energy profiles."""
-    from deltafleet.models.loading import resolve_base
-    from deltafleet.train.checkpoint import latest_checkpoint
-    from deltafleet.train.config import TrainConfig
-    from deltafleet.train.recipe import train
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -264,7 +261,7 @@ def build(plan: ZooPlan, out: Path, *, console=None, show_progress: bool = True,
                           lr=dict(plan.lrs).get(e.method),
                           save_every=plan.save_every, eval_examples=plan.eval_examples,
                           resume=latest_checkpoint(d) is not None)
-        result = train(cfg, console=console, show_progress=show_progress)
+        result = train(cfg, console=console, show_progress=show_progress, validate=validation_metrics)
         if not result.completed:
             statuses[e.name] = "interrupted"
             return BuildReport(out, statuses, {}, time.perf_counter() - t0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,13 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltafleet.errors import DeltafleetError
-
-
-def cache_dir() -> Path:
-    if env := os.environ.get("DELTAFLEET_CACHE_DIR"):
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "deltafleet"
+from deltafleet.registry import Registry
+from deltafleet.store.cache import cache_dir
 
 
 @dataclass(frozen=True)
@@ -49,13 +43,11 @@ class EmbeddedModel:
         return path
 
 
-EMBEDDED: dict[str, EmbeddedModel] = {}
+EMBEDDED: Registry[EmbeddedModel] = Registry("embedded model")
 
 
 def register_embedded(model: EmbeddedModel) -> None:
-    if model.name in EMBEDDED:
-        raise ValueError(f"embedded model {model.name!r} registered twice")
-    EMBEDDED[model.name] = model
+    EMBEDDED.register(model.name, model)
 
 
 register_embedded(EmbeddedModel(

@@ -6,6 +6,8 @@ peft adapter keys map one to one. The seven projections stay separate named `nn.
 through a *projection hook* `hook(layer, proj, x, y) -> y` that sees the projection's input `x` and base
 output `y` (LoRA and low-rank deltas add a term computed from `x`; RoAd transforms `y`). The serving engine
 passes a hook that reads the batch's adapter layout; a plain forward passes none.
+Hardware- or format-specific projections (a quantized base's `QuantLinear`, ...) are swapped in for these modules
+at load or engine start-up and called the same way; the forward only calls them.
 
 Shape vocabulary: B batch, T tokens (this call), S key positions, H hidden, nh heads, nkv KV heads,
 hd head dim, V vocab, L layers, N cache slots.
@@ -21,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltafleet.models import prepack
 from deltafleet.models.config import ModelConfig, RopeConfig
 
 ProjectionHook = Callable[[int, str, Tensor, Tensor], Tensor]
@@ -125,7 +126,7 @@ class RMSNorm(nn.Module):
 
 
 def _project(linear: nn.Linear, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:
-    y = prepack.linear(linear, x)
+    y = linear(x)
     return y if hook is None else hook(layer, name, x, y)
 
 
@@ -269,4 +270,4 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]
-        return prepack.linear(self.lm_head, x)
+        return self.lm_head(x)

@@ -4,15 +4,14 @@ A checkpoint directory is a Hugging Face Llama-family layout: `config.json`, `mo
 `model-0000N-of-0000M.safetensors` (+ index), and tokenizer files. Weights are read only from safetensors;
 every tensor's name and shape is checked against the config before the model is built.
 
-A quantized base (`deltafleet quantize`; recognised by its manifest, see `deltafleet.quant.base`) loads through
-`deltafleet.quant.base.load_quantized_model`, with a `QuantLinear` for every projection; the dequantizing kernel is
-`native` (a C dequantizer, falling back to `fast`) unless the environment variable DELTAFLEET_QUANT_KERNEL names
-another (`reference`, `fast`, `cached`).
+Other base formats register a loader for their manifest's `format` (`BASE_FORMATS`, filled by the layers above:
+importing `deltafleet.quant` registers the quantized base of `deltafleet quantize`, loaded with a `QuantLinear` for
+every projection). A directory whose manifest names a format nobody registered is refused with the rule.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,16 +20,11 @@ from deltafleet.errors import ArtifactError, DeltafleetError
 from deltafleet.models.config import ModelConfig
 from deltafleet.models.embedded import EMBEDDED, materialize
 from deltafleet.models.llama import Transformer, rope_inv_freq
+from deltafleet.registry import Registry
+from deltafleet.store.manifest import MANIFEST, read_manifest
 from deltafleet.store.safetensors_io import load_tensors, refuse_pickles
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise DeltafleetError(f"dtype={name!r}: must be one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def resolve_base(name_or_path: str | Path, progress=lambda _: None) -> Path:
@@ -89,14 +83,30 @@ def validate_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sources: 
     return state
 
 
+BaseLoader = Callable[[Path, torch.dtype], Transformer]
+BASE_FORMATS: Registry[BaseLoader] = Registry("base-model format")
+KNOWN_BASE_FORMATS = {"deltafleet-quantized-base": "deltafleet.quant"}  # format -> the package that registers it
+
+
+def base_format(path: Path) -> str | None:
+    """The registered format of a base directory (by its manifest), or None for a plain checkpoint."""
+    m = read_manifest(path)
+    fmt = None if m is None else m.get("format")
+    if fmt in BASE_FORMATS:
+        return fmt
+    if fmt in KNOWN_BASE_FORMATS:
+        raise ArtifactError(path / MANIFEST, f"format {fmt!r} is a base format that no loader is registered for; "
+                                             f"import {KNOWN_BASE_FORMATS[fmt]} first")
+    return None
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
                progress=lambda _: None) -> tuple[Transformer, Path]:
     """Load our Transformer; returns it (eval mode) and the checkpoint directory it came from."""
     path = resolve_base(name_or_path, progress)
-    from deltafleet.quant.base import is_quantized_base, load_quantized_model  # quant imports models: lazily
-
-    if is_quantized_base(path):
-        return load_quantized_model(path, dtype, os.environ.get("DELTAFLEET_QUANT_KERNEL", "native")), path
+    fmt = base_format(path)
+    if fmt is not None:
+        return BASE_FORMATS[fmt](path, dtype), path
     cfg = ModelConfig.from_file(path / "config.json")
     state = validate_state(cfg, *read_checkpoint_tensors(path), path)
     with torch.device("meta"):

@@ -7,69 +7,132 @@ share of the step. oneDNN with the weight reordered once into its blocked layout
 SmolLM2-135M's shapes (2-core AVX2 EPYC, 32 rows, the 210 projections and the 49152-row LM head of one decode
 step, weights in DRAM; `python bench/kernels.py --dram`) the matmuls of a step went from 118 to 94 ms.
 
-The module's `weight` stays the source of truth (state_dicts, merges and conversions read it); the packed copy
-sits beside it and costs one more copy of those weights in memory. A weight replaced or changed in place after
-packing (its data pointer or version counter moved) is detected on the next call, which then takes `F.linear`.
-Only fp32 `nn.Linear`s on the CPU are packed; `linear(module, x)` is `module(x)` for anything else.
+It is a module swap chosen once at start-up, like a quantized base's `QuantLinear` (gpt-fast style): the model
+file only calls its projections, and `pack_linears_(model)` replaces every fp32 CPU `nn.Linear` (exactly that
+type: a `QuantLinear` is left alone) with a `PrepackedLinear`; `unpack_linears_(model)` swaps plain `nn.Linear`s
+back. Semantics, in plain PyTorch (the reference the tests compare with):
+
+    PrepackedLinear(lin)(x) == F.linear(x, lin.weight, lin.bias)
+
+A `PrepackedLinear` holds the *same* `weight` and `bias` Parameters as the `nn.Linear` it replaces, and they stay
+the source of truth: state_dict keys do not change, a tied LM head still shares the embedding table, and merges
+and conversions write to `module.weight` as before. The packed copy sits beside them (a plain attribute, never
+saved) and costs one more copy of those weights in memory. It is used only for an fp32 CPU input that needs no
+gradient; anything else (autograd, other dtypes or devices) takes `F.linear` over `weight`.
+
+Freshness: the packed copy remembers the data pointer and version counter of the weight it was made from. A
+weight changed in place (`merge_adapter`, `mul_`) or replaced (`.data = ...`, a new Parameter, `.to(dtype)`)
+after packing is noticed on the next call, which drops the stale copy and *repacks* when the weight is still an
+fp32 CPU tensor and the call takes the packed path (one reorder, then full speed again: a merged tenant keeps the
+oneDNN path); otherwise the call takes `F.linear` and the memory of the stale copy is freed.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-
-_ATTR = "_df_prepacked"  # (packed weight, source data_ptr, source version)
 
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _packable(w: Tensor) -> bool:
+    return w.dtype is torch.float32 and w.device.type == "cpu"
+
+
+class PrepackedLinear(nn.Module):
+    """`F.linear(x, weight, bias)` through a oneDNN-reordered copy of `weight`. x (..., in) -> y (..., out).
+
+    `batch_hint`: the typical number of rows per call (oneDNN picks its blocking for it; any row count works).
+    """
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 32):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.batch_hint = batch_hint
+        self.weight = linear.weight  # the same Parameters, not copies
+        self.register_parameter("bias", linear.bias)
+        self._packed: Tensor | None = None  # oneDNN layout; a plain attribute: not saved, not cast by .to()
+        self._source: tuple[int, int] | None = None  # (data_ptr, _version) of the weight it was made from
+        self._repack()
+
+    def _repack(self) -> None:
+        w = self.weight
+        self._packed = self._source = None
+        if _packable(w):
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.batch_hint)
+            self._source = (w.data_ptr(), w._version)
+
+    def packed(self) -> Tensor | None:
+        """The packed weight, repacked first if `weight` changed or was replaced since; None if it is not fp32 CPU."""
+        w = self.weight
+        if self._source is None or self._source != (w.data_ptr(), w._version):
+            self._repack()
+        return self._packed
+
+    @property
+    def packed_nbytes(self) -> int:
+        return 0 if self._packed is None else self._packed.numel() * self._packed.element_size()
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight, self.bias
+        if (x.dtype is torch.float32 and x.is_cpu and _packable(w)
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                      or (b is not None and b.requires_grad)))):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed(), b, "none", [], "")
+        if self._packed is not None and not _packable(w):
+            self._packed = self._source = None  # converted away from fp32 CPU: free the stale copy
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"batch_hint={self.batch_hint}, packed={self._packed is not None}")
+
+
+def _swap_children_(model: nn.Module, make) -> int:
+    """Replace each child module `c` (at any depth) for which `make(c)` is not None by that; returns the count.
+    A module reached through several parents is replaced by one new module everywhere."""
+    memo: dict[nn.Module, nn.Module | None] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if child not in memo:
+                memo[child] = make(child)
+            if memo[child] is not None:
+                setattr(parent, name, memo[child])
+    return sum(m is not None for m in memo.values())
+
+
 def pack_linears_(model: nn.Module, batch_hint: int = 32) -> int:
-    """Attach a packed copy to every fp32 CPU `nn.Linear` of `model` (idempotent); returns the bytes added.
-    `batch_hint`: the typical number of rows per call (oneDNN picks its blocking for it; any row count works)."""
+    """Swap every fp32 CPU `nn.Linear` inside `model` for a `PrepackedLinear` sharing its Parameters (modules
+    already swapped are kept: idempotent); returns the bytes added. A no-op where oneDNN is unavailable."""
+    if type(model) is nn.Linear:
+        raise ValueError("pack_linears_ swaps the submodules of a model; got a bare nn.Linear: wrap it as "
+                         "PrepackedLinear(linear) instead")
     if not available():
         return 0
-    added = 0
-    with torch.no_grad():
-        for module in model.modules():
-            w = module.weight if type(module) is nn.Linear else None
-            if w is None or w.dtype != torch.float32 or w.device.type != "cpu" or _packed(module) is not None:
-                continue
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
-            object.__setattr__(module, _ATTR, (packed, w.data_ptr(), w._version))
-            added += w.numel() * w.element_size()
-    return added
+    before = packed_bytes(model)
+    _swap_children_(model, lambda m: PrepackedLinear(m, batch_hint)
+                    if type(m) is nn.Linear and _packable(m.weight) else None)
+    return packed_bytes(model) - before
 
 
 def unpack_linears_(model: nn.Module) -> None:
-    """Drop the packed copies (their memory is freed; the modules compute with `F.linear` again)."""
-    for module in model.modules():
-        module.__dict__.pop(_ATTR, None)
+    """Swap every `PrepackedLinear` back to a plain `nn.Linear` over the same Parameters (packed copies are freed)."""
+    def plain(m: nn.Module) -> nn.Linear | None:
+        if not isinstance(m, PrepackedLinear):
+            return None
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight, lin.bias = m.weight, m.bias
+        return lin
 
-
-def _packed(module: nn.Module) -> Tensor | None:
-    """The module's packed weight if it still matches `module.weight`; a stale one (the weight changed or was
-    replaced after packing) is dropped."""
-    entry = module.__dict__.get(_ATTR)
-    if entry is None:
-        return None
-    w = module.weight
-    if entry[1] == w.data_ptr() and entry[2] == w._version:
-        return entry[0]
-    del module.__dict__[_ATTR]
-    return None
-
-
-def linear(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x), through the packed weight when there is a fresh one and x is an fp32 CPU tensor that needs no
-    gradient."""
-    packed = _packed(module)
-    if (packed is not None and x.dtype is torch.float32 and x.is_cpu
-            and not (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
-    return module(x)
+    _swap_children_(model, plain)
 
 
 def packed_bytes(model: nn.Module) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if _ATTR in m.__dict__)
+    """Memory held by packed copies in `model` (each module once, however often it is reached)."""
+    return sum(m.packed_nbytes for m in model.modules() if isinstance(m, PrepackedLinear))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from deltafleet.store.cache import cache_dir
+
 SOURCE_DIR = Path(__file__).parent
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -46,7 +48,6 @@ def enabled() -> bool:
 
 def build(name: str) -> Path:
     """Compile `native/<name>.c` into the cache (once per source, flags and CPU) and return the library's path."""
-    from deltafleet.models.embedded import cache_dir
 
     src = SOURCE_DIR / f"{name}.c"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -1,1 +1,12 @@
-"""Quantization: group-wise primitives (RTN, GPTQ, bit packing) shared by delta compression and low-bit bases."""
+"""Low-bit bases: quantizers (RTN, GPTQ, LoftQ, ApiQ; one registration each), the quantized-base format, and the
+`QuantLinear` swapped in at load.
+
+Importing this package registers the quantizers and the `deltafleet-quantized-base` format with
+`models.loading.BASE_FORMATS`, so `load_model` (and every `--base`) accepts a quantized base directory.
+"""
+
+from deltafleet.models.loading import BASE_FORMATS
+from deltafleet.quant import apiq, loftq, methods  # noqa: F401  (register their quantizers)
+from deltafleet.quant.base import FORMAT, load_base
+
+BASE_FORMATS.register(FORMAT, load_base)

@@ -23,7 +23,7 @@ weights, which is numerically what a dequantize-then-matmul QLoRA layer computes
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,20 +32,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deltafleet.dtypes import DTYPES
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.models.llama import Transformer, rope_inv_freq
+from deltafleet.models.loading import expected_shapes
+from deltafleet.quant.config import QUANT_BITS
 from deltafleet.quant.linear import DEFAULT_KERNEL, QuantEmbedding, QuantLinear
 from deltafleet.quant.registry import ModuleKey
+from deltafleet.store.manifest import MANIFEST, read_manifest, write_manifest
 from deltafleet.store.quantized import QuantizedMatrix
 from deltafleet.store.safetensors_io import load_tensors, save_tensors
 
-SCHEMA_VERSION = 1
 FORMAT = "deltafleet-quantized-base"
-MANIFEST = "deltafleet.json"
 WEIGHTS = "quantized.safetensors"
 LORA_INIT = "lora_init"
 TABLES = ("model.embed_tokens", "lm_head")  # the tables `--embedding rtn` may quantize, by checkpoint prefix
-DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".lock")
 _NOT_COPIED = ("model.safetensors.index.json", MANIFEST, ".deltafleet-fingerprint.json", "deltafleet_source.json")
 
@@ -111,12 +113,11 @@ def write_quantized_base(out: Path, source: Path, matrices: dict[ModuleKey, Quan
     for prefix, qm in (tables or {}).items():
         tensors.update(qm.tensors(prefix))
     save_tensors(tensors, out / WEIGHTS, metadata={"format": FORMAT})
-    full = {"schema_version": SCHEMA_VERSION, "format": FORMAT, **manifest,
-            "bytes": weight_bytes(matrices, dense, tables)}
+    fields = {**manifest, "bytes": weight_bytes(matrices, dense, tables)}
     if tables:
-        full["quantized_tables"] = sorted(tables)
-    (out / MANIFEST).write_text(json.dumps(full, indent=2))
-    return full
+        fields["quantized_tables"] = sorted(tables)
+    write_manifest(out, FORMAT, fields)
+    return read_manifest(out, FORMAT)
 
 
 def write_lora_init(out: Path, lora: dict[ModuleKey, tuple[Tensor, Tensor]], rank: int, alpha: float,
@@ -134,55 +135,33 @@ def write_lora_init(out: Path, lora: dict[ModuleKey, tuple[Tensor, Tensor]], ran
         tensors[f"{prefix}.lora_A.weight"] = A.float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B.float().contiguous()
     save_tensors(tensors, d / "adapter_model.safetensors")
-    (d / MANIFEST).write_text(json.dumps({"schema_version": 1, "kind": "lora", "format": "peft",
-                                          "base_fingerprint": base_fingerprint, "method": f"{method}-init",
-                                          "hyperparameters": {"lora_rank": rank, "lora_alpha": alpha,
-                                                              "targets": list(targets)}}, indent=2))
+    write_manifest(d, "peft", {"kind": "lora", "base_fingerprint": base_fingerprint, "method": f"{method}-init",
+                               "hyperparameters": {"lora_rank": rank, "lora_alpha": alpha, "targets": list(targets)}})
     return d
 
 
 # ----------------------------------------------------------------------------------------------- read
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest of a quantized base, or None when `path` is not one (no manifest or another format)."""
-    mpath = Path(path) / MANIFEST
-    if not mpath.is_file():
-        return None
-    try:
-        m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(mpath, f"not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        return None
-    return m
-
-
 def is_quantized_base(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() and read_manifest(p) is not None
+    return p.is_dir() and read_manifest(p, FORMAT) is not None
 
 
 def _check_manifest(m: dict[str, Any], mpath: Path) -> tuple[int, int, torch.dtype]:
-    from deltafleet.quant.config import QUANT_BITS
-
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(mpath, f"schema_version={m.get('schema_version')!r}; this deltafleet reads "
-                                   f"{SCHEMA_VERSION}")
     bits, gs, dd = m.get("bits"), m.get("group_size"), m.get("dense_dtype")
     if not isinstance(bits, int) or bits not in QUANT_BITS:
         raise ArtifactError(mpath, f"bits={bits!r}: must be one of {QUANT_BITS}")
     if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
         raise ArtifactError(mpath, f"group_size={gs!r}: must be a positive integer")
-    if dd not in DENSE_DTYPES:
-        raise ArtifactError(mpath, f"dense_dtype={dd!r}: must be one of {sorted(DENSE_DTYPES)}")
-    return bits, gs, DENSE_DTYPES[dd]
+    if dd not in DTYPES:
+        raise ArtifactError(mpath, f"dense_dtype={dd!r}: must be one of {sorted(DTYPES)}")
+    return bits, gs, DTYPES[dd]
 
 
 def read_quantized_base(path: str | Path) -> QuantizedBase:
-    from deltafleet.models.loading import expected_shapes
 
     d = Path(path)
     mpath = d / MANIFEST
-    m = read_manifest(d)
+    m = read_manifest(d, FORMAT)
     if m is None:
         raise ArtifactError(d, f"not a quantized base: {MANIFEST} with format {FORMAT!r} not found")
     bits, gs, _ = _check_manifest(m, mpath)
@@ -233,8 +212,6 @@ def read_quantized_base(path: str | Path) -> QuantizedBase:
 # ----------------------------------------------------------------------------------------------- load
 def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, kernel: str = DEFAULT_KERNEL):
     """Our `Transformer` with a `QuantLinear` (kernel `kernel`) for every projection; eval mode."""
-    from deltafleet.models.llama import Transformer, rope_inv_freq
-
     qb = read_quantized_base(path)
     cfg = qb.config
     dense = dict(qb.dense)
@@ -255,6 +232,13 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, k
     model.tie_weights()
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     return model.eval()
+
+
+def load_base(path: Path, dtype: torch.dtype) -> Transformer:
+    """The loader `models.loading.load_model` calls for this format (registered by `deltafleet.quant`): the
+    dequantizing kernel is `native` (a C dequantizer, falling back to `fast`) unless the environment variable
+    DELTAFLEET_QUANT_KERNEL names another (`reference`, `fast`, `cached`)."""
+    return load_quantized_model(path, dtype, os.environ.get("DELTAFLEET_QUANT_KERNEL", DEFAULT_KERNEL))
 
 
 def set_kernel(model, kernel: str) -> int:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deltafleet.models.config import PROJECTIONS
+from deltafleet.quant.registry import QUANTIZERS
 
 QUANT_BITS = (2, 3, 4, 8)
 EMBEDDINGS = ("dense", "rtn")  # the embedding table (and an untied LM head): kept dense, or RTN at `bits`
@@ -46,8 +47,6 @@ class QuantConfig:
     apiq_clip_init: float = 4.0
 
     def __post_init__(self) -> None:
-        from deltafleet.quant import methods  # noqa: F401  (importing it registers every quantizer)
-        from deltafleet.quant.registry import QUANTIZERS
 
         if self.method not in QUANTIZERS:
             raise ValueError(f"method={self.method!r}: must be one of {sorted(QUANTIZERS)}")

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltafleet.native import dequant_groups_
+from deltafleet.registry import Registry
 from deltafleet.store.quantized import QuantizedMatrix, dequantize, packed_nbytes, unpack_codes
 
 
@@ -114,7 +116,6 @@ def _scratch_matrix(R: int, C: int) -> Tensor:
 
 
 def _native_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
-    from deltafleet.native import dequant_groups_
 
     R, C = layer.shape
     out = _scratch_matrix(R, C) if not torch.is_grad_enabled() else torch.empty(R, C)
@@ -123,13 +124,11 @@ def _native_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
     return _fast_weight(layer, dtype)
 
 
-KERNELS: dict[str, Callable[[QuantLinear, torch.dtype], Tensor]] = {}
+KERNELS: Registry[Callable[[QuantLinear, torch.dtype], Tensor]] = Registry("quantized-linear kernel")
 
 
 def register_kernel(name: str, weight_fn: Callable[[QuantLinear, torch.dtype], Tensor]) -> None:
-    if name in KERNELS:
-        raise ValueError(f"quantized-linear kernel {name!r} registered twice")
-    KERNELS[name] = weight_fn
+    KERNELS.register(name, weight_fn)
 
 
 register_kernel("reference", _reference_weight)

@@ -73,4 +73,3 @@ def _gptq(model: Transformer, cfg: QuantConfig, calib: Tensor | None, progress: 
 register_quantizer(Quantizer("rtn", False, False, _rtn, "round to nearest, group-wise asymmetric"))
 register_quantizer(Quantizer("gptq", True, False, _gptq, "GPTQ, block-sequential on calibration text"))
 
-from deltafleet.quant import apiq, loftq  # noqa: E402, F401  (register their quantizers)

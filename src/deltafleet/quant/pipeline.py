@@ -13,19 +13,21 @@ from typing import Any
 
 import torch
 
+from deltafleet.dtypes import DTYPES
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.quant.base import DENSE_DTYPES, TABLES, module_name, write_lora_init, write_quantized_base
-from deltafleet.quant.calib import shakespeare_text, text_file, token_windows
+from deltafleet.models.loading import load_model, load_tokenizer
+from deltafleet.quant.base import TABLES, is_quantized_base, module_name, write_lora_init, write_quantized_base
 from deltafleet.quant.config import QuantConfig
 from deltafleet.quant.registry import QUANTIZERS
+from deltafleet.store.fingerprint import base_fingerprint
 from deltafleet.store.quantized import QuantizedMatrix
+from deltafleet.tasks.text import shakespeare_text, text_file, token_windows
 
 
 def calibration_windows(path: Path, cfg: QuantConfig, calib: str | Path | None) -> tuple[torch.Tensor, str]:
     """(N, T) windows of the calibration text, tokenized by the base at `path`: `calib` (a UTF-8 file) or the
     Shakespeare train plays."""
-    from deltafleet.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(path)
     text, source = (text_file(calib), str(calib)) if calib else (shakespeare_text("train"), "shakespeare:train")
@@ -35,12 +37,9 @@ def calibration_windows(path: Path, cfg: QuantConfig, calib: str | Path | None) 
 def quantize_base(base: str | Path, cfg: QuantConfig, out: str | Path, calib: str | Path | None = None,
                   dense_dtype: str = "bfloat16", progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Write the quantized base of `base` into `out`; returns its manifest."""
-    from deltafleet.models.loading import load_model
-    from deltafleet.quant.base import is_quantized_base
-    from deltafleet.store.fingerprint import base_fingerprint
 
-    if dense_dtype not in DENSE_DTYPES:
-        raise DeltafleetError(f"dense_dtype={dense_dtype!r}: must be one of {sorted(DENSE_DTYPES)}")
+    if dense_dtype not in DTYPES:
+        raise DeltafleetError(f"dense_dtype={dense_dtype!r}: must be one of {sorted(DTYPES)}")
     out = Path(out)
     quantizer = QUANTIZERS[cfg.method]
     model, path = load_model(base, dtype=torch.float32, progress=progress)
@@ -60,7 +59,7 @@ def quantize_base(base: str | Path, cfg: QuantConfig, out: str | Path, calib: st
     manifest["lora_init"] = "lora_init" if result.lora else None
     projection_keys = {f"{module_name(layer, p)}.weight" for layer in range(model.config.num_layers)
                        for p in PROJECTIONS}
-    dense = {k: v.detach().to(DENSE_DTYPES[dense_dtype]) for k, v in model.state_dict().items()
+    dense = {k: v.detach().to(DTYPES[dense_dtype]) for k, v in model.state_dict().items()
              if k not in projection_keys}
     if model.config.tie_word_embeddings:
         dense.pop("lm_head.weight", None)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from deltafleet.registry import Registry
 from deltafleet.store.quantized import QuantizedMatrix
 
 if TYPE_CHECKING:
@@ -39,10 +40,8 @@ class Quantizer:
     description: str = ""
 
 
-QUANTIZERS: dict[str, Quantizer] = {}
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
 
 
 def register_quantizer(q: Quantizer) -> None:
-    if q.name in QUANTIZERS:
-        raise ValueError(f"quantizer {q.name!r} registered twice")
-    QUANTIZERS[q.name] = q
+    QUANTIZERS.register(q.name, q)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from deltafleet.errors import DeltafleetError
+from deltafleet.registry import Registry
 
 SPLITS = ("train", "val", "test")
 KINDS = ("exact_match", "perplexity")
@@ -142,16 +143,16 @@ class GeneratedTask:
         return exact_match(prediction, example.answer)
 
 
-TASKS: dict[str, Task] = {}
+def _check_task(name: str, task: Task) -> None:
+    if task.kind not in KINDS:
+        raise ValueError(f"task {name!r}: kind={task.kind!r} must be one of {KINDS}")
+
+
+TASKS: Registry[Task] = Registry("task", _check_task)
 
 
 def register_task(task: Task) -> Task:
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} registered twice")
-    if task.kind not in KINDS:
-        raise ValueError(f"task {task.name!r}: kind={task.kind!r} must be one of {KINDS}")
-    TASKS[task.name] = task
-    return task
+    return TASKS.register(task.name, task)
 
 
 def get_task(name: str) -> Task:

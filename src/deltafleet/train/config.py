@@ -14,16 +14,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from deltafleet.adapters.road.config import ROAD_VARIANTS
+from deltafleet.dtypes import native_bf16
+from deltafleet.models.config import PROJECTIONS
+from deltafleet.tasks import TASKS
+from deltafleet.train.methods import METHODS
+
 PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that change nothing in the trained weights; a resumed run may differ in them.
 NON_RESULT_FIELDS = ("out", "resume", "save_every", "eval_examples")
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (oneDNN's own test, as torch's test-suite uses)."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -65,11 +64,6 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        from deltafleet.adapters.road.config import ROAD_VARIANTS
-        from deltafleet.models.config import PROJECTIONS
-        from deltafleet.tasks import TASKS
-        from deltafleet.train.methods import METHODS
-
         object.__setattr__(self, "out", Path(self.out))
         if self.lora_init is not None:
             object.__setattr__(self, "lora_init", Path(self.lora_init))
@@ -124,8 +118,6 @@ class TrainConfig:
 
     def hyperparameters(self) -> dict[str, Any]:
         """The fields that shape the trained weights (JSON-ready), without other methods' options."""
-        from deltafleet.train.methods import METHODS
-
         d = asdict(self)
         foreign = {o for m in METHODS.values() for o in m.options} - set(METHODS[self.method].options)
         for k in (*NON_RESULT_FIELDS, *foreign, "base", "task", "method"):

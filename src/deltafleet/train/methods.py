@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deltafleet.errors import ArtifactError
 from deltafleet.models.config import PROJECTIONS
+from deltafleet.registry import Registry
 
 if TYPE_CHECKING:
     from deltafleet.train.config import TrainConfig
@@ -40,13 +42,11 @@ class Method:
     export: Callable
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("training method")
 
 
 def register_method(method: Method) -> None:
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} registered twice")
-    METHODS[method.name] = method
+    METHODS.register(method.name, method)
 
 
 def _peft(make_config: Callable[[TrainConfig], object]) -> Callable:
@@ -71,7 +71,6 @@ def _prepare_lora(model, cfg: TrainConfig):
         return _peft(_lora_config)(model, cfg)
     from peft import PeftModel
 
-    from deltafleet.errors import ArtifactError
 
     path = Path(cfg.lora_init) / "adapter_config.json"
     try:

@@ -16,7 +16,6 @@ result equals an uninterrupted run's up to floating-point noise.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -33,15 +32,12 @@ from deltafleet.errors import DeltafleetError
 from deltafleet.models.loading import load_tokenizer, resolve_base
 from deltafleet.quant.base import hf_causal_lm, is_quantized_base
 from deltafleet.store.fingerprint import base_fingerprint
+from deltafleet.store.manifest import write_manifest
 from deltafleet.tasks import encode_example, end_of_turn_id, get_task
 from deltafleet.train import checkpoint as ckpt
 from deltafleet.train.config import TrainConfig
 from deltafleet.train.data import PRECISION_CONTEXTS, answer_nll, collate, example_indices
-from deltafleet.train.evaluate import validation_metrics
 from deltafleet.train.methods import METHODS
-
-MANIFEST = "deltafleet.json"
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -96,9 +92,16 @@ def _progress_bar(console: Console, enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
 
 
+Validator = Callable[..., dict[str, float]]
+"""validate(task, model, causal_lm, tokenizer, val_examples, batch_size, max_len, precision) -> metrics; the
+evaluation core's `deltafleet.eval.core.validation_metrics` is the one `deltafleet train` passes."""
+
+
 def train(cfg: TrainConfig, *, console: Console | None = None, show_progress: bool = True,
-          on_step: Callable[[int, float], None] = lambda step, loss: None) -> TrainResult:
-    """Run (or resume) one training run; `on_step(step, loss)` is called after every optimizer step."""
+          on_step: Callable[[int, float], None] = lambda step, loss: None,
+          validate: Validator | None = None) -> TrainResult:
+    """Run (or resume) one training run; `on_step(step, loss)` is called after every optimizer step. At the end,
+    `validate` (if given) measures the run on the task's validation examples; its metrics go in the manifest."""
     from transformers import AutoModelForCausalLM
 
     console = console or Console()
@@ -184,14 +187,14 @@ def train(cfg: TrainConfig, *, console: Console | None = None, show_progress: bo
 
     # Validation and export.
     metrics: dict[str, float] = {}
-    if completed and val_examples:
+    if completed and val_examples and validate is not None:
         with console.status("validating"):
-            metrics = validation_metrics(task, model, causal_lm, tokenizer, val_examples, cfg.batch_size,
-                                         cfg.max_seq_len, cfg.precision)
+            metrics = validate(task, model, causal_lm, tokenizer, val_examples, cfg.batch_size, cfg.max_seq_len,
+                               cfg.precision)
     fmt = method.export(model, tokenizer, cfg.out)
     trainable = sum(p.numel() for p in params.values())
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "kind": method.kind, "format": fmt,
+        "kind": method.kind,
         "base_fingerprint": run["base_fingerprint"], "base_model": cfg.base, "task": cfg.task,
         "method": cfg.method, "hyperparameters": run["hyperparameters"], "steps": progress.step,
         "completed": completed, "final_metrics": metrics, "trainable_params": trainable,
@@ -199,7 +202,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None, show_progress: bo
         "train_loss": {"first": progress.losses[0] if progress.losses else None,
                        "last": progress.losses[-1] if progress.losses else None},
     }
-    (cfg.out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_manifest(cfg.out, fmt, manifest)
     return TrainResult(out=cfg.out, steps=progress.step, completed=completed, losses=list(progress.losses),
                        final_metrics=metrics, train_seconds=progress.train_seconds,
                        tokens_per_second=progress.tokens / max(progress.train_seconds, 1e-9),

@@ -1,4 +1,5 @@
-"""LoRA math: y' = y + s * B (A x), dW = s * B A, with A (R, in), B (out, R), s = alpha/R (or alpha/sqrt R)."""
+"""LoRA math: y' = y + s * B (A x), dW = s * B A, with A (R, in), B (out, R), s = alpha/R (or alpha/sqrt R).
+Served additive: slot A = A, B = s * B^T (R, out)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import Tensor
 
 from deltafleet.adapters.lora.config import LoraConfig
 from deltafleet.adapters.registry import AdapterKind, Params
+from deltafleet.adapters.serving import ADDITIVE, ServingParams
 
 
 def lora_apply(x: Tensor, y: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
@@ -41,3 +43,6 @@ class LoraKind(AdapterKind):
 
     def delta_weight(self, cfg: LoraConfig, params: Params, weight: Tensor) -> Tensor:
         return lora_delta_weight(params["A"], params["B"], cfg.scaling)
+
+    def serving_form(self, cfg: LoraConfig, params: Params) -> ServingParams:
+        return ServingParams(ADDITIVE, cfg.r, {"A": params["A"].float(), "B": (params["B"].float() * cfg.scaling).t()})

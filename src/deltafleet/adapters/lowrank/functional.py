@@ -1,4 +1,5 @@
-"""Low-rank delta math: y' = y + U (S * (V^T x)), dW = U diag(S) V^T; U (out, R), S (R,), V (in, R)."""
+"""Low-rank delta math: y' = y + U (S * (V^T x)), dW = U diag(S) V^T; U (out, R), S (R,), V (in, R).
+Served additive: slot A = (V diag(S))^T (R, in), B = U^T (R, out)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import Tensor
 
 from deltafleet.adapters.lowrank.config import LowRankConfig
 from deltafleet.adapters.registry import AdapterKind, Params
+from deltafleet.adapters.serving import ADDITIVE, ServingParams
 
 
 def lowrank_apply(x: Tensor, y: Tensor, U: Tensor, S: Tensor, V: Tensor) -> Tensor:
@@ -40,3 +42,7 @@ class LowRankKind(AdapterKind):
 
     def delta_weight(self, cfg: LowRankConfig, params: Params, weight: Tensor) -> Tensor:
         return lowrank_delta_weight(params["U"], params["S"], params["V"])
+
+    def serving_form(self, cfg: LowRankConfig, params: Params) -> ServingParams:
+        return ServingParams(ADDITIVE, cfg.rank, {"A": (params["V"].float() * params["S"].float()).t(),
+                                                  "B": params["U"].float().t()})

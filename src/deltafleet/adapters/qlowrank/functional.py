@@ -1,6 +1,7 @@
 """qlowrank math: dW = sum over bands of U_b diag(S_b) V_b^T, with V_b^T (r_b, in) and U_b (out, r_b) quantized to
 the band's bit width (group-wise, `store.quantized`), or kept in fp16 for 16-bit bands; S_b (r_b,) fp16.
-Applied to activations right to left, y' = y + U (S * (V^T x)), so it is served without a dense matrix.
+Applied to activations right to left, y' = y + U (S * (V^T x)), so it is served without a dense matrix: additive,
+slot A = diag(S) V^T (R, in), B = U^T (R, out) over all bands, dequantized only when written into a slot (compact).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from deltafleet.adapters.qlowrank.config import FP16_BITS, QLowRankConfig
 from deltafleet.adapters.registry import AdapterKind, Params
+from deltafleet.adapters.serving import ADDITIVE, ServingParams
 from deltafleet.store.quantized import QuantizedMatrix, num_groups, packed_nbytes
 
 
@@ -76,6 +78,7 @@ class QLowRankKind(AdapterKind):
     name = "qlowrank"
     config_cls = QLowRankConfig
     param_names = ("S", "U", "V")  # per band b{i}.{name}[.qcodes|.qscale|.qzero]; see param_shapes
+    compact = True
 
     def param_shapes(self, cfg: QLowRankConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -106,6 +109,10 @@ class QLowRankKind(AdapterKind):
     def delta_weight(self, cfg: QLowRankConfig, params: Params, weight: Tensor) -> Tensor:
         U, S, Vt = qlowrank_factors(cfg, params, *weight.shape)
         return (U * S) @ Vt
+
+    def serving_form(self, cfg: QLowRankConfig, params: Params) -> ServingParams:
+        U, S, Vt = qlowrank_factors(cfg, params, *qlowrank_shape(cfg, params))
+        return ServingParams(ADDITIVE, S.numel(), {"A": Vt * S[:, None], "B": U.t()})
 
     def config_from_dict(self, d: dict[str, Any]) -> QLowRankConfig:
         bands = tuple((str(k), tuple((int(b), int(r)) for b, r in v)) for k, v in dict(d["bands"]).items())

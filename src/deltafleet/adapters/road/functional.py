@@ -10,6 +10,7 @@ variant. A batch mixing many RoAd adapters therefore needs only a gather of each
 work. Merged: W' = R W, b' = R b with R the block-rotation (out, out), applied column-wise without forming R.
 Unmerge applies R^-1, which is again of this form: each 2x2 block [[c_j, -s_j], [s_k, c_k]] (k = j + h)
 inverts in closed form (R is not orthogonal when alpha != 1, so this is an inverse, not a transpose).
+Served element-wise: a slot holds (c, s), width G.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from deltafleet.adapters.registry import AdapterKind, Params
 from deltafleet.adapters.road.config import RoadConfig
+from deltafleet.adapters.serving import ELEMENTWISE, ServingParams
 
 
 def road_cols(variant: str, group_size: int, theta: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,6 +110,10 @@ class RoadKind(AdapterKind):
                 bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         c, s = road_inverse_cols(*self._cols(cfg, params), cfg.group_size)
         return self._left_multiply(weight, bias, c, s, cfg.group_size)
+
+    def serving_form(self, cfg: RoadConfig, params: Params) -> ServingParams:
+        c, s = self._cols(cfg, params)
+        return ServingParams(ELEMENTWISE, cfg.group_size, {"c": c, "s": s})
 
     @staticmethod
     def _left_multiply(weight, bias, c, s, group_size):

@@ -20,6 +20,7 @@ from deltafleet.compress.budget import parse_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
+from deltafleet.registry import Registry
 
 QUANTIZERS = ("gptq", "rtn")
 
@@ -93,16 +94,13 @@ class Method(ABC):
         """An adapter whose every module fits the byte budget (the pipeline checks it)."""
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("compression method")
 
 
 def register_method(method: Method) -> Method:
     if not getattr(method, "name", None):
         raise TypeError(f"compression method {type(method).__name__} must define name")
-    if method.name in METHODS:
-        raise ValueError(f"compression method {method.name!r} registered twice")
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> Method:

@@ -15,20 +15,31 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 
 from deltafleet.adapters import Adapter, load_adapter
-from deltafleet.adapters.io import read_manifest
+from deltafleet.adapters.serving import CompactForm, ServingForm, host_form
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
-from deltafleet.serve.engine.forms import CompactForm, ServingForm, host_form
 from deltafleet.serve.engine.pools import Pool
+from deltafleet.store.manifest import read_manifest
 
 
 class UnknownAdapterError(DeltafleetError):
     """The requested adapter name is not registered (or was removed)."""
+
+
+class AdapterState(StrEnum):
+    """Where a registered adapter is; FAILED means its load failed (the manager keeps the error message)."""
+
+    RESIDENT = "resident"  # in a slot, ready for the next batch
+    HOST_MEMORY = "host_memory"  # loaded, waiting in the host-memory LRU
+    LOADING = "loading"  # being read on the loader thread
+    ON_DISK = "on_disk"  # registered, not loaded
+    FAILED = "failed"
 
 
 @dataclass
@@ -169,19 +180,19 @@ class AdapterManager:
                 total -= self.host.pop(name).nbytes
                 self.stats.host_evictions += 1
 
-    def status(self, name: str) -> str:
-        """'resident', 'host', 'loading', 'disk' or 'error: ...'."""
+    def status(self, name: str) -> AdapterState:
+        """The adapter's state; `error(name)` says why when it is FAILED."""
         with self._lock:
             e = self._entry(name)
             if e.error:
-                return f"error: {e.error}"
+                return AdapterState.FAILED
             if e.slot is not None:
-                return "resident"
+                return AdapterState.RESIDENT
             if name in self.host:
-                return "host"
+                return AdapterState.HOST_MEMORY
             if e.future is not None and not e.future.done():
-                return "loading"
-            return "disk"
+                return AdapterState.LOADING
+            return AdapterState.ON_DISK
 
     def error(self, name: str) -> str | None:
         with self._lock:
@@ -261,12 +272,14 @@ class AdapterManager:
             del self.entries[name]
 
     def listing(self) -> list[dict]:
+        """One row per adapter: name, path, state (`AdapterState`), error (None unless FAILED), and once loaded
+        kind, summary, targets, bytes, manifest."""
         with self._lock:
             out = []
             for name in self.names():
                 e = self.entries[name]
                 out.append({"name": name, "path": None if e.path is None else str(e.path),
-                            "state": self.status(name), **e.info})
+                            "state": self.status(name), "error": e.error, **e.info})
             return out
 
     @property

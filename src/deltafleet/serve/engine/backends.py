@@ -16,37 +16,51 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
   read in place from the pool; without grouped_mm, it picks by the step's shape: one matmul pair per segment
   when few adapters cover many tokens (prefill), else a gather + batched matmul per token.
   Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
+
+A backend applies each pool family with its own method, named per family in `Backend.appliers`; the batch layout
+looks the method up once per step and pool (`applier`), so a projection call dispatches on nothing.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from deltafleet.adapters.road.functional import rotate_half_grouped
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE
 from deltafleet.native import BoundBgmv, BoundRoad
-from deltafleet.serve.engine.forms import ADDITIVE, ELEMENTWISE
+from deltafleet.registry import Registry
+from deltafleet.serve.engine.pools import PoolStep
 
-if TYPE_CHECKING:
-    from deltafleet.serve.engine.layout import PoolStep
+# (x (..., in), y (..., out), the pool's tensors for the projection, step) -> adapted y (..., out)
+Applier = Callable[[Tensor, Tensor, dict[str, Tensor], PoolStep], Tensor]
 
 
 class Backend(ABC):
     name: str
+    # pool family -> the method that applies one pool of that family to one projection (an `Applier`)
+    appliers: ClassVar[dict[str, str]] = {ADDITIVE: "apply_additive", ELEMENTWISE: "apply_elementwise"}
 
-    def apply(self, family: str, x: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
-        """x (..., in), y (..., out) with N = prod(...) tokens -> adapted y (..., out), for one pool and one
-        projection."""
+    def applier(self, family: str) -> Applier:
+        """The method applying pools of `family`: x (..., in), y (..., out) with N = prod(...) tokens -> adapted
+        y (..., out), for one pool and one projection."""
+        name = self.appliers.get(family)
+        if name is None:
+            raise ValueError(f"pool family {family!r}: backend {self.name!r} applies {sorted(self.appliers)}")
+        return getattr(self, name)
+
+    def apply_additive(self, x: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
         shape = y.shape
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
-        if family == ADDITIVE:
-            return self.additive(x2, y2, tensors["A"], tensors["B"], step).reshape(shape)
-        if family == ELEMENTWISE:
-            return self.elementwise(y2, tensors["c"], tensors["s"], step).reshape(shape)
-        raise ValueError(f"unknown pool family {family!r}")
+        return self.additive(x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1]), tensors["A"], tensors["B"],
+                             step).reshape(shape)
+
+    def apply_elementwise(self, x: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
+        shape = y.shape
+        return self.elementwise(y.reshape(-1, shape[-1]), tensors["c"], tensors["s"], step).reshape(shape)
 
     @abstractmethod
     def additive(self, x: Tensor, y: Tensor, A: Tensor, B: Tensor, step: PoolStep) -> Tensor: ...
@@ -94,19 +108,21 @@ class CpuBackend(Backend):
             entry = self._bound[id(tensors)] = (tensors, bind())
         return entry[1]
 
-    def apply(self, family, x, y, tensors, step):
-        # The native kernels take (..., features) tensors as they come (no reshapes: a decode step makes one
-        # call per adapted projection, and each reshape costs about 2 us of Python).
+    # The native kernels take (..., features) tensors as they come (no reshapes: a decode step makes one call
+    # per adapted projection, and each reshape costs about 2 us of Python).
+    def apply_additive(self, x, y, tensors, step):
         if self.native:
-            if family == ADDITIVE:
-                kernel = self._binding(tensors, lambda: BoundBgmv.bind(tensors["A"], tensors["B"]))
-                if kernel is not None and kernel(x.contiguous(), y, step.index, step.width, step.pool.null):
-                    return y
-            elif family == ELEMENTWISE:
-                kernel = self._binding(tensors, lambda: BoundRoad.bind(tensors["c"], tensors["s"], step.pool.width))
-                if kernel is not None and kernel(y, step.index, step.pool.null):
-                    return y
-        return super().apply(family, x, y, tensors, step)
+            kernel = self._binding(tensors, lambda: BoundBgmv.bind(tensors["A"], tensors["B"]))
+            if kernel is not None and kernel(x.contiguous(), y, step.index, step.width, step.pool.null):
+                return y
+        return super().apply_additive(x, y, tensors, step)
+
+    def apply_elementwise(self, x, y, tensors, step):
+        if self.native:
+            kernel = self._binding(tensors, lambda: BoundRoad.bind(tensors["c"], tensors["s"], step.pool.width))
+            if kernel is not None and kernel(y, step.index, step.pool.null):
+                return y
+        return super().apply_elementwise(x, y, tensors, step)
 
     def _few_tokens_per_adapter(self, step: PoolStep) -> bool:
         """Decode-like: the step's distinct adapters cover fewer than `segment_ratio` member tokens each."""
@@ -114,7 +130,7 @@ class CpuBackend(Backend):
         return step.distinct * self.segment_ratio > n_members
 
     def additive(self, x, y, A, B, step):
-        # (the native BGMV path is taken in `apply`, bound to the pool)
+        # (the native BGMV path is taken in `apply_additive`, bound to the pool)
         # grouped_mm wants 16-byte strides: rank padded to a multiple of 8 (pool rows are zero past a slot's
         # rank, so padding is exact), feature sizes multiples of 8.
         r = -(-step.width // 8) * 8
@@ -150,7 +166,7 @@ class CpuBackend(Backend):
         return y.index_add(0, step.members, delta)
 
     def elementwise(self, y, c, s, step):
-        # (the native RoAd path is taken in `apply`, bound to the pool)
+        # (the native RoAd path is taken in `apply_elementwise`, bound to the pool)
         # y * c[k] + rotate_half_G(y) * s[k], with the rotation written into one preallocated buffer and one
         # fused multiply-add: about 2x fewer passes over (N, out) than stack/cat (decode is op-overhead bound).
         idx = step.index
@@ -176,14 +192,11 @@ def _grouped_mm_works() -> bool:
     return out.shape == (3, 8) and bool((out == 8).all())
 
 
-BACKENDS: dict[str, type[Backend]] = {}
+BACKENDS: Registry[type[Backend]] = Registry("backend")
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
-    if cls.name in BACKENDS:
-        raise ValueError(f"backend {cls.name!r} registered twice")
-    BACKENDS[cls.name] = cls
-    return cls
+    return BACKENDS.register(cls.name, cls)
 
 
 def make_backend(name: str) -> Backend:

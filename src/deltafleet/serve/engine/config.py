@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE
+from deltafleet.serve.engine.pools import PoolSpec
+
+# The fields that build the default pools (`standard_pools`); `EngineConfig.pools` replaces them.
+POOL_FIELDS = ("lora_slots", "max_lora_rank", "delta_slots", "max_delta_rank", "road_slots", "road_group_size")
+
+
+def standard_pools(lora_slots: int, max_lora_rank: int, delta_slots: int, max_delta_rank: int, road_slots: int,
+                   road_group_size: int) -> tuple[PoolSpec, ...]:
+    """The default pools: 'lora' (additive, small rank: LoRA, small low-rank deltas), 'delta' (additive, large
+    rank: compressed full fine-tunes) and 'road' (element-wise, one group size); a pool of 0 slots is left out."""
+    specs = (("lora", ADDITIVE, lora_slots, max_lora_rank), ("delta", ADDITIVE, delta_slots, max_delta_rank),
+             ("road", ELEMENTWISE, road_slots, road_group_size))
+    return tuple(PoolSpec(*spec) for spec in specs if spec[2])
 
 
 @dataclass(frozen=True)
@@ -12,6 +27,9 @@ class EngineConfig:
     max_model_len: prompt + generated tokens per sequence (the KV slot length).
     kv_cache_bytes: if set, caps max_batch so the KV cache fits this budget.
     prefill_tokens: prompt tokens processed per step at most (longer prompts are chunked).
+    pools: the adapter slot pools (`PoolSpec`s), in the order an adapter is placed (the first that accepts it
+        and has a free slot); `pools.pool_specs_for` sizes them for a known set of adapters. None: the standard
+        three (`standard_pools`), built from the six fields below; given, it replaces them.
     lora_slots / max_lora_rank: resident additive adapters up to that rank (LoRA, small low-rank deltas).
     delta_slots / max_delta_rank: resident additive adapters of larger rank (compressed full fine-tunes).
     road_slots / road_group_size: resident element-wise (RoAd) adapters with that group size.
@@ -29,6 +47,7 @@ class EngineConfig:
     max_model_len: int = 2048
     kv_cache_bytes: int | None = None
     prefill_tokens: int = 1024
+    pools: tuple[PoolSpec, ...] | None = None
     lora_slots: int = 32
     max_lora_rank: int = 16
     delta_slots: int = 4
@@ -49,7 +68,26 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.road_group_size < 2 or self.road_group_size % 2:
             raise ValueError(f"road_group_size={self.road_group_size}: must be a positive even integer")
+        if self.pools is None:
+            object.__setattr__(self, "pools", standard_pools(*(getattr(self, n) for n in POOL_FIELDS)))
+        else:
+            self._check_pools()
         for name in ("dtype", "adapter_dtype"):
             value = getattr(self, name)
             if value not in ("bfloat16", "float32", "float16") and not (name == "adapter_dtype" and value is None):
                 raise ValueError(f"{name}={value!r}: must be bfloat16, float32 or float16")
+
+    def _check_pools(self) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in POOL_FIELDS:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(f"{name}={getattr(self, name)}: pools= replaces the lora/delta/road fields; "
+                                 f"give one or the other")
+        object.__setattr__(self, "pools", tuple(self.pools))
+        names = set()
+        for spec in self.pools:
+            if not isinstance(spec, PoolSpec):
+                raise ValueError(f"pools: {spec!r} must be a PoolSpec")
+            if spec.name in names:
+                raise ValueError(f"pools: name {spec.name!r} used twice; pool names must be unique")
+            names.add(spec.name)

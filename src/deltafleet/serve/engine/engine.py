@@ -16,7 +16,6 @@ requests, LoRA, RoAd and low-rank deltas mix freely in one batch.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -27,23 +26,25 @@ from pathlib import Path
 
 import torch
 
+import deltafleet.quant  # noqa: F401  (registers the quantized-base format that from_pretrained may load)
 from deltafleet.adapters import Adapter
+from deltafleet.dtypes import DTYPES
 from deltafleet.errors import DeltafleetError
 from deltafleet.models import prepack
 from deltafleet.models.llama import KVCache, Transformer
+from deltafleet.models.loading import load_model, load_tokenizer
 from deltafleet.serve.engine.adapters import AdapterManager, UnknownAdapterError
 from deltafleet.serve.engine.backends import make_backend
 from deltafleet.serve.engine.config import EngineConfig
 from deltafleet.serve.engine.detok import Detokenizer
 from deltafleet.serve.engine.layout import BatchLayout
-from deltafleet.serve.engine.pools import AdditivePool, ElementwisePool, Pool
+from deltafleet.serve.engine.pools import POOL_CLASSES, Pool
 from deltafleet.serve.engine.sampling import sample
-from deltafleet.serve.engine.types import FinishReason, Request, RequestOutput, TokenEvent
+from deltafleet.serve.engine.stream import AsyncStream
+from deltafleet.serve.engine.types import FinishReason, InvalidParameterError, Request, RequestOutput, TokenEvent
+from deltafleet.store.fingerprint import base_fingerprint
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
 
 class QueueFullError(DeltafleetError):
     """More requests are waiting than `max_queue` allows."""
@@ -107,13 +108,7 @@ class Engine:
                                  f"max_model_len={config.max_model_len} ({per_seq} bytes each)")
         self.max_batch = max_batch
         self.cache = KVCache.allocate(mcfg, max_batch, config.max_model_len, self.dtype)
-        pools: list[Pool] = []
-        if config.lora_slots:
-            pools.append(AdditivePool("lora", mcfg, config.lora_slots, config.max_lora_rank, adt))
-        if config.delta_slots:
-            pools.append(AdditivePool("delta", mcfg, config.delta_slots, config.max_delta_rank, adt))
-        if config.road_slots:
-            pools.append(ElementwisePool("road", mcfg, config.road_slots, config.road_group_size, adt))
+        pools = [POOL_CLASSES[spec.family](spec, mcfg, adt) for spec in config.pools]
         self.adapters = AdapterManager(mcfg, adt, pools, config.host_cache_bytes, base_fingerprint)
         if adapters_dir is not None:
             self.adapters.scan(adapters_dir)
@@ -139,8 +134,6 @@ class Engine:
     @classmethod
     def from_pretrained(cls, base: str | Path, adapters_dir: str | Path | None = None,
                         config: EngineConfig | None = None) -> Engine:
-        from deltafleet.models.loading import load_model, load_tokenizer
-        from deltafleet.store.fingerprint import base_fingerprint
 
         config = config or EngineConfig()
         model, path = load_model(base, dtype=DTYPES[config.dtype])
@@ -176,13 +169,13 @@ class Engine:
             )
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise ValueError(f"prompt_ids: token ids must be in [0, {vocab})")
+            raise InvalidParameterError("prompt_ids", f"token ids must be in [0, {vocab})")
         if request.adapter is not None:
             if request.adapter not in self.adapters.names():
                 raise UnknownAdapterError(f"adapter {request.adapter!r} not found")
             self.adapters.ensure_loading(request.adapter)
         if p.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; this engine has none")
+            raise InvalidParameterError("stop", "stop strings need a tokenizer; this engine has none")
         gen = None if p.greedy else torch.Generator()
         if gen is not None:
             gen.manual_seed(p.seed if p.seed is not None else torch.seed())
@@ -193,7 +186,7 @@ class Engine:
             if len(self.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFullError(f"queue full: {self.config.max_queue} requests waiting")
             if request.request_id in self._by_id:
-                raise ValueError(f"request_id {request.request_id!r} is already in use")
+                raise InvalidParameterError("request_id", "already in use", request.request_id)
             self._by_id[request.request_id] = seq
             self._inbox.append(seq)
         self._wake.set()
@@ -424,20 +417,14 @@ class Engine:
             self._retire()
 
     async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
-        """Per-token events for one request. Leaving the iterator early aborts the request."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        """Per-token events for one request (submitted at the first iteration). Leaving early aborts it."""
         self.start()
-        handle = self.submit(request, on_event=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        events = AsyncStream(self, request)
         try:
-            while True:
-                ev = await queue.get()
+            async for ev in events:
                 yield ev
-                if ev.finish_reason is not None:
-                    return
         finally:
-            if not handle.done.is_set():
-                self.abort(request.request_id)
+            events.abort()
 
     def shutdown(self, deadline: float = 30.0) -> None:
         """Refuse new requests, let running ones finish within `deadline` seconds, abort the rest."""

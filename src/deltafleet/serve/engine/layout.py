@@ -1,10 +1,11 @@
 """Batch adapter layout, computed once per engine step and read by every layer (STYLE principle 7).
 
 Rows of the step's (B, T) token batch each belong to one sequence, hence one adapter: a (pool, slot) or the
-base model (`NO_ADAPTER`). For each pool that some row uses, `PoolStep` holds the per-token gather index into
-the pool (the pool's null row for every other token), the member tokens, their segments (tokens grouped by
-slot), the widest rank in use and the union of projections the members adapt. The projection hook built from
-it applies each active pool through the backend chosen at start-up.
+base model (`NO_ADAPTER`). For each pool that some row uses, `PoolStep` (`pools.py`) holds the per-token gather
+index into the pool (the pool's null row for every other token), the member tokens, their segments (tokens grouped
+by slot), the widest rank in use and the union of projections the members adapt. The projection hook built from
+it applies each active pool through the backend chosen at start-up, with the backend's method for the pool's
+family looked up once per step.
 """
 
 from __future__ import annotations
@@ -16,28 +17,8 @@ from torch import Tensor
 
 from deltafleet.models.llama import ProjectionHook
 from deltafleet.serve.engine.backends import Backend
-from deltafleet.serve.engine.forms import ModuleKey
-from deltafleet.serve.engine.pools import Pool
+from deltafleet.serve.engine.pools import Pool, PoolStep
 from deltafleet.serve.engine.types import NO_ADAPTER
-
-
-@dataclass
-class PoolStep:
-    pool: Pool
-    index: Tensor  # (N,) long: pool row of each token (pool.null for non-members)
-    members: Tensor | None  # (M,) long: tokens that use this pool; None when all N do
-    order: Tensor  # (M,) long: member tokens sorted by slot (stable), the grouped-matmul order
-    offs: Tensor  # (G,) int32: cumulative member counts of slots 0..G-1, G = highest slot in use + 1
-    width: int  # widest rank (additive) among members
-    modules: frozenset[ModuleKey]  # projections adapted by at least one member
-    distinct: int = 0  # distinct slots in use (the number of segments)
-
-    @property
-    def segments(self) -> list[tuple[int, Tensor]]:
-        """(slot, token indices) per distinct slot in use, in slot order."""
-        counts = torch.diff(self.offs, prepend=self.offs.new_zeros(1)).tolist()
-        parts = torch.split(self.order, counts)
-        return [(slot, part) for slot, part in enumerate(parts) if part.numel()]
 
 
 @dataclass
@@ -79,13 +60,13 @@ class BatchLayout:
     def hook(self, backend: Backend) -> ProjectionHook | None:
         if not self.pool_steps:
             return None
-        steps = self.pool_steps
+        steps = [(st, backend.applier(st.pool.family)) for st in self.pool_steps]
 
         def apply(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
             key = (layer, proj)
-            for st in steps:
+            for st, fn in steps:
                 if key in st.modules:
-                    y = backend.apply(st.pool.family, x, y, st.pool.tensors[key], st)
+                    y = fn(x, y, st.pool.tensors[key], st)
             return y
 
         return apply

@@ -6,33 +6,77 @@ gather needs no masking. Tensors per projection are allocated on first use for t
 reused; loading an adapter copies its own weights into its slot (never a copy of base weights).
 
 Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out); elementwise c, s (n+1, out).
+
+The engine builds its pools from `PoolSpec`s (`EngineConfig.pools`), one pool class per serving family
+(`POOL_CLASSES`); which family and what a slot holds is each adapter kind's own `serving_form`
+(`deltafleet.adapters.serving`). `PoolStep` is one pool's share of a step's batch (`layout.BatchLayout`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from deltafleet.adapters.adapter import ModuleKey
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, SLOT_TENSORS, ServingForm
 from deltafleet.models.config import ModelConfig
-from deltafleet.serve.engine.forms import ADDITIVE, ELEMENTWISE, ModuleKey, ServingForm
+from deltafleet.registry import Registry
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """name: the pool's name (errors, listings); family: the serving family it holds (a key of `POOL_CLASSES`);
+    slots: resident adapters at most; width: the widest rank R it holds (additive) or its group size G
+    (elementwise)."""
+
+    name: str
+    family: str
+    slots: int
+    width: int
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError(f"name={self.name!r}: a pool needs a non-empty name")
+        cls = POOL_CLASSES.get(self.family)
+        if cls is None:
+            raise ValueError(f"pool {self.name!r}: family={self.family!r}: must be one of {sorted(POOL_CLASSES)}")
+        if not isinstance(self.slots, int) or self.slots < 1:
+            raise ValueError(f"pool {self.name!r}: slots={self.slots!r}: must be an integer >= 1")
+        if not isinstance(self.width, int) or not cls.width_ok(self.width):
+            raise ValueError(f"pool {self.name!r}: width={self.width!r}: {cls.width_rule}")
 
 
 class Pool(ABC):
-    family: str
+    family: ClassVar[str]
+    width_rule: ClassVar[str] = "must be an integer >= 1"
 
-    def __init__(self, name: str, model_cfg: ModelConfig, slots: int, width: int, dtype: torch.dtype):
-        if slots < 1:
-            raise ValueError(f"pool {name!r}: slots={slots} must be >= 1")
-        self.name, self.cfg, self.slots, self.width, self.dtype = name, model_cfg, slots, width, dtype
-        self.null = slots
+    def __init__(self, spec: PoolSpec, model_cfg: ModelConfig, dtype: torch.dtype):
+        if spec.family != self.family:
+            raise ValueError(f"pool {spec.name!r}: family={spec.family!r}: {type(self).__name__} holds "
+                             f"{self.family} adapters")
+        self.spec, self.cfg, self.dtype = spec, model_cfg, dtype
+        self.name, self.slots, self.width = spec.name, spec.slots, spec.width
+        self.null = self.slots
         self.tensors: dict[ModuleKey, dict[str, Tensor]] = {}
-        self.slot_modules: list[frozenset[ModuleKey]] = [frozenset()] * slots
+        self.slot_modules: list[frozenset[ModuleKey]] = [frozenset()] * self.slots
         # One shared object per distinct target set, so a step unions the sets of its distinct objects (usually
         # one) instead of hashing every slot's keys again (32 slots x 210 keys cost ~3 ms a step).
         self._module_sets: dict[frozenset[ModuleKey], frozenset[ModuleKey]] = {}
-        self.slot_width: list[int] = [0] * slots
+        self.slot_width: list[int] = [0] * self.slots
+
+    @staticmethod
+    def width_ok(width: int) -> bool:
+        return width >= 1
+
+    @classmethod
+    @abstractmethod
+    def specs_for(cls, widths: list[int]) -> list[PoolSpec]:
+        """Pools of this family that keep adapters of these widths (one each) resident at once."""
 
     @abstractmethod
     def accepts(self, form: ServingForm) -> bool: ...
@@ -68,6 +112,10 @@ class Pool(ABC):
 class AdditivePool(Pool):
     family = ADDITIVE
 
+    @classmethod
+    def specs_for(cls, widths: list[int]) -> list[PoolSpec]:
+        return [PoolSpec(cls.family, cls.family, len(widths), max(widths))]
+
     def accepts(self, form: ServingForm) -> bool:
         return form.family == ADDITIVE and form.width <= self.width
 
@@ -91,6 +139,15 @@ class ElementwisePool(Pool):
     """RoAd-style adapters that share one group size G (= width)."""
 
     family = ELEMENTWISE
+    width_rule = "must be a positive even integer (the group size G)"
+
+    @staticmethod
+    def width_ok(width: int) -> bool:
+        return width >= 2 and width % 2 == 0
+
+    @classmethod
+    def specs_for(cls, widths: list[int]) -> list[PoolSpec]:
+        return [PoolSpec(f"{cls.family}-g{G}", cls.family, widths.count(G), G) for G in sorted(set(widths))]
 
     def accepts(self, form: ServingForm) -> bool:
         return form.family == ELEMENTWISE and form.width == self.width
@@ -107,3 +164,52 @@ class ElementwisePool(Pool):
     def _clear_module(self, slot, dst):
         dst["c"][slot].fill_(1)
         dst["s"][slot].zero_()
+
+
+def _check_pool_class(family: str, cls: type[Pool]) -> None:
+    if family not in SLOT_TENSORS:
+        raise ValueError(f"pool class {cls.__name__}: family={family!r}: must be one of {sorted(SLOT_TENSORS)}")
+
+
+POOL_CLASSES: Registry[type[Pool]] = Registry("pool class for family", _check_pool_class)
+
+
+def register_pool_class(cls: type[Pool]) -> type[Pool]:
+    return POOL_CLASSES.register(cls.family, cls)
+
+
+register_pool_class(AdditivePool)
+register_pool_class(ElementwisePool)
+
+
+def pool_specs_for(shapes: Iterable[tuple[str, int]]) -> tuple[PoolSpec, ...]:
+    """Pools that keep every adapter of `shapes` ((family, width) of each, e.g. of its `ServingForm`) resident at
+    once: per family in `POOL_CLASSES` order, as that family's pool class sizes them."""
+    widths: dict[str, list[int]] = {}
+    for family, width in shapes:
+        if family not in POOL_CLASSES:
+            raise ValueError(f"family={family!r}: must be one of {sorted(POOL_CLASSES)}")
+        widths.setdefault(family, []).append(width)
+    return tuple(spec for family, cls in POOL_CLASSES.items() if family in widths
+                 for spec in cls.specs_for(widths[family]))
+
+
+@dataclass
+class PoolStep:
+    """One pool's share of a step's batch, computed once per step (`layout.BatchLayout`), read by every layer."""
+
+    pool: Pool
+    index: Tensor  # (N,) long: pool row of each token (pool.null for non-members)
+    members: Tensor | None  # (M,) long: tokens that use this pool; None when all N do
+    order: Tensor  # (M,) long: member tokens sorted by slot (stable), the grouped-matmul order
+    offs: Tensor  # (G,) int32: cumulative member counts of slots 0..G-1, G = highest slot in use + 1
+    width: int  # widest rank (additive) among members
+    modules: frozenset[ModuleKey]  # projections adapted by at least one member
+    distinct: int = 0  # distinct slots in use (the number of segments)
+
+    @property
+    def segments(self) -> list[tuple[int, Tensor]]:
+        """(slot, token indices) per distinct slot in use, in slot order."""
+        counts = torch.diff(self.offs, prepend=self.offs.new_zeros(1)).tolist()
+        parts = torch.split(self.order, counts)
+        return [(slot, part) for slot, part in enumerate(parts) if part.numel()]

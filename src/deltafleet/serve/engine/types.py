@@ -6,10 +6,22 @@ import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from deltafleet.errors import DeltafleetError
+
 NO_ADAPTER: int = -1
 """Slot index meaning "base model, no adapter" in every batch layout."""
 
 _ids = itertools.count()
+_NO_VALUE = object()
+
+
+class InvalidParameterError(DeltafleetError):
+    """A request parameter the engine refuses. `field` names it (a `SamplingParams` or `Request` field), so
+    callers map it to their own parameter names without reading the message."""
+
+    def __init__(self, field: str, rule: str, value: object = _NO_VALUE):
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(f"{field}: {rule}" if value is _NO_VALUE else f"{field}={value!r}: {rule}")
 
 
 class FinishReason(StrEnum):
@@ -34,15 +46,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r}: must be an integer >= 1")
+            raise InvalidParameterError("max_tokens", "must be an integer >= 1", self.max_tokens)
         if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature={self.temperature!r}: must be in [0, 2]")
+            raise InvalidParameterError("temperature", "must be in [0, 2]", self.temperature)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
+            raise InvalidParameterError("top_p", "must be in (0, 1]", self.top_p)
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0")
+            raise InvalidParameterError("top_k", "must be an integer >= 0", self.top_k)
         if any(not s for s in self.stop):
-            raise ValueError("stop: stop strings must be non-empty")
+            raise InvalidParameterError("stop", "stop strings must be non-empty")
 
     @property
     def greedy(self) -> bool:
@@ -60,7 +72,7 @@ class Request:
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
-            raise ValueError("prompt_ids: a prompt needs at least one token")
+            raise InvalidParameterError("prompt_ids", "a prompt needs at least one token")
 
 
 @dataclass(frozen=True)

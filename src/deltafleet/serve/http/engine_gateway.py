@@ -1,22 +1,19 @@
 """`Gateway` on top of the multi-tenant `Engine`: the only module of the HTTP package that imports torch.
 
-Engine exceptions become the gateway's typed errors here; engine events become `gateway.Event`s delivered on
-the caller's asyncio loop. Adapter directories registered at run time must lie under the adapters root.
+Engine exceptions become the gateway's typed errors through the tables below (by exception class, never by
+message); engine adapter states map to `gateway.AdapterState`; engine events become `gateway.Event`s delivered
+on the caller's asyncio loop by the engine's one asyncio bridge (`serve.engine.stream.AsyncStream`). Adapter
+directories registered at run time must lie under the adapters root.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from deltafleet.adapters.io import MANIFEST, PEFT_CONFIG, read_manifest
-from deltafleet.adapters.peft_format import PEFT_FORMATS
-from deltafleet.adapters.registry import get_kind
+from deltafleet.adapters.io import PEFT_CONFIG, adapter_layout, peek_config
 from deltafleet.errors import DeltafleetError
-from deltafleet.models.config import PROJECTIONS
 from deltafleet.serve.engine import (
     Engine,
     EngineConfig,
@@ -28,10 +25,15 @@ from deltafleet.serve.engine import (
     TokenEvent,
     UnknownAdapterError,
 )
+from deltafleet.serve.engine.adapters import AdapterState as EngineAdapterState
+from deltafleet.serve.engine.stream import AsyncStream
+from deltafleet.serve.engine.types import InvalidParameterError
 from deltafleet.serve.http.gateway import (
     AdapterConflict,
     AdapterInfo,
+    AdapterState,
     Event,
+    GatewayError,
     Generation,
     InvalidRequest,
     PromptTooLong,
@@ -39,47 +41,65 @@ from deltafleet.serve.http.gateway import (
     ShuttingDown,
     UnknownModel,
 )
+from deltafleet.store.manifest import MANIFEST
 
-_STATES = {"resident": "resident", "host": "host_memory", "loading": "loading", "disk": "on_disk"}
+ErrorTable = dict[type[Exception], tuple[type[GatewayError], str | None]]
+
+# Engine exception -> (gateway error, the request parameter it concerns). The most specific class in an
+# exception's MRO wins; an InvalidParameterError names its parameter itself (`field`, renamed by PARAMS).
+SUBMIT_ERRORS: ErrorTable = {
+    EngineShutdownError: (ShuttingDown, None),
+    PromptTooLongError: (PromptTooLong, "prompt"),  # the HTTP layer renames it "messages" for chat
+    QueueFullError: (QueueFull, None),
+    UnknownAdapterError: (UnknownModel, "model"),
+    InvalidParameterError: (InvalidRequest, None),
+    ValueError: (InvalidRequest, None),  # any other refusal of the request's values
+}
+ADAPTER_ERRORS: ErrorTable = {  # registering or removing an adapter
+    UnknownAdapterError: (UnknownModel, "name"),
+    DeltafleetError: (AdapterConflict, "name"),
+}
+PARAMS = {"prompt_ids": "prompt"}  # engine field -> request parameter, where the names differ
+
+STATES = {
+    EngineAdapterState.ON_DISK: AdapterState.ON_DISK,
+    EngineAdapterState.LOADING: AdapterState.LOADING,
+    EngineAdapterState.HOST_MEMORY: AdapterState.HOST_MEMORY,
+    EngineAdapterState.RESIDENT: AdapterState.RESIDENT,
+    EngineAdapterState.FAILED: AdapterState.FAILED,
+}
 
 
-def _param_of(message: str) -> str | None:
-    """SamplingParams errors read "field=value: rule"; the field is the request parameter."""
-    head = message.split("=", 1)[0].split(":", 1)[0].strip()
-    return head if head.isidentifier() else None
+def gateway_error(e: Exception, table: ErrorTable) -> GatewayError:
+    """The gateway error for engine exception `e` (one of the table's classes or a subclass)."""
+    cls = next(c for c in type(e).__mro__ if c in table)
+    error, param = table[cls]
+    if isinstance(e, InvalidParameterError):
+        param = PARAMS.get(e.field, e.field)
+    return error(str(e), param)
+
+
+def _event(ev: TokenEvent) -> Event:
+    reason = ev.finish_reason.value if ev.finish_reason is not None else None
+    return Event(ev.text, reason, ev.prompt_tokens, ev.completion_tokens, ev.error)
 
 
 class EngineStream:
-    """Events of one submitted request, delivered on the submitting coroutine's event loop."""
+    """A submitted request as a gateway `Stream`: the bridge's `TokenEvent`s as `Event`s."""
 
-    def __init__(self, engine: Engine, request: Request):
-        self._engine = engine
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._id = request.request_id
-        self._finished = False
-        self._handle = engine.submit(request, on_event=self._on_event)
-
-    def _on_event(self, ev: TokenEvent) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, ev)
-        except RuntimeError:  # the loop is closed: nobody listens any more
-            self._engine.abort(self._id)
+    def __init__(self, events: AsyncStream):
+        self._events = events
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        while not self._finished:
-            ev = await self._queue.get()
-            reason = ev.finish_reason.value if ev.finish_reason is not None else None
-            self._finished = reason is not None
-            yield Event(ev.text, reason, ev.prompt_tokens, ev.completion_tokens, ev.error)
+        async for ev in self._events:
+            yield _event(ev)
 
     def abort(self) -> None:
-        if not self._handle.done.is_set():
-            self._engine.abort(self._id)
+        self._events.abort()
 
     @property
     def finished(self) -> bool:
-        return self._finished or self._handle.done.is_set()
+        return self._events.finished
 
 
 class EngineGateway:
@@ -122,19 +142,9 @@ class EngineGateway:
             params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
                                     top_k=g.top_k, seed=g.seed, stop=g.stop, ignore_eos=g.ignore_eos)
             request = Request(list(g.prompt_ids), params, adapter=g.adapter)
-            return EngineStream(self.engine, request)
-        except EngineShutdownError as e:
-            raise ShuttingDown(str(e)) from None
-        except PromptTooLongError as e:
-            raise PromptTooLong(str(e), "prompt") from None
-        except QueueFullError as e:
-            raise QueueFull(str(e)) from None
-        except UnknownAdapterError as e:
-            raise UnknownModel(str(e), "model") from None
-        except ValueError as e:
-            msg = str(e)
-            param = _param_of(msg)
-            raise InvalidRequest(msg, "prompt" if param == "prompt_ids" else param) from None
+            return EngineStream(AsyncStream(self.engine, request))
+        except tuple(SUBMIT_ERRORS) as e:
+            raise gateway_error(e, SUBMIT_ERRORS) from None
 
     # ------------------------------------------------------------------ adapters
     def adapter_names(self) -> list[str]:
@@ -143,16 +153,11 @@ class EngineGateway:
     def adapters(self) -> list[AdapterInfo]:
         out = []
         for row in self.engine.adapters.listing():
-            state, error = row["state"], None
-            if state.startswith("error: "):
-                state, error = "error", state[len("error: "):]
-            else:
-                state = _STATES[state]
             if "kind" in row:
                 kind, detail, nbytes = row["kind"], row["summary"], row["bytes"]
             else:
                 kind, detail, nbytes = describe_on_disk(Path(row["path"]))
-            out.append(AdapterInfo(row["name"], state, kind, detail, nbytes, error))
+            out.append(AdapterInfo(row["name"], STATES[row["state"]], kind, detail, nbytes, row["error"]))
         return out
 
     def load_adapter(self, name: str, relative_path: str) -> AdapterInfo:
@@ -166,7 +171,7 @@ class EngineGateway:
             raise InvalidRequest(f"path={relative_path!r}: adapters load only from under the adapters root", "path")
         if not path.is_dir():
             raise InvalidRequest(f"path={relative_path!r}: no such adapter directory under the adapters root", "path")
-        if not (path / PEFT_CONFIG).is_file() and not (path / MANIFEST).is_file():
+        if adapter_layout(path) is None:
             raise InvalidRequest(f"path={relative_path!r}: not an adapter directory (needs {PEFT_CONFIG} or "
                                  f"{MANIFEST})", "path")
         with self._lock:
@@ -174,17 +179,15 @@ class EngineGateway:
                 raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first", "name")
             try:
                 self.engine.add_adapter(name, path)
-            except UnknownAdapterError as e:
-                raise UnknownModel(str(e), "name") from None
-            except DeltafleetError as e:
-                raise AdapterConflict(str(e), "name") from None
+            except tuple(ADAPTER_ERRORS) as e:
+                raise gateway_error(e, ADAPTER_ERRORS) from None
         return next(a for a in self.adapters() if a.name == name)
 
     def unload_adapter(self, name: str) -> None:
         try:
             self.engine.remove_adapter(name)
-        except UnknownAdapterError as e:
-            raise UnknownModel(str(e), "name") from None
+        except tuple(ADAPTER_ERRORS) as e:
+            raise gateway_error(e, ADAPTER_ERRORS) from None
 
     # ------------------------------------------------------------------ state
     def stats(self) -> dict:
@@ -211,16 +214,7 @@ def describe_on_disk(path: Path) -> tuple[str | None, str | None, int | None]:
     """Kind, rank/variant summary and weight bytes of an adapter not loaded yet, from its config files only."""
     nbytes = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else None
     try:
-        cfg_path = path / PEFT_CONFIG
-        if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text())
-            fmt = PEFT_FORMATS.get(cfg.get("peft_type"))
-            if fmt is None:
-                return None, None, nbytes
-            config = fmt.config_from_peft(cfg, PROJECTIONS, cfg_path)
-        else:
-            manifest = read_manifest(path) or {}
-            config = get_kind(str(manifest.get("kind"))).config_from_dict(manifest["config"])
-    except (DeltafleetError, ValueError, KeyError, TypeError, OSError):
+        config = peek_config(path)
+    except (ValueError, KeyError, TypeError, OSError):  # DeltafleetError is a ValueError
         return None, None, nbytes
     return config.kind, config.summary, nbytes

@@ -4,13 +4,14 @@ The HTTP layer only translates: OpenAI JSON in, `Generation` out, events back to
 from the engine is the `Gateway` protocol below; `engine_gateway.EngineGateway` implements it on top of
 `deltafleet.serve.engine.Engine` and is imported only by whoever builds a server (CLI, tests, benchmark).
 Errors cross the boundary as the typed exceptions defined here, so routes map them to HTTP statuses without
-knowing the engine's own exception classes.
+knowing the engine's own exception classes; adapter states cross it as `AdapterState`, never as strings to parse.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 
@@ -77,12 +78,22 @@ class Event:
     error: str | None = None
 
 
+class AdapterState(StrEnum):
+    """A registered adapter's state; the values are the API's words (FAILED is "error": its load failed)."""
+
+    ON_DISK = "on_disk"
+    LOADING = "loading"
+    HOST_MEMORY = "host_memory"
+    RESIDENT = "resident"
+    FAILED = "error"
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
-    """One registered adapter. state: on_disk, loading, host_memory, resident or error."""
+    """One registered adapter; `error` says why when `state` is FAILED."""
 
     name: str
-    state: str
+    state: AdapterState
     kind: str | None = None
     detail: str | None = None  # rank or variant, e.g. "r=8, alpha=16"
     bytes: int | None = None

@@ -1,5 +1,5 @@
 """`deltafleet quantize`, `deltafleet lowbit-ppl` and `deltafleet lowbit-bench`: command functions (registered by
-the main CLI; also runnable as `python -m deltafleet.quant.cli COMMAND`). torch, transformers and peft are imported
+the main CLI; also runnable as `python -m deltafleet.cli.quant COMMAND`). torch, transformers and peft are imported
 only when a command runs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-from deltafleet.cli_support import fail
+from deltafleet.cli.support import fail
 from deltafleet.errors import DeltafleetError
 
 console = Console()
@@ -71,14 +71,15 @@ def lowbit_ppl_command(
     import torch
 
     from deltafleet.adapters import load_adapter
+    from deltafleet.eval.perplexity import windows_perplexity
     from deltafleet.models.loading import load_model, load_tokenizer
-    from deltafleet.quant.calib import perplexity, shakespeare_text, token_windows
+    from deltafleet.tasks.text import shakespeare_text, token_windows
 
     try:
         model, path = load_model(base, dtype=torch.float32)
         ids = token_windows(load_tokenizer(path), shakespeare_text(split), windows, seq_len)
         hook = None if adapter is None else load_adapter(adapter, model.config).hook()
-        ppl = perplexity(model, ids, hook)
+        ppl = windows_perplexity(model, ids, hook)
     except (DeltafleetError, ValueError) as e:
         _fail(e)
     row = {"base": str(base), "adapter": None if adapter is None else str(adapter), "split": split,
@@ -87,43 +88,3 @@ def lowbit_ppl_command(
         typer.echo(json.dumps(row))
     else:
         console.print(f"perplexity {ppl:.3f} ({windows} x {seq_len} tokens, {split})", highlight=False)
-
-
-def lowbit_bench_command(
-    base: str = typer.Option("smollm2-135m", help="Embedded model name, checkpoint or quantized-base directory."),
-    dtype: str = typer.Option("float32", help="Engine compute dtype: float32 or bfloat16."),
-    kernel: str = typer.Option("native", help="Quantized-linear kernel: native, fast, reference or cached."),
-    batch: int = typer.Option(8, help="Concurrent requests."),
-    prompt_len: int = typer.Option(16, help="Prompt tokens per request."),
-    max_tokens: int = typer.Option(16, help="Generated tokens per request."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """Engine decode throughput (tokens/s) on a base, quantized or not; base-only greedy requests."""
-    from deltafleet.quant.bench import decode_throughput
-
-    try:
-        row = decode_throughput(base, dtype, kernel, batch, prompt_len, max_tokens)
-    except (DeltafleetError, ValueError) as e:
-        _fail(e)
-    if as_json:
-        typer.echo(json.dumps(row))
-    else:
-        console.print(f"decode {row['decode_tokens_per_s']:.1f} tokens/s (batch {batch}, {dtype}, kernel "
-                      f"{row['kernel']}); projection weights {row['projection_bytes']:,} bytes", highlight=False)
-
-
-def app() -> typer.Typer:
-    """The three commands as a typer app (`python -m deltafleet.quant.cli COMMAND`); the main CLI registers the
-    same functions."""
-    a = typer.Typer(help="deltafleet low-bit bases.", no_args_is_help=True, pretty_exceptions_enable=False)
-    a.command("quantize")(quantize_command)
-    a.command("lowbit-ppl")(lowbit_ppl_command)
-    a.command("lowbit-bench")(lowbit_bench_command)
-    return a
-
-
-if __name__ == "__main__":
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    app()()

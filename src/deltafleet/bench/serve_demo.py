@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,6 +19,18 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from deltafleet.serve.engine import EngineConfig
+from deltafleet.serve.http.app import create_app
+from deltafleet.serve.http.engine_gateway import EngineGateway
+from deltafleet.serve.http.server import BackgroundServer
+from deltafleet.serve.http.tenancy import Tenancy
+from deltafleet.store.cache import cache_dir
+from deltafleet.store.manifest import read_manifest
+from deltafleet.tasks import get_task
+from deltafleet.tasks.base import normalize
+from deltafleet.train.config import TrainConfig
+from deltafleet.train.recipe import train
 
 
 @dataclass(frozen=True)
@@ -43,15 +54,14 @@ MAX_TOKENS = 24
 
 
 def demo_root() -> Path:
-    from deltafleet.models.embedded import cache_dir
 
     return cache_dir() / "demo-adapters"
 
 
 def _trained(out: Path, t: Tenant) -> bool:
     try:
-        m = json.loads((out / "deltafleet.json").read_text())
-    except (OSError, ValueError):
+        m = read_manifest(out) or {}
+    except ValueError:  # a malformed manifest: train again
         return False
     return m.get("completed") is True and m.get("steps") == t.steps and m.get("task") == t.task
 
@@ -60,8 +70,6 @@ def prepare_adapters(base: str, root: Path, console: Console) -> None:
     """Train (or reuse) each tenant's adapter into root/<adapter name>."""
     import shutil
 
-    from deltafleet.train.config import TrainConfig
-    from deltafleet.train.recipe import train
 
     for t in TENANTS:
         if t.adapter is None:
@@ -82,7 +90,6 @@ def requests_for(t: Tenant, seed: int = 0) -> list[tuple[str, str | None]]:
     """(prompt, expected answer or None) pairs from the test split of the tenant's task."""
     if t.task is None:
         return [(p, None) for p in BASE_PROMPTS[:PER_TENANT]]
-    from deltafleet.tasks import get_task
 
     return [(e.prompt, e.answer) for e in get_task(t.task).examples("test", n=PER_TENANT, seed=seed)]
 
@@ -110,12 +117,6 @@ def _short(text: str, n: int) -> str:
 
 
 def run_demo(base: str, dtype: str, console: Console) -> None:
-    from deltafleet.serve.engine import EngineConfig
-    from deltafleet.serve.http.app import create_app
-    from deltafleet.serve.http.engine_gateway import EngineGateway
-    from deltafleet.serve.http.server import BackgroundServer
-    from deltafleet.serve.http.tenancy import Tenancy
-    from deltafleet.tasks.base import normalize
 
     root = demo_root()
     root.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ def train_command(
 
     from transformers.utils import logging as hf_logging
 
+    from deltafleet.eval.core import validation_metrics
     from deltafleet.train.config import TrainConfig
     from deltafleet.train.recipe import train
 
@@ -63,7 +64,7 @@ def train_command(
             lora_init=lora_init, road_variant=road_variant, road_group_size=road_group_size, max_seq_len=max_seq_len,
             precision=precision, seed=seed, save_every=save_every, eval_examples=eval_examples, resume=resume,
         )
-        result = train(cfg, console=console)
+        result = train(cfg, console=console, validate=validation_metrics)
     except (DeltafleetError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None

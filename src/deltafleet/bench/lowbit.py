@@ -13,15 +13,17 @@ from typing import Any
 
 import torch
 
+from deltafleet.dtypes import DTYPES
+from deltafleet.models.loading import load_model
+from deltafleet.quant.base import set_kernel
+from deltafleet.quant.linear import QuantLinear
+from deltafleet.serve.engine.config import EngineConfig
+from deltafleet.serve.engine.engine import Engine
+from deltafleet.serve.engine.types import Request, SamplingParams
+
 
 def decode_throughput(base: str | Path, dtype: str = "float32", kernel: str = "native", batch: int = 8,
                       prompt_len: int = 16, max_tokens: int = 16) -> dict[str, Any]:
-    from deltafleet.models.loading import load_model
-    from deltafleet.quant.base import set_kernel
-    from deltafleet.quant.linear import QuantLinear
-    from deltafleet.serve.engine.config import EngineConfig
-    from deltafleet.serve.engine.engine import DTYPES, Engine
-    from deltafleet.serve.engine.types import Request, SamplingParams
 
     model, _ = load_model(base, dtype=DTYPES[dtype])
     quantized = set_kernel(model, kernel) > 0

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from deltafleet.adapters import LoraConfig, RoadConfig, random_adapter
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE
 from deltafleet.models import prepack
 from deltafleet.models.config import PROJECTIONS
+from deltafleet.models.loading import load_model, load_tokenizer
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from deltafleet.serve.engine.pools import pool_specs_for
 
 LORA = LoraConfig(r=16, alpha=32.0, targets=PROJECTIONS)
 ROAD = RoadConfig(variant="road_1", group_size=64, targets=PROJECTIONS)
@@ -242,15 +245,15 @@ def run_peft_scenario(cfg: BenchConfig, prompts: list[list[int]], model_path) ->
 
 
 def _engine_config(cfg: BenchConfig, n_lora: int, n_road: int) -> EngineConfig:
+
+    shapes = [(ADDITIVE, LORA.r)] * max(n_lora, 1) + [(ELEMENTWISE, ROAD.group_size)] * max(n_road, 1)
     return EngineConfig(dtype=cfg.dtype, adapter_dtype=cfg.adapter_dtype, max_batch=cfg.batch,
                         max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
-                        prefill_tokens=cfg.batch * cfg.prompt_len, lora_slots=max(n_lora, 1), max_lora_rank=LORA.r,
-                        delta_slots=0, road_slots=max(n_road, 1), road_group_size=ROAD.group_size,
+                        prefill_tokens=cfg.batch * cfg.prompt_len, pools=pool_specs_for(shapes),
                         host_cache_bytes=64 << 30)
 
 
 def build_engine(cfg: BenchConfig, n_lora: int, n_road: int) -> tuple[Engine, object]:
-    from deltafleet.models.loading import load_model, load_tokenizer
 
     model, path = load_model(cfg.base, dtype=getattr(torch, cfg.dtype))
     engine = Engine(model, load_tokenizer(path), _engine_config(cfg, n_lora, n_road))

@@ -20,7 +20,7 @@ def resolve_dtype(dtype: str) -> str:
     than emulated bf16 on a 2-core AVX2 CPU)."""
     if dtype != "auto":
         return dtype
-    from deltafleet.train.config import native_bf16
+    from deltafleet.dtypes import native_bf16  # imports torch (1.6 s): only when `auto` must be resolved
 
     return "bfloat16" if native_bf16() else "float32"
 
@@ -93,69 +93,6 @@ def build_gateway(base: str, adapters: Path | None, dtype: str, model_name: str 
     return EngineGateway.from_pretrained(base, adapters, cfg, model_name)
 
 
-def bench_serve_command(
-    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
-    dtype: str = typer.Option("auto", help="auto, bfloat16 or float32."),
-    adapters: int = typer.Option(8, min=1, help="Random adapters to serve (LoRA r8, LoRA r16, RoAd in turn)."),
-    clients: int = typer.Option(8, min=1, help="Concurrent clients below the queue bound."),
-    requests: int = typer.Option(64, min=1, help="Requests per pattern (uniform, then Zipf)."),
-    max_tokens: int = typer.Option(32, min=1, help="Output tokens per request (exactly: ignore_eos)."),
-    max_batch: int = typer.Option(8, min=1, help="Server --max-batch."),
-    max_queue: int = typer.Option(16, min=1, help="Server --max-queue."),
-    burst: int = typer.Option(96, min=1, help="Simultaneous requests per overload burst."),
-    bursts: int = typer.Option(3, min=0, help="Overload bursts."),
-    seed: int = typer.Option(0, help="Seed for adapters and the request mix."),
-    quick: bool = typer.Option(False, "--quick", help="A run of under 2 minutes on 2 cores: 16 requests of 16 "
-                                                      "tokens per pattern, 2 bursts of 48."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-) -> None:
-    """Start the server on loopback, load it with mixed-adapter clients, then overload it past its queue bound."""
-    import json
-
-    from rich.table import Table
-
-    from deltafleet.serve.http.bench import run_bench
-
-    if quick:
-        requests, max_tokens, burst, bursts = 16, 16, 48, 2
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=132)
-
-    def log(message: str) -> None:
-        console.print(f"[dim]{message}[/dim]", soft_wrap=True)
-
-    try:
-        res = run_bench(base, resolve_dtype(dtype), adapters, clients, requests, max_tokens, max_batch, max_queue,
-                        burst, bursts, seed, log=log)
-    except (DeltafleetError, RuntimeError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(code=2) from None
-    if as_json:
-        out.print_json(json.dumps(res))
-        return
-
-    def ms(v):
-        return "-" if v is None else f"{v * 1000:.0f}"
-
-    table = Table(title=f"bench serve: {res['base']} ({res['dtype']}), {res['adapters']} adapters + base, "
-                        f"{res['clients']} clients, {res['max_tokens']} tokens/request, {res['cpu_count']} CPUs")
-    for col in ("phase", "requests", "ok", "errors", "req/s", "out tok/s", "p50 ms", "p99 ms", "TTFT p50 ms",
-                "TTFT p99 ms"):
-        table.add_column(col, justify="left" if col in ("phase", "errors") else "right")
-    for p in res["phases"] + res["overload"]["bursts"]:
-        table.add_row(p["name"], str(p["requests"]), str(p["ok"]),
-                      ", ".join(f"{k}: {v}" for k, v in sorted(p["errors"].items())) or "0",
-                      f"{p['requests_per_s']:.2f}", f"{p['output_tokens_per_s']:.1f}", ms(p["latency_p50_s"]),
-                      ms(p["latency_p99_s"]), ms(p["ttft_p50_s"]), ms(p["ttft_p99_s"]))
-    out.print(table)
-    o = res["overload"]
-    out.print(f"overload: bursts of {o['burst']} against max_batch {res['max_batch']} + max_queue "
-              f"{res['max_queue']}; server healthy after: {o['healthy_after']}; server RSS MB "
-              f"{' -> '.join(str(r) for r in o['rss_mb'])} (growth {o['rss_growth_mb']} MB)")
-    cache = res["adapter_cache"]
-    out.print("adapter cache: " + ", ".join(f"{k.removeprefix('deltafleet_adapter_cache_').removesuffix('_total')} "
-                                            f"{v:.0f}" for k, v in cache.items()))
 
 
 def serve_demo_command(
@@ -164,7 +101,7 @@ def serve_demo_command(
 ) -> None:
     """The multi-tenant demo: train two small tenant adapters (once, cached), serve them with the base model,
     send every tenant's requests at once through the openai client, print the answers, drain the server."""
-    from deltafleet.serve.http.demo import run_demo
+    from deltafleet.bench.serve_demo import run_demo
 
     try:
         out = Console()

@@ -27,6 +27,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deltafleet.adapters import LoraConfig, RoadConfig, random_adapter, save_adapter
+from deltafleet.models.config import ModelConfig
+from deltafleet.models.loading import resolve_base
+
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
     "Explain what a CPU does in one sentence.", "Translate 'good morning' into Spanish.",
@@ -67,9 +71,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def make_adapters(base: str, out: Path, n: int, seed: int = 0) -> list[str]:
-    from deltafleet.adapters import LoraConfig, RoadConfig, random_adapter, save_adapter
-    from deltafleet.models.config import ModelConfig
-    from deltafleet.models.loading import resolve_base
 
     cfg = ModelConfig.from_file(resolve_base(base) / "config.json")
     all7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

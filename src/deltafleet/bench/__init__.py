@@ -1,0 +1,1 @@
+"""Benchmarks and the demo: they drive the stages and print figures; no stage imports them."""

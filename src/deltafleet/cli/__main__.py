@@ -1,0 +1,3 @@
+from deltafleet.cli.main import app
+
+app()

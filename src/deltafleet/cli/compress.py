@@ -1,7 +1,5 @@
-"""Command-line entry points: `compress`, `merge` and `bench compress` (the quality frontier).
-
-Registered in the main CLI as plain commands; `app` here holds the same three for tests and for
-`python -m deltafleet.cli.compress`. Heavy imports happen inside the commands.
+"""`deltafleet compress` and `deltafleet merge` (the frontier is `bench compress`, in `cli.bench`), and the option
+texts and calibration source they share with it. Heavy imports happen inside the commands (see `cli.main`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""CLI of the eval package: `deltafleet bench engine` (on the `bench` group), the `eval` group (`eval_app`:
-`deltafleet eval ...` and `deltafleet eval ppl ...`) and the `zoo` group (`zoo_app`: `deltafleet zoo build`).
-Heavy imports (torch, transformers) happen inside the commands."""
+"""The `eval` group (`eval_app`: `deltafleet eval ...` and `deltafleet eval ppl ...`) and the `zoo` group
+(`zoo_app`: `deltafleet zoo build`). Heavy imports (torch, transformers) happen inside the commands (see
+`cli.main`)."""
 
 from __future__ import annotations
 

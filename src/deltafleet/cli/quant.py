@@ -1,6 +1,5 @@
-"""`deltafleet quantize`, `deltafleet lowbit-ppl` and `deltafleet lowbit-bench`: command functions (registered by
-the main CLI; also runnable as `python -m deltafleet.cli.quant COMMAND`). torch, transformers and peft are imported
-only when a command runs."""
+"""`deltafleet quantize` and `deltafleet lowbit-ppl` (the decode benchmark is `bench lowbit`, in `cli.bench`).
+torch, transformers and peft are imported only when a command runs (see `cli.main`)."""
 
 from __future__ import annotations
 

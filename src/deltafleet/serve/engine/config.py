@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE
+from deltafleet.dtypes import DTYPES
 from deltafleet.serve.engine.pools import PoolSpec
 
 # The fields that build the default pools (`standard_pools`); `EngineConfig.pools` replaces them.
@@ -74,8 +75,8 @@ class EngineConfig:
             self._check_pools()
         for name in ("dtype", "adapter_dtype"):
             value = getattr(self, name)
-            if value not in ("bfloat16", "float32", "float16") and not (name == "adapter_dtype" and value is None):
-                raise ValueError(f"{name}={value!r}: must be bfloat16, float32 or float16")
+            if value not in DTYPES and not (name == "adapter_dtype" and value is None):
+                raise ValueError(f"{name}={value!r}: must be one of {sorted(DTYPES)}")
 
     def _check_pools(self) -> None:
         defaults = {f.name: f.default for f in fields(self)}

@@ -37,20 +37,22 @@ async def _respond(request: Request, svc: Service, sub: Submitted, req: P._Sampl
     return JSONResponse(await svc.collect(sub, _until_disconnected(request)))
 
 
-@router.post("/v1/completions")
-async def completions(request: Request, svc: Svc):
+async def _generate(request: Request, svc: Service, schema: type[P._Sampling], submit):
+    """Authenticate, parse the body as `schema`, submit with `submit(principal, req, t0)`, respond."""
     t0 = time.perf_counter()
     p = svc.principal(request.headers.get("authorization"))
-    req = P.parse(P.CompletionRequest, await request.body())
-    return await _respond(request, svc, svc.completion(p, req, t0), req)
+    req = P.parse(schema, await request.body())
+    return await _respond(request, svc, submit(p, req, t0), req)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, svc: Svc):
+    return await _generate(request, svc, P.CompletionRequest, svc.completion)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, svc: Svc):
-    t0 = time.perf_counter()
-    p = svc.principal(request.headers.get("authorization"))
-    req = P.parse(P.ChatCompletionRequest, await request.body())
-    return await _respond(request, svc, svc.chat_completion(p, req, t0), req)
+    return await _generate(request, svc, P.ChatCompletionRequest, svc.chat_completion)
 
 
 @router.get("/v1/models")

@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install fuzz
 
 install: $(STAMP)
 
@@ -28,3 +28,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+
+# Coverage-guided fuzzing of the on-disk readers (fuzz/README.md), FUZZ_SECONDS per target; not part of `make test`.
+# atheris is installed on first use; where it cannot be, the harness falls back to random mutations (--no-atheris).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install -q atheris || \
+		echo "atheris could not be installed: fuzzing with random mutations under plain Python"
+	$(PY) fuzz/fuzz_readers.py all --seconds $(FUZZ_SECONDS)

@@ -164,3 +164,16 @@ def test_portable_build_matches_the_native_one(tmp_path):
         fn(9, 48, 24, got.data_ptr(), 48, c.data_ptr(), 48, s.data_ptr(), 48, idx.data_ptr(), 4)
         assert native.road_apply_(want, c, s, idx, 24, 4)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """The library must not switch the process to flush-to-zero (gcc's -ffast-math links crtfastmath.o, whose
+    constructor does that on load): subnormals are still representable after every kernel is loaded."""
+    from deltafleet import native
+
+    native.lora_bgmv()
+    native.road_apply()
+    native.dequant_groups()
+    tiny = 5e-324  # the smallest subnormal double
+    assert tiny * 1.0 > 0.0 and tiny / 2.0 == 0.0
+    assert float(torch.tensor(1e-40, dtype=torch.float32) * 1.0) > 0.0

@@ -92,8 +92,11 @@ def test_broken_adapter_fails_its_requests_not_the_server(live, adapters_root):
                       headers=ADMIN).status_code == 202
     r = httpx.post(f"{live.url}/v1/completions", json={"model": "acme-broken", "prompt": "x", "max_tokens": 2},
                    headers=ACME, timeout=30)
-    assert r.status_code == 500 and "adapter_model.safetensors" in r.json()["error"]["message"]
-    assert adapters(live)["acme-broken"]["state"] == "error"
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    assert r.headers["x-request-id"] in r.json()["error"]["message"]  # the reason is in the server log
+    listed = adapters(live)["acme-broken"]  # and, relative to the adapters root, in the admin's listing
+    assert listed["state"] == "error" and ".broken/adapter_model.safetensors" in listed["error"]
+    assert str(adapters_root) not in r.text + listed["error"]
     assert httpx.delete(f"{live.url}/v1/adapters/acme-broken", headers=ADMIN).status_code == 200
     assert live.client(KEYS["acme"]).completions.create(model="acme-lora", prompt="x", max_tokens=2).choices
 

@@ -8,11 +8,13 @@
                         CSR values, column indices, row pointers (sparse)
     extras.safetensors  non-projection parameters the fine-tune changed, exact, under their checkpoint names
 
-Loading checks every rule and names the file: schema version, checksums (a corrupted or truncated file is
-refused), complete and correctly shaped parameters, and (through `adapters.io.load_adapter`) the base-model
-fingerprint. The loader is registered with `adapters.io.register_format` when `deltafleet.adapters` is imported, so
-engines load these directories like any adapter (by the manifest's `format`, never by file names). The writer of
-a compression run's artifact (with its statistics) is `deltafleet.compress.artifact.save_compressed`.
+Loading checks every rule and names the file: schema version, the types of the manifest's fields, checksums (a
+corrupted or truncated file is refused), complete and correctly shaped parameters, finite floating-point values,
+for kinds served from their stored form (`compact`) that the serving form builds (e.g. zero points in range), and
+(through `adapters.io.load_adapter`) the base-model fingerprint. Whatever the files hold, loading returns or raises
+an `ArtifactError`. The loader is registered with `adapters.io.register_format` when `deltafleet.adapters` is
+imported, so engines load these directories like any adapter (by the manifest's `format`, never by file names).
+The writer of a compression run's artifact (with its statistics) is `deltafleet.compress.artifact.save_compressed`.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ from typing import Any
 import torch
 
 from deltafleet.adapters.adapter import Adapter
+from deltafleet.adapters.io import config_from_manifest
 from deltafleet.adapters.registry import get_kind
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.store.manifest import MANIFEST, read_manifest, write_manifest
-from deltafleet.store.safetensors_io import load_tensors, save_tensors
+from deltafleet.store.safetensors_io import check_finite, load_tensors, save_tensors, short
 
 FORMAT = "deltafleet-delta"
 DELTA_FILE = "delta.safetensors"
 EXTRAS_FILE = "extras.safetensors"
-KEY_RE = re.compile(r"^layers\.(\d+)\.(\w+)\.(.+)$")
+KEY_RE = re.compile(r"^layers\.([0-9]{1,9})\.(\w+)\.(.+)$")  # at most 9 digits, as in `peft_format.KEY_RE`
 SERVING_NOTE = ("the engine serves the projection deltas only; non-projection extras (norms, embeddings) are "
                 "applied by `deltafleet merge`")
 log = logging.getLogger(__name__)
@@ -87,8 +90,9 @@ def save_adapter_artifact(adapter: Adapter, directory: str | Path, *, model_cfg:
 
 def _verified(d: Path, manifest: dict[str, Any], name: str) -> Path:
     path = d / name
-    want = manifest.get("files", {}).get(name)
-    if want is None:
+    files = manifest.get("files")
+    want = files.get(name) if isinstance(files, dict) else None
+    if not isinstance(want, str):
         raise ArtifactError(d / MANIFEST, f"field 'files' lists no checksum for {name}")
     if not path.is_file():
         raise ArtifactError(path, "file not found")
@@ -106,20 +110,18 @@ def load_compressed(directory: str | Path, manifest: dict[str, Any] | None = Non
     if manifest is None or manifest.get("format") != FORMAT:
         raise ArtifactError(d / MANIFEST, f"not a compressed-delta manifest (format must be {FORMAT!r})")
     mpath = d / MANIFEST
-    try:
-        kind = get_kind(str(manifest["kind"]))
-        config = kind.config_from_dict(manifest["config"])
-        shapes = {k: tuple(v["shape"]) for k, v in manifest["modules"].items()}
-    except KeyError as e:
-        raise ArtifactError(mpath, f"missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ArtifactError(mpath, f"malformed field ({e})") from None
+    config = config_from_manifest(d, manifest)
+    kind = get_kind(config.kind)
+    shapes = _module_shapes(manifest, mpath)
+    extras = _extras(manifest, mpath)
     path = _verified(d, manifest, DELTA_FILE)
+    tensors = load_tensors(path)
+    check_finite(tensors, path)
     params: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in load_tensors(path).items():
+    for key, t in tensors.items():
         m = KEY_RE.match(key)
         if m is None or m[2] not in PROJECTIONS:
-            raise ArtifactError(path, f"tensor {key!r} is not a projection parameter (layers.N.PROJ.NAME)")
+            raise ArtifactError(path, f"tensor {short(key)} is not a projection parameter (layers.N.PROJ.NAME)")
         params.setdefault((int(m[1]), m[2]), {})[m[3]] = t
     if set(f"layers.{layer}.{proj}" for layer, proj in params) != set(shapes):
         raise ArtifactError(path, "its modules differ from the manifest's 'modules'")
@@ -132,21 +134,54 @@ def load_compressed(directory: str | Path, manifest: dict[str, Any] | None = Non
         got = {n: tuple(t.shape) for n, t in p.items()}
         if got != want:
             bad = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
-            raise ArtifactError(path, f"layers.{layer}.{proj}: parameter {bad[0]!r} has shape {got.get(bad[0])}, "
-                                      f"expected {want.get(bad[0])}")
-    if manifest.get("extras"):
-        log.warning("%s: %d changed non-projection tensors (%s) are not served; %s", d, len(manifest["extras"]),
-                    ", ".join(e["name"] for e in manifest["extras"][:3]), SERVING_NOTE)
+            raise ArtifactError(path, f"layers.{layer}.{proj}: parameter {short(bad[0])} has shape "
+                                      f"{got.get(bad[0])}, expected {want.get(bad[0])}")
+        if kind.compact:  # served from the stored form, built when a slot is written: build it once now
+            try:
+                kind.serving_form(config, p)
+            except ValueError as e:
+                raise ArtifactError(path, f"layers.{layer}.{proj}: {e}") from None
+    if extras:
+        log.warning("%s: %d changed non-projection tensors (%s) are not served; %s", d, len(extras),
+                    ", ".join(extras[:3]), SERVING_NOTE)
     return Adapter(config, params)
+
+
+def _module_shapes(manifest: dict[str, Any], mpath: Path) -> dict[str, tuple[int, int]]:
+    """The manifest's `modules`: module name -> (out, in), both positive integers."""
+    modules = manifest.get("modules")
+    if not isinstance(modules, dict):
+        raise ArtifactError(mpath, "missing field 'modules'" if modules is None else
+                                   f"field 'modules'={short(modules)}: must be an object")
+    shapes = {}
+    for name, v in modules.items():
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            raise ArtifactError(mpath, f"modules[{short(name)}]: needs a 'shape' [out, in] of positive integers, "
+                                       f"got {short(v)}")
+        shapes[name] = (shape[0], shape[1])
+    return shapes
+
+
+def _extras(manifest: dict[str, Any], mpath: Path) -> list[str]:
+    """The names in the manifest's `extras` (a list of objects with a string `name`; absent: none)."""
+    extras = manifest.get("extras") or []
+    if not isinstance(extras, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                               for e in extras):
+        raise ArtifactError(mpath, f"field 'extras'={short(extras)}: must be a list of objects with a string 'name'")
+    return [e["name"] for e in extras]
 
 
 def load_extras(directory: str | Path) -> dict[str, torch.Tensor]:
     d = Path(directory)
     manifest = read_manifest(d) or {}
-    if not manifest.get("extras"):
+    names = set(_extras(manifest, d / MANIFEST))
+    if not names:
         return {}
-    tensors = load_tensors(_verified(d, manifest, EXTRAS_FILE))
-    names = {e["name"] for e in manifest["extras"]}
+    path = _verified(d, manifest, EXTRAS_FILE)
+    tensors = load_tensors(path)
+    check_finite(tensors, path)
     if set(tensors) != names:
         raise ArtifactError(d / EXTRAS_FILE, "its tensors differ from the manifest's 'extras'")
     return tensors

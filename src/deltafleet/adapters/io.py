@@ -5,7 +5,10 @@ Two layouts, told apart by their files (never by the directory name):
 - deltafleet (kinds peft lacks, e.g. low-rank deltas): `adapter_model.safetensors` with the same key layout
   (`base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.{param}`) and no `adapter_config.json`.
 Both get a manifest `deltafleet.json` (schema version, kind, typed config, base-model fingerprint, sizes);
-peft ignores it. Weights are read only from safetensors; a pickle `.bin` is refused unopened.
+peft ignores it. Weights are read only from safetensors; a pickle `.bin` is refused unopened, and so is a weights
+file holding NaN or inf (non-finite weights would poison sampling).
+Whatever the files hold, loading returns an `Adapter` or raises a `DeltafleetError` (an `ArtifactError` naming the
+file and the rule); `tests/fuzz` checks it on hostile inputs.
 Other packages add layouts by registering a loader for their manifest's `format` field (`register_format`),
 e.g. `deltafleet.compress` for compressed full-fine-tune deltas.
 """
@@ -20,13 +23,13 @@ from typing import Any
 import torch
 
 from deltafleet.adapters.adapter import Adapter
-from deltafleet.adapters.peft_format import KEY_RE, PEFT_FORMATS, PEFT_KEY_PREFIX, peft_format_for_kind
+from deltafleet.adapters.peft_format import KEY_RE, PEFT_KEY_PREFIX, peft_format_for_kind, peft_format_of
 from deltafleet.adapters.registry import AdapterConfig, get_kind
 from deltafleet.errors import ArtifactError, DeltafleetError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.registry import Registry
 from deltafleet.store.manifest import MANIFEST, read_json_object, read_manifest, write_manifest
-from deltafleet.store.safetensors_io import load_tensors, refuse_pickles, save_tensors
+from deltafleet.store.safetensors_io import check_finite, load_tensors, refuse_pickles, save_tensors, short
 
 PEFT_CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -75,17 +78,36 @@ def _split_params(tensors: dict[str, torch.Tensor], path: Path,
     for key, t in tensors.items():
         m = KEY_RE.match(key)
         if m is None:
-            raise ArtifactError(path, f"tensor {key!r} is not a decoder-layer projection parameter")
+            raise ArtifactError(path, f"tensor {short(key)} is not a decoder-layer projection parameter")
         layer, group, proj, suffix = int(m[1]), m[2], m[3], m[4]
         if proj not in PROJECTIONS or _group(proj) != group:
-            raise ArtifactError(path, f"tensor {key!r} targets unknown module {group}.{proj}")
+            raise ArtifactError(path, f"tensor {short(key)} targets unknown module {group}.{proj[:60]}")
         if suffix not in suffix_to_param:
-            raise ArtifactError(path, f"tensor {key!r}: unknown parameter {suffix!r} "
+            raise ArtifactError(path, f"tensor {short(key)}: unknown parameter {short(suffix)} "
                                       f"(expected one of {sorted(suffix_to_param)})")
         params.setdefault((layer, proj), {})[suffix_to_param[suffix]] = t
     if not params:
         raise ArtifactError(path, "holds no adapter tensors")
     return params
+
+
+def config_from_manifest(directory: Path, manifest: dict[str, Any]) -> AdapterConfig:
+    """The typed config a manifest's `kind` and `config` fields describe; errors name the manifest."""
+    path = directory / MANIFEST
+    try:
+        kind = get_kind(str(manifest.get("kind")))
+    except DeltafleetError as e:
+        raise ArtifactError(path, f"field 'kind': {e}") from None
+    fields = manifest.get("config")
+    if not isinstance(fields, dict):
+        raise ArtifactError(path, "missing field 'config'" if fields is None else
+                                  f"field 'config'={short(fields)}: must be an object")
+    try:
+        return kind.config_from_dict(fields)
+    except KeyError as e:
+        raise ArtifactError(path, f"field 'config' lacks {short(e.args[0])}") from None
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:  # the kinds' conversions of JSON values
+        raise ArtifactError(path, f"field 'config': {str(e)[:200]}") from None
 
 
 def adapter_layout(directory: str | Path, manifest: dict[str, Any] | None = None) -> str | None:
@@ -110,17 +132,8 @@ def peek_config(directory: str | Path) -> AdapterConfig:
     if layout == "peft":
         cfg_path = d / PEFT_CONFIG
         cfg = read_json_object(cfg_path)
-        fmt = PEFT_FORMATS.get(cfg.get("peft_type"), None)
-        if fmt is None:
-            raise ArtifactError(cfg_path, f"peft_type={cfg.get('peft_type')!r} is not supported; supported: "
-                                          f"{sorted(PEFT_FORMATS)}")
-        return fmt.config_from_peft(cfg, PROJECTIONS, cfg_path)
-    try:
-        return get_kind(str(manifest.get("kind"))).config_from_dict(manifest["config"])
-    except KeyError:
-        raise ArtifactError(d / MANIFEST, "missing field 'config'") from None
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(d / MANIFEST, f"field 'config': {e}") from None
+        return peft_format_of(cfg, cfg_path).config_from_peft(cfg, PROJECTIONS, cfg_path)
+    return config_from_manifest(d, manifest)
 
 
 def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
@@ -133,7 +146,7 @@ def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
     if expected_fingerprint and manifest and manifest.get("base_fingerprint") not in (None, expected_fingerprint):
         raise ArtifactError(
             d / MANIFEST,
-            f"made for base {manifest['base_fingerprint']}, but the loaded base is {expected_fingerprint}",
+            f"made for base {str(manifest['base_fingerprint'])[:80]}, but the loaded base is {expected_fingerprint}",
         )
     layout = adapter_layout(d, manifest)
     if layout is None:
@@ -156,13 +169,10 @@ def load_adapter(directory: str | Path, model_cfg: ModelConfig | None = None,
 def _load_peft(d: Path) -> Adapter:
     cfg_path = d / PEFT_CONFIG
     cfg = read_json_object(cfg_path)
-    peft_type = cfg.get("peft_type")
-    fmt = PEFT_FORMATS.get(peft_type)
-    if fmt is None:
-        raise ArtifactError(cfg_path, f"peft_type={peft_type!r} is not supported; supported: {sorted(PEFT_FORMATS)}")
+    fmt = peft_format_of(cfg, cfg_path)
     weights = _weights_file(d)
     suffix_to_param = {v: k for k, v in fmt.key_suffix.items()}
-    params = _split_params(load_tensors(weights), weights, suffix_to_param)
+    params = _split_params(_read_weights(weights), weights, suffix_to_param)
     targets = tuple(p for p in PROJECTIONS if any(proj == p for _, proj in params))
     config = fmt.config_from_peft(cfg, targets, cfg_path)
     _check_complete(params, get_kind(fmt.kind).param_names, weights)
@@ -170,17 +180,18 @@ def _load_peft(d: Path) -> Adapter:
 
 
 def _load_native(d: Path, manifest: dict[str, Any]) -> Adapter:
-    kind = get_kind(str(manifest.get("kind")))
-    try:
-        config = kind.config_from_dict(manifest["config"])
-    except KeyError:
-        raise ArtifactError(d / MANIFEST, "missing field 'config'") from None
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(d / MANIFEST, f"field 'config': {e}") from None
+    config = config_from_manifest(d, manifest)
+    kind = get_kind(config.kind)
     weights = _weights_file(d)
-    params = _split_params(load_tensors(weights), weights, {n: n for n in kind.param_names})
+    params = _split_params(_read_weights(weights), weights, {n: n for n in kind.param_names})
     _check_complete(params, kind.param_names, weights)
     return Adapter(config, params)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    tensors = load_tensors(path)
+    check_finite(tensors, path)
+    return tensors
 
 
 def _check_complete(params, names, path: Path) -> None:

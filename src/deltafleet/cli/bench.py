@@ -20,6 +20,7 @@ from deltafleet.cli.support import fail
 from deltafleet.errors import DeltafleetError
 
 console = Console()
+log_console = Console(stderr=True)  # progress lines: never mixed into --json output
 bench_app = typer.Typer(help="Benchmarks that print figures and ratios from one run.", no_args_is_help=True)
 
 
@@ -236,7 +237,71 @@ def print_report(rep: dict) -> None:
         console.print(f"for scale: transformers' own base decode step (no adapters) {hf:.1f} ms")
 
 
+def bench_memory_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    lengths: int = typer.Option(120, min=1, help="Distinct prompt lengths (8, 11, 14, ... tokens)."),
+    every: int = typer.Option(20, min=1, help="Sample RSS every this many requests."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
+) -> None:
+    """Resident memory against the number of distinct prompt lengths, with and without bounded primitive caches
+    and prefill buckets (each variant in a fresh process)."""
+    from deltafleet.bench.memory import run
+
+    try:
+        res = run(base, dtype, lengths, every, log=lambda m: log_console.print(f"[dim]{m}[/dim]"))
+    except (DeltafleetError, RuntimeError, OSError) as e:
+        _fail(e)
+    if as_json:
+        console.print_json(json.dumps(res))
+        return
+    table = Table(title=f"bench memory: {res['base']} ({res['dtype']}), {res['lengths']} distinct prompt lengths, "
+                        f"{res['cpu_count']} CPUs; RSS growth after warm-up, MB, every {res['every']} requests")
+    for col in ("variant", "RSS at start MB", "growth MB", "final growth MB", "second pass MB", "seconds"):
+        table.add_column(col, justify="left" if col in ("variant", "growth MB") else "right")
+    for v in res["variants"]:
+        table.add_row(v["variant"], f"{v['rss_start_mb']:.0f}", " ".join(f"{g:.0f}" for g in v["growth_mb"]),
+                      f"{v['growth_mb'][-1]:.0f}", f"{v['second_pass_growth_mb']:.0f}", f"{v['seconds']:.1f}")
+    console.print(table)
+
+
+def bench_churn_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    cycles: int = typer.Option(1000, min=1, help="Load-use-unload cycles, each under a new adapter name."),
+    workers: int = typer.Option(4, min=1, help="Clients churning adapters concurrently."),
+    streams: int = typer.Option(2, min=0, help="Clients streaming to the steady tenants meanwhile."),
+    slots: int = typer.Option(2, min=1, help="LoRA slots of the server (small: every cycle evicts)."),
+    host_cache_mb: int = typer.Option(8, min=1, help="Host-memory adapter cache of the server, MB."),
+    quick: bool = typer.Option(False, "--quick", help="100 cycles."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
+) -> None:
+    """Churn soak: thousands of adapters loaded, used and unloaded through the admin API with small slot and
+    host-cache budgets while steady tenants stream; reports outcomes by code, hangs, slots and RSS at the end."""
+    from deltafleet.bench.churn import run
+
+    try:
+        res = run(base, dtype, 100 if quick else cycles, workers, streams, slots=slots, host_cache_mb=host_cache_mb,
+                  log=lambda m: log_console.print(f"[dim]{m}[/dim]"))
+    except (DeltafleetError, RuntimeError, OSError) as e:
+        _fail(e)
+    if as_json:
+        console.print_json(json.dumps(res))
+        return
+    console.print(f"bench churn: {res['cycles']} cycles in {res['seconds']} s ({res['cycles_per_s']}/s), "
+                  f"{res['workers']} churn clients, {res['streams']} steady streams, {res['slots']} slots, "
+                  f"host cache {res['host_cache_mb']} MB, {res['cpu_count']} CPUs", highlight=False)
+    console.print(f"churn outcomes {res['churn_outcomes']}; steady outcomes {res['steady_outcomes']}; failures "
+                  f"{res['failures'] or 0}; hung {res['hung']}", highlight=False)
+    console.print(f"after: {res['adapters_listed_after']} adapters listed (the start-up scan's "
+                  f"{res['adapters_scanned_at_start']}: {res['listing_equals_start']}), resident gauge "
+                  f"{res['resident_gauge_after']} = resident rows {res['resident_rows_after']}; RSS "
+                  f"{res['rss_start_mb']} -> {res['rss_end_mb']} MB ({res['rss_growth_mb']:+} MB)", highlight=False)
+
+
 bench_app.command("engine")(bench_engine_command)
 bench_app.command("serve")(bench_serve_command)
 bench_app.command("compress")(bench_compress_command)
 bench_app.command("lowbit")(lowbit_bench_command)
+bench_app.command("memory")(bench_memory_command)
+bench_app.command("churn")(bench_churn_command)

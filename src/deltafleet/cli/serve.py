@@ -47,10 +47,17 @@ def serve_command(
     max_batch: int = typer.Option(16, min=1, help="Running sequences at most."),
     max_model_len: int = typer.Option(2048, min=8, help="Prompt + generated tokens per sequence."),
     max_queue: int = typer.Option(256, min=1, help="Waiting requests at most; more get HTTP 429."),
+    max_body_bytes: int = typer.Option(4 * 1024 * 1024, min=1, help="Request bodies over this many bytes get HTTP "
+                                       "413 before they are read in full."),
     shutdown_deadline: float = typer.Option(30.0, min=0.0, help="Seconds running requests get on shutdown."),
+    primitive_cache: int = typer.Option(64, min=1, help="oneDNN primitives kept per cache (one per matmul shape; "
+                                        "bounds memory however many prompt lengths arrive; see `bench memory`)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the base model and every adapter in --adapters through an OpenAI-compatible HTTP API."""
+    from deltafleet.models.prepack import bound_primitive_caches
+
+    bound_primitive_caches(primitive_cache)  # before the first matmul: the caches read it once
     from deltafleet.serve.http.app import create_app
     from deltafleet.serve.http.server import bind, make_server
     from deltafleet.serve.http.tenancy import Tenancy
@@ -74,8 +81,8 @@ def serve_command(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None
     logging.getLogger("deltafleet.serve").setLevel(log_level.upper())
-    server = make_server(create_app(gateway, tenancy), gateway, shutdown_deadline, log_level=log_level,
-                         access_log=True)
+    server = make_server(create_app(gateway, tenancy, max_body_bytes=max_body_bytes), gateway, shutdown_deadline,
+                         log_level=log_level, access_log=True)
     console.print(f"serving on http://{host}:{sock.getsockname()[1]} (Ctrl-C drains and stops)")
     server.run(sockets=[sock])
     console.print("stopped")

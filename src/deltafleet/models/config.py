@@ -1,12 +1,15 @@
 """Typed config of a Llama-family decoder, read from a Hugging Face `config.json`.
 
 Supported `model_type`s: llama (optionally llama3 RoPE scaling), qwen2 (q/k/v bias) and mistral without a
-sliding window. Anything else is refused with `UnsupportedModelError` naming the file and the rule.
+sliding window. Anything else is refused with `UnsupportedModelError` naming the file and the rule; a config.json
+that is unreadable, not JSON, or holds a missing or out-of-range field raises `ArtifactError` (nothing else:
+`tests/fuzz`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,22 @@ from deltafleet.errors import ArtifactError, UnsupportedModelError
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+MAX_ELEMENTS = 2**60  # a tensor's bytes must fit torch's signed 64-bit sizes, at up to 8 bytes an element
+
+
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _finite_positive(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0 and (
+        v <= 2**1023 if isinstance(v, int) else math.isfinite(v))
+
+
+def _token_id(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -30,8 +49,16 @@ class RopeConfig:
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r}: must be one of {SUPPORTED_ROPE_TYPES}")
-        if self.theta <= 0:
-            raise ValueError(f"rope theta={self.theta}: must be > 0")
+        for name in ("theta", "factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if not _finite_positive(value):
+                raise ValueError(f"rope {name}={value!r}: must be a finite number > 0")
+        if self.rope_type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"rope low_freq_factor={self.low_freq_factor} must be < high_freq_factor="
+                             f"{self.high_freq_factor} (llama3 interpolates between them)")
+        if not _positive_int(self.original_max_position_embeddings):
+            raise ValueError(f"rope original_max_position_embeddings={self.original_max_position_embeddings!r}: "
+                             f"must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -58,8 +85,21 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _positive_int(value):
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
+        biggest = max(self.vocab_size, self.intermediate_size, self.num_heads * self.head_dim) * self.hidden_size
+        if biggest > MAX_ELEMENTS:
+            raise ValueError(f"the config's largest weight would have {biggest} elements, more than a tensor can "
+                             f"hold ({MAX_ELEMENTS})")
+        if not _finite_positive(self.rms_norm_eps):
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps!r}: must be a finite number > 0")
+        if not _positive_int(self.max_position_embeddings):
+            raise ValueError(f"max_position_embeddings={self.max_position_embeddings!r}: must be a positive integer")
+        if not (self.bos_token_id is None or _token_id(self.bos_token_id)):
+            raise ValueError(f"bos_token_id={self.bos_token_id!r}: must be a token id or null")
+        eos = self.eos_token_id
+        if not (eos is None or _token_id(eos) or (isinstance(eos, list | tuple) and all(map(_token_id, eos)))):
+            raise ValueError(f"eos_token_id={eos!r}: must be a token id, a list of token ids, or null")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)"
@@ -147,18 +187,24 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ArtifactError(source, f"missing required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ArtifactError(source, f"invalid value: {e}") from None
+        except (TypeError, ValueError, ArithmeticError) as e:  # int()/float() of JSON values (inf, 0 heads), rules
+            raise ArtifactError(source, f"invalid value: {str(e)[:200]}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ArtifactError(path, "config.json not found; a checkpoint directory needs one") from None
-        except json.JSONDecodeError as e:
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArtifactError(path, f"unreadable ({e})") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
             raise ArtifactError(path, f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise ArtifactError(path, "not valid JSON (nested too deeply)") from None
         if not isinstance(data, dict):
             raise ArtifactError(path, "must hold a JSON object")
         return cls.from_hf_dict(data, source=str(path))

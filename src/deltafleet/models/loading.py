@@ -2,7 +2,8 @@
 
 A checkpoint directory is a Hugging Face Llama-family layout: `config.json`, `model.safetensors` or sharded
 `model-0000N-of-0000M.safetensors` (+ index), and tokenizer files. Weights are read only from safetensors;
-every tensor's name and shape is checked against the config before the model is built.
+every tensor's name and shape is checked against the config before the model is built. Whatever the files hold,
+reading and validating raise nothing but `DeltafleetError`s (`ArtifactError` naming the file and the rule).
 
 Other base formats register a loader for their manifest's `format` (`BASE_FORMATS`, filled by the layers above:
 importing `deltafleet.quant` registers the quantized base of `deltafleet quantize`, loaded with a `QuantLinear` for
@@ -11,6 +12,7 @@ every projection). A directory whose manifest names a format nobody registered i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from deltafleet.store.manifest import MANIFEST, read_manifest
 from deltafleet.store.safetensors_io import load_tensors, refuse_pickles
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYER_RE = re.compile(r"model\.layers\.([0-9]{1,9})\.")
 
 
 def resolve_base(name_or_path: str | Path, progress=lambda _: None) -> Path:
@@ -65,8 +68,13 @@ def read_checkpoint_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[s
 def validate_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sources: dict[str, Path],
                    path: Path) -> dict[str, torch.Tensor]:
     """Check names and shapes against the config; returns the tensors the model takes."""
-    want = expected_shapes(cfg)
     state = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    layers = {int(m[1]) for k in state if (m := _LAYER_RE.match(k))}
+    if cfg.num_layers > len(layers):  # found before building the expected names (a layer costs ~1 ms on meta)
+        first = min(set(range(len(layers) + 1)) - layers)
+        raise ArtifactError(path, f"missing the tensors of layer {first} (model.layers.{first}.*): the config has "
+                                  f"num_hidden_layers={cfg.num_layers}, the checkpoint tensors of {len(layers)} layers")
+    want = expected_shapes(cfg)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         want.pop("lm_head.weight")

@@ -29,9 +29,23 @@ oneDNN path); otherwise the call takes `F.linear` and the memory of the stale co
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+PRIMITIVE_CACHE_VARS = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")  # ideep's, then oneDNN's
+
+
+def bound_primitive_caches(capacity: int) -> None:
+    """Cap both caches that keep one oneDNN primitive per matmul shape (default 1024 each, about 0.4 MB a
+    primitive for SmolLM2's shapes: `deltafleet bench memory`). They read these variables when the process first
+    uses them, so call this before the first oneDNN matmul; later calls have no effect."""
+    if capacity < 1:
+        raise ValueError(f"capacity={capacity}: must be >= 1")
+    for var in PRIMITIVE_CACHE_VARS:
+        os.environ[var] = str(capacity)
 
 
 def available() -> bool:

@@ -28,7 +28,11 @@ import torch
 from deltafleet.store.cache import cache_dir
 
 SOURCE_DIR = Path(__file__).parent
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+# The float reassociation the kernels' vector loops need, without -ffast-math itself: with -ffast-math (or -Ofast,
+# -funsafe-math-optimizations) gcc links crtfastmath.o into the library, whose constructor turns on flush-to-zero
+# for the whole process when the library loads (subnormal floats then read as 0 everywhere: sampling, hypothesis).
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+          "-freciprocal-math", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 

@@ -16,9 +16,10 @@ Layout (built offline, gpt-fast style; the model's projections are swapped for `
     lora_init/             (apiq, loftq) a peft LoRA adapter directory: the initialisation to fine-tune from
 
 A directory is recognised as a quantized base by its manifest's `format` field, never by its name. Anything
-malformed (wrong schema, bits out of range, missing or mis-shaped tensor, truncated file) raises `ArtifactError`
-naming the file. Dequantization is `store.quantized.dequantize`; transformers gets the dequantized (fake-quantized)
-weights, which is numerically what a dequantize-then-matmul QLoRA layer computes.
+malformed (wrong schema, a field of the wrong type, bits out of range, missing or mis-shaped tensor, truncated file)
+raises `ArtifactError` naming the file; `read_quantized_base` raises nothing else (`tests/fuzz`). Dequantization
+is `store.quantized.dequantize`; transformers gets the dequantized (fake-quantized) weights, which is numerically
+what a dequantize-then-matmul QLoRA layer computes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from deltafleet.quant.linear import DEFAULT_KERNEL, QuantEmbedding, QuantLinear
 from deltafleet.quant.registry import ModuleKey
 from deltafleet.store.manifest import MANIFEST, read_manifest, write_manifest
 from deltafleet.store.quantized import QuantizedMatrix
-from deltafleet.store.safetensors_io import load_tensors, save_tensors
+from deltafleet.store.safetensors_io import load_tensors, save_tensors, short
 
 FORMAT = "deltafleet-quantized-base"
 WEIGHTS = "quantized.safetensors"
@@ -149,11 +150,11 @@ def is_quantized_base(path: str | Path) -> bool:
 def _check_manifest(m: dict[str, Any], mpath: Path) -> tuple[int, int, torch.dtype]:
     bits, gs, dd = m.get("bits"), m.get("group_size"), m.get("dense_dtype")
     if not isinstance(bits, int) or bits not in QUANT_BITS:
-        raise ArtifactError(mpath, f"bits={bits!r}: must be one of {QUANT_BITS}")
+        raise ArtifactError(mpath, f"bits={short(bits)}: must be one of {QUANT_BITS}")
     if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
-        raise ArtifactError(mpath, f"group_size={gs!r}: must be a positive integer")
-    if dd not in DTYPES:
-        raise ArtifactError(mpath, f"dense_dtype={dd!r}: must be one of {sorted(DTYPES)}")
+        raise ArtifactError(mpath, f"group_size={short(gs)}: must be a positive integer")
+    if not isinstance(dd, str) or dd not in DTYPES:
+        raise ArtifactError(mpath, f"dense_dtype={short(dd)}: must be one of {sorted(DTYPES)}")
     return bits, gs, DTYPES[dd]
 
 
@@ -187,8 +188,10 @@ def read_quantized_base(path: str | Path) -> QuantizedBase:
         want.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)
     names = m.get("quantized_tables", [])
-    if not isinstance(names, list) or any(n not in TABLES or f"{n}.weight" not in want for n in names):
-        raise ArtifactError(mpath, f"quantized_tables={names!r}: must list tables of this model among {TABLES}")
+    if (not isinstance(names, list) or len(set(map(str, names))) != len(names)
+            or any(n not in TABLES or f"{n}.weight" not in want for n in names)):
+        raise ArtifactError(mpath, f"quantized_tables={short(names)}: must list distinct tables of this model among "
+                                   f"{TABLES}")
     tables: dict[str, QuantizedMatrix] = {}
     for prefix in names:
         try:

@@ -9,7 +9,8 @@ tenants) carries one JSON object with at least
 
 plus the fields its format defines (kind, typed config, base-model fingerprint, sizes, method, settings).
 Readers get `None` for a directory without a manifest, and an `ArtifactError` naming the file and the rule for a
-manifest that is not valid JSON, not an object, or of another schema version.
+manifest that is unreadable, not valid JSON, not an object, of another schema version, or whose `format` is not a
+string.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deltafleet.errors import ArtifactError
+from deltafleet.store.safetensors_io import short
 
 MANIFEST = "deltafleet.json"
 SCHEMA_VERSION = 1
@@ -28,11 +30,15 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON file that must hold one object; errors name the file."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(p, f"not valid JSON ({e})") from None
+        text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ArtifactError(p, f"unreadable ({e})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+        raise ArtifactError(p, f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(p, "not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ArtifactError(p, "must hold a JSON object")
     return data
@@ -45,10 +51,13 @@ def read_manifest(directory: str | Path, format: str | None = None) -> dict[str,
     if not path.is_file():
         return None
     m = read_json_object(path)
+    if not isinstance(m.get("format", ""), str):
+        raise ArtifactError(path, f"field 'format'={short(m['format'])}: must be a string")
     if format is not None and m.get("format") != format:
         return None
     if m.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(path, f"schema_version={m.get('schema_version')!r}; this deltafleet reads {SCHEMA_VERSION}")
+        raise ArtifactError(path, f"schema_version={short(m.get('schema_version'))}; "
+                                  f"this deltafleet reads {SCHEMA_VERSION}")
     return m
 
 

@@ -2,6 +2,13 @@
 
 Only safetensors is ever read. Pickle-based formats (`.bin`, `.pt`, `.pth`, `.ckpt`, `.pkl`) are refused
 without being opened by a deserialiser, because unpickling runs arbitrary code. Every failure names the file.
+
+The header is checked here, in full, before the file is handed to the library, against the format's rules
+(https://github.com/huggingface/safetensors, "Format"): an 8-byte little-endian length N, N bytes of one JSON
+object, then the data buffer. Each entry other than `__metadata__` (an object of strings) is an object with
+`dtype` (one of `ELEMENT_BITS`), `shape` (non-negative integers) and `data_offsets` [begin, end] into the buffer,
+with end - begin = numel * element size; the entries, sorted by offset, tile the buffer exactly (no gap, no
+overlap, nothing after). Any other file raises `ArtifactError` naming the file, the tensor and the rule.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +26,11 @@ from deltafleet.errors import ArtifactError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _ZIP_MAGIC = b"PK\x03\x04"
+MAX_HEADER_BYTES = 100_000_000  # the library's limit
+# Bits per element of the dtypes read (the safetensors names torch can hold); others are refused by name.
+ELEMENT_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8,
+                "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64,
+                "F64": 64, "C64": 64}
 
 
 def refuse_pickles(directory: Path, wanted: str) -> None:
@@ -36,8 +49,72 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:4] == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+def short(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for messages about hostile input."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _numel(shape: list[int], limit: int) -> int:
+    """The product of `shape`, or any number above `limit` once it is known to exceed it (a hostile header's
+    thousands of huge dimensions would otherwise cost quadratic time in big-integer products)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > limit:
+            return limit + 1
+    return n
+
+
+def _check_entries(header: dict, data_len: int, path: Path) -> None:
+    """The format's rules for every entry (see the module docstring); raises naming the tensor and the rule."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ArtifactError(path, f"__metadata__ must be an object of strings, got {short(meta)}")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor {short(name)}"
+        if not isinstance(info, dict):
+            raise ArtifactError(path, f"{where}: header entry must be an object, got {short(info)}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ELEMENT_BITS:
+            raise ArtifactError(path, f"{where}: dtype {short(dtype)} is not one of {sorted(ELEMENT_BITS)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ArtifactError(path, f"{where}: shape must be a list of non-negative integers, got {short(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ArtifactError(path, f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                                      f"got {short(offsets)}")
+        span = offsets[1] - offsets[0]
+        numel = _numel(shape, 8 * span)
+        if numel * ELEMENT_BITS[dtype] != 8 * span:
+            need = f"{numel * ELEMENT_BITS[dtype] // 8}" if numel <= 8 * span else "more than"
+            raise ArtifactError(path, f"{where}: {dtype} {short(shape)} needs {need} bytes, its data_offsets span "
+                                      f"{span}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            rule = "overlaps the previous tensor" if begin < end else f"leaves a gap before it at byte {end}"
+            raise ArtifactError(path, f"tensor {short(name)}: data_offsets {[begin, stop]} {rule}")
+        end = stop
+    if end > data_len:
+        raise ArtifactError(path, f"truncated: tensors need {end} data bytes, the file has {data_len}")
+    if end < data_len:
+        raise ArtifactError(path, f"{data_len - end} bytes after the last tensor's data (the tensors cover {end})")
+
+
 def _check_header(path: Path) -> dict:
-    """Validate the safetensors header against the file size before handing the file to the library.
+    """Validate the safetensors header against the format's rules and the file size before handing the file to the
+    library; returns the header.
 
     The header is parsed first: a valid header whose length is 128 mod 256 also starts with byte 0x80, so
     the pickle diagnosis is only given to a file that fails to parse as safetensors and looks like a pickle.
@@ -52,21 +129,23 @@ def _check_header(path: Path) -> dict:
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8:
                     raise ArtifactError(path, f"truncated or malformed: header claims {n} bytes, file has {size}")
+                if n > MAX_HEADER_BYTES:
+                    raise ArtifactError(path, f"header of {n} bytes exceeds the format's {MAX_HEADER_BYTES}")
                 try:
                     header = json.loads(f.read(n))
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError, huge ints
                     raise ArtifactError(path, "malformed safetensors header (not JSON)") from None
+                if not isinstance(header, dict):
+                    raise ArtifactError(path, "malformed safetensors header (not a JSON object)")
             except ArtifactError:
                 if _looks_like_pickle(head):
                     raise ArtifactError(path, "is a pickle/zip file, not safetensors; it is never unpickled") from None
                 raise
     except FileNotFoundError:
         raise ArtifactError(path, "file not found") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(path, "malformed safetensors header (not a JSON object)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ArtifactError(path, f"truncated: tensors need {8 + n + end} bytes, file has {size}")
+    except OSError as e:
+        raise ArtifactError(path, f"unreadable ({e.strerror or e})") from None
+    _check_entries(header, size - 8 - n, path)
     return header
 
 
@@ -82,6 +161,18 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
         return out
     except SafetensorError as e:
         raise ArtifactError(path, f"malformed safetensors file ({e})") from None
+    except OSError as e:  # replaced or removed since the header was checked
+        raise ArtifactError(path, f"unreadable ({e.strerror or e})") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise naming the first floating-point tensor that holds NaN or inf (integer codes cannot); one pass each."""
+    for name, t in tensors.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        x = t.float() if t.is_floating_point() and t.element_size() == 1 else t  # isfinite lacks some fp8 kernels
+        if not bool(torch.isfinite(x).all()):
+            raise ArtifactError(path, f"tensor {name!r} holds non-finite values (NaN or inf); refusing to load it")
 
 
 def stored_dtypes(path: str | Path) -> set[str]:
@@ -90,8 +181,9 @@ def stored_dtypes(path: str | Path) -> set[str]:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    return _check_header(Path(path)).get("__metadata__", {}) or {}
+    return _check_header(Path(path)).get("__metadata__") or {}
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    # metadata `or None`: safetensors 0.8 writes the invalid header `{},"__metadata__":{}}` for no tensors and {}.
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or None)

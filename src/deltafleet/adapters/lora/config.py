@@ -18,10 +18,13 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r={self.r!r}: LoRA rank must be a positive integer")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha!r}: must be > 0")
+        if (not isinstance(self.alpha, int | float) or isinstance(self.alpha, bool) or self.alpha <= 0
+                or not math.isfinite(self.alpha)):
+            raise ValueError(f"alpha={self.alpha!r}: must be a finite number > 0")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora={self.use_rslora!r}: must be true or false")
 
     @property
     def summary(self) -> str:

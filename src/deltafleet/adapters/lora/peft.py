@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from deltafleet.adapters.lora.config import LoraConfig
-from deltafleet.adapters.peft_format import PeftFormat, check_target_modules, nonempty, refuse_options
+from deltafleet.adapters.peft_format import (
+    PeftFormat,
+    bool_field,
+    check_target_modules,
+    int_field,
+    nonempty,
+    number_field,
+    refuse_options,
+)
 from deltafleet.errors import ArtifactError
 
 
@@ -18,12 +26,10 @@ def _from_peft(cfg: dict[str, Any], targets: tuple[str, ...], path: Path) -> Lor
         "trainable_token_indices": nonempty, "use_qalora": nonempty,
     })
     check_target_modules(cfg.get("target_modules"), path)
+    r, alpha = int_field(cfg, "r", path), number_field(cfg, "lora_alpha", path, 8.0)
     try:
-        return LoraConfig(targets=targets, r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
-                          use_rslora=bool(cfg.get("use_rslora", False)))
-    except KeyError as e:
-        raise ArtifactError(path, f"missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
+        return LoraConfig(targets=targets, r=r, alpha=alpha, use_rslora=bool_field(cfg, "use_rslora", path, False))
+    except ValueError as e:
         raise ArtifactError(path, str(e)) from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,6 +13,9 @@ FP16_BITS = 16  # a band kept in fp16 instead of quantized
 BAND_BITS = (*SUPPORTED_BITS, FP16_BITS)
 U_GROUPS = ("rank", "out")  # how quantized U is grouped: along the rank (U stored (out, r)) or along out (U^T)
 Ranks = tuple[tuple[int, int], ...]  # ((bits, rank), ...) highest bits first
+
+
+_SHAPE_KEY = re.compile(r"[1-9][0-9]{0,9}x[1-9][0-9]{0,9}")
 
 
 def shape_key(out_f: int, in_f: int) -> str:
@@ -33,13 +37,16 @@ class QLowRankConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise ValueError(f"group_size={self.group_size!r}: must be a positive integer")
         if self.u_groups not in U_GROUPS:
             raise ValueError(f"u_groups={self.u_groups!r}: must be one of {U_GROUPS}")
         for key, ranks in self.bands:
+            if not isinstance(key, str) or not _SHAPE_KEY.fullmatch(key):
+                raise ValueError(f"bands: key {key!r} must be a projection shape 'OUTxIN'")
             for bits, r in ranks:
-                if bits not in BAND_BITS or not isinstance(r, int) or r < 1:
+                if (bits not in BAND_BITS or isinstance(bits, bool) or not isinstance(r, int) or isinstance(r, bool)
+                        or r < 1):
                     raise ValueError(f"bands[{key!r}]: ({bits!r}, {r!r}) must be (bits in {BAND_BITS}, rank >= 1)")
 
     def ranks(self, out_f: int, in_f: int) -> Ranks:

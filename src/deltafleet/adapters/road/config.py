@@ -21,7 +21,8 @@ class RoadConfig(AdapterConfig):
         super().__post_init__()
         if self.variant not in ROAD_VARIANTS:
             raise ValueError(f"variant={self.variant!r}: must be one of {ROAD_VARIANTS}")
-        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 2:
+        if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0
+                or self.group_size % 2):
             raise ValueError(f"group_size={self.group_size!r}: must be a positive even integer")
 
     @property

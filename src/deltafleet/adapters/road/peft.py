@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltafleet.adapters.peft_format import PeftFormat, check_target_modules, nonempty, refuse_options
+from deltafleet.adapters.peft_format import (
+    PeftFormat,
+    check_target_modules,
+    int_field,
+    nonempty,
+    refuse_options,
+    str_field,
+)
 from deltafleet.adapters.road.config import RoadConfig
 from deltafleet.errors import ArtifactError
 
@@ -13,10 +20,10 @@ from deltafleet.errors import ArtifactError
 def _from_peft(cfg: dict[str, Any], targets: tuple[str, ...], path: Path) -> RoadConfig:
     refuse_options(cfg, path, {"modules_to_save": nonempty})
     check_target_modules(cfg.get("target_modules"), path)
+    variant, group_size = str_field(cfg, "variant", path, "road_1"), int_field(cfg, "group_size", path, 64)
     try:
-        return RoadConfig(targets=targets, variant=str(cfg.get("variant", "road_1")),
-                          group_size=int(cfg.get("group_size", 64)))
-    except (TypeError, ValueError) as e:
+        return RoadConfig(targets=targets, variant=variant, group_size=group_size)
+    except ValueError as e:
         raise ArtifactError(path, str(e)) from None
 
 

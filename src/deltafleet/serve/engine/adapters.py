@@ -3,14 +3,23 @@
 - The store is a directory with one adapter per subdirectory (named after it), plus adapters added by path.
 - Loading (read + validate + convert to serving form) runs on a background thread, never on the decode loop.
   The loop only copies a loaded adapter's own tensors into a free slot (`acquire`), a bounded memcpy.
+  Every load failure, whatever its exception class, leaves the adapter FAILED with its message, logged once;
+  nothing retries it (remove and add it again, or `replace` it).
 - Host memory keeps loaded serving forms in an LRU bounded by bytes; compact kinds (quantized compressed
   deltas) are kept as stored and dequantized only when copied into a slot. Slots are reused least-recently-used
   among adapters that no running request holds.
-- `remove(name)` stops new requests at once; requests already running keep the slot until they finish.
+- A registered name points at one version (`_Entry`). `remove(name)` and `replace(name, ...)` detach that version
+  at once: new requests see the name gone (or the new weights), requests already running keep their `Lease` on
+  the old version's slot, and the slot is freed when the last of them releases it (at once if none runs).
+- Any thread may call `add`, `remove`, `replace` and `listing`; pool mutations happen under the manager's lock
+  (and under inference mode, `pools.Pool`), and only ever touch slots no running request holds.
+- `resident_count` counts the listed adapters whose state is RESIDENT: a detached version still finishing its
+  requests holds its slot (`slots_in_use`) but is no longer listed.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,10 +35,17 @@ from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
 from deltafleet.serve.engine.pools import Pool
 from deltafleet.store.manifest import read_manifest
+from deltafleet.store.paths import confined_files
+
+log = logging.getLogger(__name__)
 
 
 class UnknownAdapterError(DeltafleetError):
     """The requested adapter name is not registered (or was removed)."""
+
+
+class AdapterLoadError(DeltafleetError):
+    """An adapter's weights could not be read, validated, converted or copied into a slot."""
 
 
 class AdapterState(StrEnum):
@@ -51,15 +67,29 @@ class AdapterStats:
     loads: int = 0  # loads from disk completed
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
+    """One version of a named adapter."""
+
+    name: str
     path: Path | None  # None: added in memory (kept in host memory, never evicted from it)
-    removed: bool = False
+    removed: bool = False  # detached by remove/replace: only finishes the requests that hold it
     error: str | None = None
     future: Future | None = None
     refs: int = 0  # running requests holding it
     slot: tuple[Pool, int] | None = None
     info: dict = field(default_factory=dict)
+    root: Path | None = None  # set: every file the load opens must resolve inside this directory
+
+
+@dataclass(frozen=True, eq=False)
+class Lease:
+    """A running request's hold on one adapter version's slot; give it back with `AdapterManager.release`."""
+
+    name: str
+    pool: Pool
+    slot: int
+    entry: _Entry = field(repr=False)
 
 
 class AdapterManager:
@@ -68,47 +98,93 @@ class AdapterManager:
         self.cfg, self.dtype, self.pools = model_cfg, dtype, pools
         self.host_cache_bytes = host_cache_bytes
         self.fingerprint = base_fingerprint
-        self.entries: dict[str, _Entry] = {}
-        self.host: OrderedDict[str, ServingForm | CompactForm] = OrderedDict()
-        self.slot_owner: dict[tuple[int, int], str] = {}  # (id(pool), slot) -> name
-        self.slot_lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recent first
+        self.entries: dict[str, _Entry] = {}  # the registered (listed) version of each name
+        self.host: OrderedDict[str, ServingForm | CompactForm] = OrderedDict()  # registered names only
+        self.slot_owner: dict[tuple[int, int], _Entry] = {}  # (id(pool), slot) -> the version in it
+        self.slot_lru: OrderedDict[str, None] = OrderedDict()  # resident registered names, least recent first
         self.stats = AdapterStats()
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
 
-    # ------------------------------------------------------------------ registry of names
+    # ------------------------------------------------------------------ registry of names (any thread)
     def scan(self, directory: str | Path) -> list[str]:
-        """Register every subdirectory of `directory` as an adapter named after it."""
+        """Register every subdirectory of `directory` as an adapter named after it, confined to `directory`: every
+        file a load of these adapters opens must resolve inside it (a subdirectory or a weights file symlinked out
+        of the root is registered, and fails its load with the rule, as a runtime load through the server does)."""
         d = Path(directory)
         if not d.is_dir():
             raise DeltafleetError(f"{d}: adapters directory not found")
         names = []
         for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            self.add(sub.name, sub)
+            self._register(_Entry(sub.name, sub, root=d))
             names.append(sub.name)
         return names
 
     def add(self, name: str, path: str | Path) -> None:
-        if not name or "/" in name:
-            raise DeltafleetError(f"adapter name {name!r}: must be non-empty and contain no '/'")
-        with self._lock:
-            old = self.entries.get(name)
-            if old is not None and not old.removed:
-                raise DeltafleetError(f"adapter {name!r} is already registered")
-            if old is not None and old.refs:
-                raise DeltafleetError(f"adapter {name!r} is still being removed (in use by {old.refs} requests)")
-            self.entries[name] = _Entry(None if path is None else Path(path))
+        """Register an adapter directory under `name` (loaded later, on the loader thread)."""
+        self._register(_Entry(name, Path(path)))
 
     def add_loaded(self, name: str, adapter: Adapter) -> None:
         """Register an adapter object already in memory (tests, benchmarks, freshly trained adapters)."""
         form = self._form(name, adapter)
-        self.add(name, None)
+        e = _Entry(name, None, info=self._info(adapter, form, None))
         with self._lock:
-            e = self.entries[name]
-            e.info = self._info(adapter, form, None)
-            self.host[name] = form
-            self.stats.loads += 1
+            self._register(e)
+            self._put_host(e, form)
 
+    def _register(self, e: _Entry) -> None:
+        if not e.name or "/" in e.name:
+            raise DeltafleetError(f"adapter name {e.name!r}: must be non-empty and contain no '/'")
+        with self._lock:
+            if e.name in self.entries:
+                raise DeltafleetError(f"adapter {e.name!r} is already registered")
+            self.entries[e.name] = e
+
+    def replace(self, name: str, source: str | Path | Adapter) -> None:
+        """Swap the weights registered under `name` atomically: requests admitted before the swap finish on the old
+        weights, every later one gets the new. The new weights are read and validated first, in the caller's
+        thread (this blocks for a directory); if that fails, `AdapterLoadError` is raised and nothing changed."""
+        with self._lock:
+            self._entry(name)
+        if isinstance(source, Adapter):
+            form = self._form(name, source)
+            new = _Entry(name, None, info=self._info(source, form, None))
+        else:  # the caller chose this path (the HTTP gateway confines it to the adapters root first)
+            path = Path(source)
+            form, info = self._read(name, path)
+            new = _Entry(name, path, info=info)
+        with self._lock:
+            self._detach(self._entry(name))
+            self._register(new)
+            self._put_host(new, form)
+
+    def remove(self, name: str) -> None:
+        """Unregister `name` at once; its slot is freed now if no running request holds it, else at the last
+        release."""
+        with self._lock:
+            self._detach(self._entry(name))
+
+    def _detach(self, e: _Entry) -> None:
+        e.removed = True
+        del self.entries[e.name]
+        self.host.pop(e.name, None)
+        self.slot_lru.pop(e.name, None)
+        if e.future is not None:
+            e.future.cancel()
+        if e.refs == 0 and e.slot is not None:
+            self._free(e)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self.entries)
+
+    def _entry(self, name: str) -> _Entry:
+        e = self.entries.get(name)
+        if e is None:
+            raise UnknownAdapterError(f"adapter {name!r} not found")
+        return e
+
+    # ------------------------------------------------------------------ loading
     def _form(self, name: str, adapter: Adapter) -> ServingForm | CompactForm:
         form = host_form(adapter, self.dtype)
         if not any(p.accepts(form) for p in self.pools):
@@ -124,51 +200,45 @@ class AdapterManager:
                 "targets": list(adapter.config.targets), "bytes": form.nbytes,
                 "manifest": (read_manifest(path) or {}) if path is not None else {}}
 
-    def remove(self, name: str) -> None:
-        with self._lock:
-            e = self._entry(name)
-            e.removed = True
-            self.host.pop(name, None)
-            self._maybe_free(name)
+    def _read(self, name: str, path: Path, root: Path | None = None) -> tuple[ServingForm | CompactForm, dict]:
+        """Read, validate and convert one adapter directory; any failure becomes `AdapterLoadError`."""
+        try:
+            if root is not None:
+                confined_files(path, root)
+            adapter = load_adapter(path, self.cfg, expected_fingerprint=self.fingerprint)
+            form = self._form(name, adapter)
+            return form, self._info(adapter, form, path)
+        except Exception as err:  # noqa: BLE001 (a malformed file may raise anything: KeyError, TypeError, ...)
+            detail = str(err) if isinstance(err, DeltafleetError) else f"{type(err).__name__}: {err}"
+            raise AdapterLoadError(f"adapter {name!r} failed to load: {detail}") from err
 
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(n for n, e in self.entries.items() if not e.removed)
-
-    def _entry(self, name: str) -> _Entry:
-        e = self.entries.get(name)
-        if e is None or e.removed:
-            raise UnknownAdapterError(f"adapter {name!r} not found")
-        return e
-
-    # ------------------------------------------------------------------ loading
     def ensure_loading(self, name: str) -> None:
-        """Start a background load if the adapter is neither in host memory nor loading."""
+        """Start a background load if the adapter is neither in host memory nor loading nor FAILED."""
         with self._lock:
             e = self._entry(name)
             if name in self.host or e.slot is not None or (e.future and not e.future.done()) or e.error:
                 return
-            e.future = self._executor.submit(self._load, name, e.path)
+            e.future = self._executor.submit(self._load, e)
 
-    def _load(self, name: str, path: Path) -> None:
+    def _load(self, e: _Entry) -> None:  # loader thread
         try:
-            adapter = load_adapter(path, self.cfg, expected_fingerprint=self.fingerprint)
-            form = self._form(name, adapter)
-            info = self._info(adapter, form, path)
-        except (DeltafleetError, ValueError, OSError) as err:
+            form, info = self._read(e.name, e.path, e.root)
+        except AdapterLoadError as err:
+            log.error("%s", err)  # once: the entry stays FAILED and nothing retries it
             with self._lock:
-                if name in self.entries:
-                    self.entries[name].error = str(err)
+                e.error = str(err)
             return
         with self._lock:
-            e = self.entries.get(name)
-            if e is None or e.removed:
+            if e.removed:
                 return
             e.info = info
-            self.host[name] = form
-            self.host.move_to_end(name)
-            self.stats.loads += 1
-            self._trim_host()
+            self._put_host(e, form)
+
+    def _put_host(self, e: _Entry, form: ServingForm | CompactForm) -> None:
+        self.host[e.name] = form
+        self.host.move_to_end(e.name)
+        self.stats.loads += 1
+        self._trim_host()
 
     def _trim_host(self) -> None:
         total = sum(f.nbytes for f in self.host.values())
@@ -180,42 +250,46 @@ class AdapterManager:
                 total -= self.host.pop(name).nbytes
                 self.stats.host_evictions += 1
 
+    def _state(self, e: _Entry) -> AdapterState:
+        if e.error:
+            return AdapterState.FAILED
+        if e.slot is not None:
+            return AdapterState.RESIDENT
+        if e.name in self.host:
+            return AdapterState.HOST_MEMORY
+        if e.future is not None and not e.future.done():
+            return AdapterState.LOADING
+        return AdapterState.ON_DISK
+
     def status(self, name: str) -> AdapterState:
         """The adapter's state; `error(name)` says why when it is FAILED."""
         with self._lock:
-            e = self._entry(name)
-            if e.error:
-                return AdapterState.FAILED
-            if e.slot is not None:
-                return AdapterState.RESIDENT
-            if name in self.host:
-                return AdapterState.HOST_MEMORY
-            if e.future is not None and not e.future.done():
-                return AdapterState.LOADING
-            return AdapterState.ON_DISK
+            return self._state(self._entry(name))
 
     def error(self, name: str) -> str | None:
         with self._lock:
             return self._entry(name).error
 
     def wait_loaded(self, name: str, timeout: float | None = None) -> None:
+        """Block until `name` is loaded; `AdapterLoadError` if its load failed."""
         self.ensure_loading(name)
-        f = self.entries[name].future
-        if f is not None:
-            f.result(timeout=timeout)
-        if err := self.error(name):
-            raise DeltafleetError(err)
+        with self._lock:
+            e = self._entry(name)
+        if e.future is not None:
+            e.future.result(timeout=timeout)
+        if e.error:
+            raise AdapterLoadError(e.error)
 
-    # ------------------------------------------------------------------ slots (engine loop only)
-    def acquire(self, name: str) -> tuple[Pool, int] | None:
-        """Make `name` resident and take a reference; None if not loaded yet or every slot is busy."""
+    # ------------------------------------------------------------------ slots (acquire: engine loop only)
+    def acquire(self, name: str) -> Lease | None:
+        """Make `name` resident and take a reference; None if not loaded yet or every slot is busy.
+        `AdapterLoadError` if copying it into a slot fails (the adapter is then FAILED)."""
         with self._lock:
             e = self._entry(name)
             if e.slot is not None:
                 self.stats.hits += 1
-                e.refs += 1
                 self.slot_lru.move_to_end(name)
-                return e.slot
+                return self._lease(e)
             form = self.host.get(name)
             if form is None:
                 self.ensure_loading(name)
@@ -226,15 +300,27 @@ class AdapterManager:
                 slot = self._free_slot(pool)
                 if slot is None:
                     continue
-                pool.write(slot, form.materialize())
-                self.slot_owner[(id(pool), slot)] = name
+                self.slot_owner[(id(pool), slot)] = e
                 e.slot = (pool, slot)
-                e.refs += 1
+                try:
+                    pool.write(slot, form.materialize())
+                except Exception as err:  # noqa: BLE001 (a bad form fails its adapter, not the engine loop)
+                    self._free(e)
+                    self.host.pop(name, None)
+                    e.error = f"adapter {name!r} could not be placed in pool {pool.name!r}: {type(err).__name__}: {err}"
+                    log.error("%s", e.error)
+                    raise AdapterLoadError(e.error) from err
                 self.slot_lru[name] = None
                 self.host.move_to_end(name)
                 self.stats.misses += 1
-                return e.slot
+                return self._lease(e)
             return None
+
+    @staticmethod
+    def _lease(e: _Entry) -> Lease:
+        e.refs += 1
+        pool, slot = e.slot
+        return Lease(e.name, pool, slot, e)
 
     def _free_slot(self, pool: Pool) -> int | None:
         for slot in range(pool.slots):
@@ -244,47 +330,45 @@ class AdapterManager:
             ve = self.entries[victim]
             if ve.refs == 0 and ve.slot is not None and ve.slot[0] is pool:
                 slot = ve.slot[1]
-                self._evict(victim)
+                self.slot_lru.pop(victim)
+                self._free(ve)
+                self.stats.evictions += 1
                 return slot
         return None
 
-    def _evict(self, name: str) -> None:
-        e = self.entries[name]
+    def _free(self, e: _Entry) -> None:
         pool, slot = e.slot
-        pool.clear(slot)
         del self.slot_owner[(id(pool), slot)]
-        self.slot_lru.pop(name, None)
         e.slot = None
-        self.stats.evictions += 1
+        pool.clear(slot)
 
-    def release(self, name: str) -> None:
+    def release(self, lease: Lease) -> None:
+        """A running request is done with its adapter version; a detached version's slot is freed at its last."""
         with self._lock:
-            e = self.entries[name]
+            e = lease.entry
             e.refs -= 1
-            self._maybe_free(name)
+            if e.removed and e.refs == 0 and e.slot is not None:
+                self._free(e)
 
-    def _maybe_free(self, name: str) -> None:
-        e = self.entries[name]
-        if e.removed and e.refs == 0:
-            if e.slot is not None:
-                self._evict(name)
-                self.stats.evictions -= 1  # a removal, not a capacity eviction
-            del self.entries[name]
-
+    # ------------------------------------------------------------------ views (any thread)
     def listing(self) -> list[dict]:
         """One row per adapter: name, path, state (`AdapterState`), error (None unless FAILED), and once loaded
         kind, summary, targets, bytes, manifest."""
         with self._lock:
-            out = []
-            for name in self.names():
-                e = self.entries[name]
-                out.append({"name": name, "path": None if e.path is None else str(e.path),
-                            "state": self.status(name), "error": e.error, **e.info})
-            return out
+            return [{"name": name, "path": None if e.path is None else str(e.path), "state": self._state(e),
+                     "error": e.error, **e.info} for name, e in sorted(self.entries.items())]
 
     @property
     def resident_count(self) -> int:
-        return len(self.slot_owner)
+        """Registered adapters in a slot: the RESIDENT rows of `listing()`."""
+        with self._lock:
+            return sum(self._state(e) is AdapterState.RESIDENT for e in self.entries.values())
+
+    @property
+    def slots_in_use(self) -> int:
+        """Occupied slots: the resident adapters plus detached versions still finishing their requests."""
+        with self._lock:
+            return len(self.slot_owner)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -28,6 +28,10 @@ class EngineConfig:
     max_model_len: prompt + generated tokens per sequence (the KV slot length).
     kv_cache_bytes: if set, caps max_batch so the KV cache fits this budget.
     prefill_tokens: prompt tokens processed per step at most (longer prompts are chunked).
+    prefill_bucket: a prefill step's rows are padded to a multiple of this many tokens (padding is masked: it is
+        neither attended to nor written to the KV cache). Every distinct token count that reaches a oneDNN matmul
+        creates a primitive that stays cached, so without buckets memory grows with every new prompt length
+        (`deltafleet bench memory`); 1 turns padding off.
     pools: the adapter slot pools (`PoolSpec`s), in the order an adapter is placed (the first that accepts it
         and has a free slot); `pools.pool_specs_for` sizes them for a known set of adapters. None: the standard
         three (`standard_pools`), built from the six fields below; given, it replaces them.
@@ -35,6 +39,8 @@ class EngineConfig:
     delta_slots / max_delta_rank: resident additive adapters of larger rank (compressed full fine-tunes).
     road_slots / road_group_size: resident element-wise (RoAd) adapters with that group size.
     host_cache_bytes: loaded adapters kept in host memory (LRU).
+    adapter_load_timeout: seconds a request waits for its adapter to load (from submission); then it fails with
+        finish reason error. A request waiting only for a free slot of a loaded adapter does not time out.
     max_queue: waiting requests at most; more are refused (QueueFullError).
     adapter_dtype: dtype of the resident adapter pools and host cache (None: the model's dtype). bfloat16 under a
         float32 model halves the adapter bytes a decode step reads; the CPU kernels widen them to fp32 as read.
@@ -56,14 +62,18 @@ class EngineConfig:
     road_slots: int = 64
     road_group_size: int = 64
     host_cache_bytes: int = 4 << 30
+    adapter_load_timeout: float = 60.0
     max_queue: int = 1024
     adapter_dtype: str | None = None
     prepack: bool = True
+    prefill_bucket: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_model_len", "prefill_tokens", "max_queue", "host_cache_bytes"):
+        for name in ("max_batch", "max_model_len", "prefill_tokens", "max_queue", "host_cache_bytes", "prefill_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not self.adapter_load_timeout > 0:  # also refuses NaN
+            raise ValueError(f"adapter_load_timeout={self.adapter_load_timeout}: must be > 0 (seconds)")
         for name in ("lora_slots", "max_lora_rank", "delta_slots", "max_delta_rank", "road_slots"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")

@@ -12,6 +12,15 @@ Each `step()`:
 
 The batch adapter layout (`BatchLayout`) is computed once per forward and read by every layer. Base-only
 requests, LoRA, RoAd and low-rank deltas mix freely in one batch.
+
+Faults stay with the request that caused them; the others of the step go on:
+- a row whose logits hold inf/NaN, or whose sampling raises, fails only its request (`sampling.sample`);
+- if a forward pass raises, it is run again once per adapter version of the batch, and only the groups whose own
+  forward raises fail (all of the step's requests when they share one adapter or none);
+- a request that fails or is aborted has its KV-cache positions zeroed before its cache slot is reused: masked
+  attention still multiplies a masked value by 0, so a stale inf/NaN would reach the slot's next sequence;
+- a request waiting for its adapter to load fails after `EngineConfig.adapter_load_timeout` seconds;
+- anything else a step raises fails the running requests, and the engine thread goes on with later ones.
 """
 
 from __future__ import annotations
@@ -33,13 +42,13 @@ from deltafleet.errors import DeltafleetError
 from deltafleet.models import prepack
 from deltafleet.models.llama import KVCache, Transformer
 from deltafleet.models.loading import load_model, load_tokenizer
-from deltafleet.serve.engine.adapters import AdapterManager, UnknownAdapterError
+from deltafleet.serve.engine.adapters import AdapterManager, AdapterState, Lease, UnknownAdapterError
 from deltafleet.serve.engine.backends import make_backend
 from deltafleet.serve.engine.config import EngineConfig
 from deltafleet.serve.engine.detok import Detokenizer
 from deltafleet.serve.engine.layout import BatchLayout
 from deltafleet.serve.engine.pools import POOL_CLASSES, Pool
-from deltafleet.serve.engine.sampling import sample
+from deltafleet.serve.engine.sampling import RowFailure, sample
 from deltafleet.serve.engine.stream import AsyncStream
 from deltafleet.serve.engine.types import FinishReason, InvalidParameterError, Request, RequestOutput, TokenEvent
 from deltafleet.store.fingerprint import base_fingerprint
@@ -69,7 +78,7 @@ class _Seq:
     t_first: float | None = None
     t_last: float = 0.0
     kv: int = -1
-    adapter_slot: tuple[Pool, int] | None = None
+    lease: Lease | None = None  # its adapter version's slot, held while running
     computed: int = 0  # prompt tokens in the KV cache
     out: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
@@ -153,8 +162,16 @@ class Engine:
         self.adapters.ensure_loading(name)
 
     def remove_adapter(self, name: str) -> None:
-        """New requests for `name` fail at once; running ones finish first."""
+        """New requests for `name` fail at once; running ones finish on its weights. An idle resident adapter's
+        slot is freed at once, one in use when its last request finishes. Safe from any thread."""
         self.adapters.remove(name)
+
+    def replace_adapter(self, name: str, source: str | Path | Adapter) -> None:
+        """Swap the weights registered as `name` for `source` (a directory or an in-memory `Adapter`) atomically:
+        requests already running finish on the old weights, every request admitted afterwards gets the new. Blocks
+        while a directory is read and validated (call it off an event loop); a bad source raises
+        (`AdapterLoadError` for a directory) and the old weights stay. Safe from any thread."""
+        self.adapters.replace(name, source)
 
     # ------------------------------------------------------------------ submission (any thread)
     def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> _Seq:
@@ -237,6 +254,7 @@ class Engine:
                 self._finish(s, FinishReason.ABORT)
 
     def _admit(self) -> None:
+        self._expire_loads()
         for s in list(self.waiting):
             if len(self.running) >= self.max_batch:
                 return
@@ -244,24 +262,85 @@ class Engine:
             if name is not None:
                 try:
                     err = self.adapters.error(name)
-                    slot = None if err else self.adapters.acquire(name)
-                except UnknownAdapterError as e:
-                    err, slot = str(e), None
+                    lease = None if err else self.adapters.acquire(name)
+                except Exception as e:  # noqa: BLE001 (unknown, or failed to enter a slot: this request fails)
+                    err, lease = str(e) if isinstance(e, DeltafleetError) else f"{type(e).__name__}: {e}", None
                 if err:
-                    self.waiting.remove(s)
-                    s.error = err
-                    self._finish(s, FinishReason.ERROR)
-                    self._complete(s)
+                    self._drop_waiting(s, err)
                     continue
-                if slot is None:
+                if lease is None:
                     continue  # still loading, or every slot of its pool is busy
-                s.adapter_slot = slot
+                s.lease = lease
             self.waiting.remove(s)
             s.kv = len(self.running)
             self.running.append(s)
 
+    def _expire_loads(self) -> None:
+        """Fail waiting requests whose adapter is still not loaded `adapter_load_timeout` seconds after submission
+        (a request waiting only for a free slot of a loaded adapter stays)."""
+        timeout = self.config.adapter_load_timeout
+        now = time.perf_counter()
+        for s in list(self.waiting):
+            if s.req.adapter is None or now - s.t_submit <= timeout:
+                continue
+            try:
+                loading = self.adapters.status(s.req.adapter) in (AdapterState.LOADING, AdapterState.ON_DISK)
+            except UnknownAdapterError:
+                continue  # _admit fails it
+            if loading:
+                self._drop_waiting(s, f"adapter {s.req.adapter!r} did not finish loading within {timeout:g} s "
+                                      f"(EngineConfig.adapter_load_timeout)")
+
+    def _drop_waiting(self, s: _Seq, error: str) -> None:
+        self.waiting.remove(s)
+        self._fail(s, error)
+        self._complete(s)
+
     def _rows(self, seqs: list[_Seq]) -> list[tuple[Pool | None, int]]:
-        return [s.adapter_slot if s.adapter_slot is not None else (None, -1) for s in seqs]
+        return [(s.lease.pool, s.lease.slot) if s.lease is not None else (None, -1) for s in seqs]
+
+    def _isolated(self, items: list, forward: Callable[[list], torch.Tensor],
+                  seq: Callable[[object], _Seq] = lambda item: item) -> list[tuple[list, torch.Tensor]]:
+        """[(items, forward(items))]; if that forward raises, forward runs again once per adapter version (the base
+        model is one group) and the groups whose own forward raises fail: [(group, its logits)] of the others.
+        `seq(item)` is the item's sequence. A forward only writes the KV positions it is given, so a rerun
+        overwrites what the failed one wrote."""
+        try:
+            return [(items, forward(items))]
+        except Exception as e:  # noqa: BLE001 (one adapter's failure must not fail the others)
+            failure = e
+        groups: dict[tuple[int, int] | None, list] = {}
+        for item in items:
+            lease = seq(item).lease
+            groups.setdefault(None if lease is None else (id(lease.pool), lease.slot), []).append(item)
+        if len(groups) == 1:
+            log.error("forward pass of %d requests failed", len(items), exc_info=failure)
+            self._fail_group([seq(item) for item in items], failure)
+            return []
+        log.warning("forward pass of %d requests (%d adapter groups) failed; running each group alone",
+                    len(items), len(groups), exc_info=failure)
+        out = []
+        for group in groups.values():
+            try:
+                out.append((group, forward(group)))
+            except Exception as e:  # noqa: BLE001
+                self._fail_group([seq(item) for item in group], e)
+        return out
+
+    def _fail_group(self, seqs: list[_Seq], e: Exception) -> None:
+        for s in seqs:
+            self._fail(s, f"{self._blame(s)}: forward pass failed: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _blame(s: _Seq) -> str:
+        return "base model" if s.req.adapter is None else f"adapter {s.req.adapter!r}"
+
+    def _fail(self, s: _Seq, error: str) -> None:
+        """This request alone ends with finish reason error."""
+        if s.finish is None:
+            log.warning("request %s failed: %s", s.req.request_id, error)
+            s.error = s.error or error
+        self._finish(s, FinishReason.ERROR)
 
     def _prefill(self, seqs: list[_Seq]) -> None:
         budget = self.config.prefill_tokens
@@ -272,62 +351,82 @@ class Engine:
             n = min(s.prompt_len - s.computed, budget)
             chunks.append((s, n))
             budget -= n
-        T = max(n for _, n in chunks)
+        for part, logits in self._isolated(chunks, self._prefill_forward, seq=lambda chunk: chunk[0]):
+            done = []
+            for s, n in part:
+                s.computed += n
+                self.counters["prompt_tokens"] += n
+                if s.computed == s.prompt_len:
+                    done.append(s)
+            if done:
+                self._emit(done, sample(logits, [s.req.params for s in done], [s.gen for s in done]))
+
+    def _prefill_forward(self, chunks: list[tuple[_Seq, int]]) -> torch.Tensor:
+        """Prompt chunks (sequence, tokens) through the model -> logits (D, V) of the D chunks that end a prompt."""
+        bucket = self.config.prefill_bucket
+        T = -(-max(n for _, n in chunks) // bucket) * bucket  # padded to the bucket: fewer distinct shapes
         B = len(chunks)
         ids = torch.zeros(B, T, dtype=torch.long)
         mask = torch.zeros(B, T, dtype=torch.bool)
         pos = torch.zeros(B, T, dtype=torch.long)
-        last_rows, last_index = [], []
+        last_index = []
         for b, (s, n) in enumerate(chunks):
             ids[b, :n] = torch.tensor(s.req.prompt_ids[s.computed:s.computed + n])
             mask[b, :n] = True
             pos[b] = s.computed + torch.arange(T)
             if s.computed + n == s.prompt_len:
-                last_rows.append(b)
                 last_index.append(b * T + n - 1)
         layout = BatchLayout.build(self._rows([s for s, _ in chunks]), T)
         slots = torch.tensor([s.kv for s, _ in chunks])
-        logits = self.model(ids, positions=pos, attention_mask=mask, cache=self.cache, cache_slots=slots,
-                            hook=layout.hook(self.backend),
-                            logits_index=torch.tensor(last_index) if last_index else torch.zeros(0, dtype=torch.long))
-        for s, n in chunks:
-            s.computed += n
-            self.counters["prompt_tokens"] += n
-        if last_rows:
-            done = [chunks[b][0] for b in last_rows]
-            self._emit(done, sample(logits, [s.req.params for s in done], [s.gen for s in done]))
+        return self.model(ids, positions=pos, attention_mask=mask, cache=self.cache, cache_slots=slots,
+                          hook=layout.hook(self.backend),
+                          logits_index=torch.tensor(last_index) if last_index else torch.zeros(0, dtype=torch.long))
 
     def _decode(self, seqs: list[_Seq]) -> None:
+        for part, logits in self._isolated(seqs, self._decode_forward):
+            self._emit(part, sample(logits, [s.req.params for s in part], [s.gen for s in part]))
+
+    def _decode_forward(self, seqs: list[_Seq]) -> torch.Tensor:
+        """One token per decoding sequence through the model -> logits (B, V)."""
         B = len(seqs)
         ids = torch.tensor([[s.out[-1]] for s in seqs])
         pos = torch.tensor([[s.prompt_len + len(s.out) - 1] for s in seqs])
         kv = [s.kv for s in seqs]
         slots = slice(0, B) if kv == list(range(B)) else torch.tensor(kv)
         layout = BatchLayout.build(self._rows(seqs), 1)
-        logits = self.model(ids, positions=pos, cache=self.cache, cache_slots=slots,
-                            hook=layout.hook(self.backend), logits_index=torch.arange(B))
-        self._emit(seqs, sample(logits, [s.req.params for s in seqs], [s.gen for s in seqs]))
+        return self.model(ids, positions=pos, cache=self.cache, cache_slots=slots,
+                          hook=layout.hook(self.backend), logits_index=torch.arange(B))
 
-    def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
+    def _emit(self, seqs: list[_Seq], tokens: list[int | RowFailure]) -> None:
         now = time.perf_counter()
         for s, tok in zip(seqs, tokens, strict=True):
-            if s.t_first is None:
-                s.t_first = now
-                self.ttft.append(now - s.t_submit)
-            elif s.out:
-                self.itl.append(now - s.t_last)
-            s.t_last = now
-            s.out.append(tok)
-            self.counters["generated_tokens"] += 1
-            is_stop_token = tok in s.stop_ids
-            hit_stop_string = s.detok.push(tok, visible=not is_stop_token) if s.detok else False
-            if is_stop_token or hit_stop_string:
-                self._finish(s, FinishReason.STOP)
-            elif len(s.out) >= s.req.params.max_tokens or s.prompt_len + len(s.out) >= self.config.max_model_len:
-                self._finish(s, FinishReason.LENGTH)
-            if s.on_event is not None:
-                text = s.detok.take(final=s.finish is not None) if s.detok else ""
-                self._notify(s, TokenEvent(s.req.request_id, tok, text, s.finish, s.prompt_len, len(s.out), s.error))
+            if isinstance(tok, RowFailure):
+                self._fail(s, f"{self._blame(s)}: {tok}")
+                continue
+            try:
+                self._append(s, tok, now)
+            except Exception as e:  # noqa: BLE001 (e.g. its detokenizer: this request fails, not the step)
+                self._fail(s, f"{self._blame(s)}: token {tok} could not be emitted: {type(e).__name__}: {e}")
+
+    def _append(self, s: _Seq, tok: int, now: float) -> None:
+        """Add a sampled token to `s`: timings, stop and length rules, its event."""
+        if s.t_first is None:
+            s.t_first = now
+            self.ttft.append(now - s.t_submit)
+        elif s.out:
+            self.itl.append(now - s.t_last)
+        s.t_last = now
+        s.out.append(tok)
+        self.counters["generated_tokens"] += 1
+        is_stop_token = tok in s.stop_ids
+        hit_stop_string = s.detok.push(tok, visible=not is_stop_token) if s.detok else False
+        if is_stop_token or hit_stop_string:
+            self._finish(s, FinishReason.STOP)
+        elif len(s.out) >= s.req.params.max_tokens or s.prompt_len + len(s.out) >= self.config.max_model_len:
+            self._finish(s, FinishReason.LENGTH)
+        if s.on_event is not None:
+            text = s.detok.take(final=s.finish is not None) if s.detok else ""
+            self._notify(s, TokenEvent(s.req.request_id, tok, text, s.finish, s.prompt_len, len(s.out), s.error))
 
     def _notify(self, s: _Seq, ev: TokenEvent) -> None:
         """Deliver an event; a failing listener (e.g. a closed event loop) aborts its request, never the engine."""
@@ -350,8 +449,11 @@ class Engine:
             if s.finish is None:
                 survivors.append(s)
                 continue
-            if s.adapter_slot is not None:
-                self.adapters.release(s.req.adapter)
+            if s.finish in (FinishReason.ERROR, FinishReason.ABORT):
+                self._scrub(s)
+            if s.lease is not None:
+                self.adapters.release(s.lease)
+                s.lease = None
             self._complete(s)
         for i, s in enumerate(survivors):
             if s.kv != i:  # compaction: move the sequence's cached keys/values down to slot i
@@ -360,6 +462,13 @@ class Engine:
                 self.cache.v[:, i, :, :n] = self.cache.v[:, s.kv, :, :n]
                 s.kv = i
         self.running = survivors
+
+    def _scrub(self, s: _Seq) -> None:
+        """Zero the KV positions a failed or aborted sequence may have written (possibly inf/NaN, or never checked
+        by a logit): a later sequence in this cache slot reads them masked, and 0 * NaN is NaN."""
+        n = min(s.prompt_len + len(s.out), self.cache.max_len)
+        self.cache.k[:, s.kv, :, :n].zero_()
+        self.cache.v[:, s.kv, :, :n].zero_()
 
     def _complete(self, s: _Seq) -> None:
         """Publish the final output (and a final event for requests that never reached the model)."""
@@ -409,11 +518,11 @@ class Engine:
                 self._wake.wait(timeout=0.02)
                 self._wake.clear()
 
+    @torch.inference_mode()
     def _fail_running(self, message: str) -> None:
         with self._step_lock:
             for s in self.running:
-                s.error = s.error or message
-                self._finish(s, FinishReason.ERROR)
+                self._fail(s, message)
             self._retire()
 
     async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:

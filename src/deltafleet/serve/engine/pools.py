@@ -3,7 +3,10 @@
 A pool holds `n` slots plus one null row (index n) that leaves a projection unchanged (zeros for additive,
 c=1/s=0 for elementwise): tokens of the base model or of another pool's adapters index the null row, so a
 gather needs no masking. Tensors per projection are allocated on first use for the full slot count, then
-reused; loading an adapter copies its own weights into its slot (never a copy of base weights).
+reused; loading an adapter copies its own weights into its slot (never a copy of base weights). Every mutation
+(`write`, `clear`) runs under `torch.inference_mode()`, so it works from any thread (the engine's loop, or an
+admin call freeing a slot): the pool's tensors are inference tensors, read by forwards under inference mode or
+`no_grad`.
 
 Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out); elementwise c, s (n+1, out).
 
@@ -90,6 +93,7 @@ class Pool(ABC):
     @abstractmethod
     def _clear_module(self, slot: int, dst: dict[str, Tensor]) -> None: ...
 
+    @torch.inference_mode()
     def write(self, slot: int, form: ServingForm) -> None:
         self.clear(slot)
         for key, src in form.modules.items():
@@ -99,6 +103,7 @@ class Pool(ABC):
         self.slot_modules[slot] = self._module_sets.setdefault(form.module_keys, form.module_keys)
         self.slot_width[slot] = form.width
 
+    @torch.inference_mode()
     def clear(self, slot: int) -> None:
         for key in self.slot_modules[slot]:
             self._clear_module(slot, self.tensors[key])

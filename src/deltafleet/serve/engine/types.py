@@ -55,6 +55,9 @@ class SamplingParams:
             raise InvalidParameterError("top_k", "must be an integer >= 0", self.top_k)
         if any(not s for s in self.stop):
             raise InvalidParameterError("stop", "stop strings must be non-empty")
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64):
+            raise InvalidParameterError("seed", "must be an integer in [-2**63, 2**64) (torch.Generator's range)",
+                                        self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -3,7 +3,12 @@
 Engine exceptions become the gateway's typed errors through the tables below (by exception class, never by
 message); engine adapter states map to `gateway.AdapterState`; engine events become `gateway.Event`s delivered
 on the caller's asyncio loop by the engine's one asyncio bridge (`serve.engine.stream.AsyncStream`). Adapter
-directories registered at run time must lie under the adapters root.
+directories registered at run time must lie under the adapters root, and so must every file their load opens,
+symlinks followed (`store.paths.confined_files`). Messages for clients name files relative to the adapters root.
+
+A prompt text longer than the context length times the tokenizer's longest token (in characters) cannot fit
+whatever it encodes to, so it is refused before tokenization (a multi-megabyte prompt would otherwise take
+seconds and hundreds of megabytes to tokenize, only to be refused).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from deltafleet.adapters.io import PEFT_CONFIG, adapter_layout, peek_config
-from deltafleet.errors import DeltafleetError
+from deltafleet.errors import ArtifactError, DeltafleetError
 from deltafleet.serve.engine import (
     Engine,
     EngineConfig,
@@ -25,9 +32,11 @@ from deltafleet.serve.engine import (
     TokenEvent,
     UnknownAdapterError,
 )
+from deltafleet.serve.engine.adapters import AdapterLoadError
 from deltafleet.serve.engine.adapters import AdapterState as EngineAdapterState
 from deltafleet.serve.engine.stream import AsyncStream
 from deltafleet.serve.engine.types import InvalidParameterError
+from deltafleet.serve.http import protocol as P
 from deltafleet.serve.http.gateway import (
     AdapterConflict,
     AdapterInfo,
@@ -42,6 +51,7 @@ from deltafleet.serve.http.gateway import (
     UnknownModel,
 )
 from deltafleet.store.manifest import MANIFEST
+from deltafleet.store.paths import confined_files
 
 ErrorTable = dict[type[Exception], tuple[type[GatewayError], str | None]]
 
@@ -57,6 +67,7 @@ SUBMIT_ERRORS: ErrorTable = {
 }
 ADAPTER_ERRORS: ErrorTable = {  # registering or removing an adapter
     UnknownAdapterError: (UnknownModel, "name"),
+    AdapterLoadError: (InvalidRequest, "path"),  # replace_adapter: the new weights failed to load; the old stay
     DeltafleetError: (AdapterConflict, "name"),
 }
 PARAMS = {"prompt_ids": "prompt"}  # engine field -> request parameter, where the names differ
@@ -111,6 +122,10 @@ class EngineGateway:
         self.model_name = model_name
         self.max_model_len = engine.config.max_model_len
         self.adapters_root = Path(adapters_root).resolve() if adapters_root is not None else None
+        given = Path(adapters_root) if adapters_root is not None else None
+        spellings = {str(self.adapters_root), str(given.absolute()), str(given)} - {"."} if given else set()
+        self._root_prefixes = sorted((f"{s.rstrip('/')}/" for s in spellings), key=len, reverse=True)
+        self.max_prompt_chars = self.max_model_len * max(map(len, self.tokenizer.get_vocab()))
         self._draining = False
         self._lock = threading.Lock()
         if model_name in engine.adapters.names():
@@ -124,13 +139,20 @@ class EngineGateway:
         return cls(engine, model_name or default_model_name(base), adapters_dir)
 
     # ------------------------------------------------------------------ prompts
+    def _check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise PromptTooLong(f"{param}: {chars} characters of text cannot fit in the context length "
+                                f"{self.max_model_len} (at most {self.max_prompt_chars} can)", param)
+
     def encode(self, text: str) -> list[int]:
+        self._check_length(len(text), "prompt")
         return list(self.tokenizer.encode(text))
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # jinja's TemplateError and friends: the template refused the conversation
+        except TemplateError as e:  # the template refused the conversation (its raise_exception message)
             raise InvalidRequest(f"messages: the chat template refused the conversation ({e})", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -157,23 +179,19 @@ class EngineGateway:
                 kind, detail, nbytes = row["kind"], row["summary"], row["bytes"]
             else:
                 kind, detail, nbytes = describe_on_disk(Path(row["path"]))
-            out.append(AdapterInfo(row["name"], STATES[row["state"]], kind, detail, nbytes, row["error"]))
+            error = self.relative(row["error"]) if row["error"] else None
+            out.append(AdapterInfo(row["name"], STATES[row["state"]], kind, detail, nbytes, error))
         return out
 
+    def relative(self, text: str) -> str:
+        """`text` with the adapters root's path taken out of the file paths it names (the engine's messages name
+        files as it opened them)."""
+        for prefix in self._root_prefixes:
+            text = text.replace(prefix, "")
+        return text.replace(str(self.adapters_root), ".") if self.adapters_root is not None else text
+
     def load_adapter(self, name: str, relative_path: str) -> AdapterInfo:
-        if self.adapters_root is None:
-            raise InvalidRequest("this server has no adapters root (--adapters): it cannot load adapters", "path")
-        if not name or "/" in name or name.startswith(".") or name == self.model_name:
-            raise InvalidRequest(f"name={name!r}: must be non-empty, contain no '/', not start with '.' and differ "
-                                 f"from the base model's name", "name")
-        path = (self.adapters_root / relative_path).resolve()
-        if not path.is_relative_to(self.adapters_root):
-            raise InvalidRequest(f"path={relative_path!r}: adapters load only from under the adapters root", "path")
-        if not path.is_dir():
-            raise InvalidRequest(f"path={relative_path!r}: no such adapter directory under the adapters root", "path")
-        if adapter_layout(path) is None:
-            raise InvalidRequest(f"path={relative_path!r}: not an adapter directory (needs {PEFT_CONFIG} or "
-                                 f"{MANIFEST})", "path")
+        path = self._adapter_dir(name, relative_path)
         with self._lock:
             if name in self.engine.adapters.names():
                 raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first", "name")
@@ -182,6 +200,45 @@ class EngineGateway:
             except tuple(ADAPTER_ERRORS) as e:
                 raise gateway_error(e, ADAPTER_ERRORS) from None
         return next(a for a in self.adapters() if a.name == name)
+
+    def replace_adapter(self, name: str, relative_path: str) -> AdapterInfo:
+        path = self._adapter_dir(name, relative_path)
+        if name not in self.engine.adapters.names():
+            raise UnknownModel(f"adapter {name!r} not found", "name")
+        try:
+            self.engine.replace_adapter(name, path)
+        except tuple(ADAPTER_ERRORS) as e:
+            raise gateway_error(e, ADAPTER_ERRORS) from None
+        return next(a for a in self.adapters() if a.name == name)
+
+    def _adapter_dir(self, name: str, relative_path: str) -> Path:
+        """The adapter directory `relative_path` under the adapters root, with every file a load opens confined
+        to the root; InvalidRequest naming the rule otherwise."""
+        if self.adapters_root is None:
+            raise InvalidRequest("this server has no adapters root (--adapters): it cannot load adapters", "path")
+        P.check_name(name, "name")
+        if not name or "/" in name or name.startswith(".") or name == self.model_name:
+            raise InvalidRequest(f"name={name!r}: must be non-empty, contain no '/', not start with '.' and differ "
+                                 f"from the base model's name", "name")
+        P.check_name(relative_path, "path")
+        try:
+            path = (self.adapters_root / relative_path).resolve()
+            inside, is_dir = path.is_relative_to(self.adapters_root), path.is_dir()
+        except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
+            raise InvalidRequest(f"path={relative_path!r}: cannot be resolved ({type(e).__name__})", "path") from None
+        if not inside:
+            raise InvalidRequest(f"path={relative_path!r}: adapters load only from under the adapters root", "path")
+        if not is_dir:
+            raise InvalidRequest(f"path={relative_path!r}: no such adapter directory under the adapters root", "path")
+        try:
+            confined_files(path, self.adapters_root)
+            layout = adapter_layout(path)
+        except ArtifactError as e:
+            raise InvalidRequest(f"path={relative_path!r}: {self.relative(str(e))}", "path") from None
+        if layout is None:
+            raise InvalidRequest(f"path={relative_path!r}: not an adapter directory (needs {PEFT_CONFIG} or "
+                                 f"{MANIFEST})", "path")
+        return path
 
     def unload_adapter(self, name: str) -> None:
         try:

@@ -117,11 +117,13 @@ class Gateway(Protocol):
     max_model_len: int
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a raw completion prompt (the tokenizer's own special-token rules)."""
+        """Token ids of a raw completion prompt (the tokenizer's own special-token rules). Called on a worker
+        thread. Raises PromptTooLong (param "prompt") for a text too long to fit the context however it encodes."""
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat conversation with the tokenizer's chat template and the assistant header.
-        Raises InvalidRequest (param "messages") when the template refuses it."""
+        """Token ids of a chat conversation with the tokenizer's chat template and the assistant header. Called on
+        a worker thread. Raises InvalidRequest (param "messages") when the template refuses it, PromptTooLong when
+        the text cannot fit the context."""
 
     def submit(self, generation: Generation) -> Stream:
         """Queue a request. Raises InvalidRequest, PromptTooLong, UnknownModel, QueueFull or ShuttingDown."""
@@ -135,6 +137,10 @@ class Gateway(Protocol):
 
     def unload_adapter(self, name: str) -> None:
         """New requests for it fail at once (404); running ones finish first."""
+
+    def replace_adapter(self, name: str, relative_path: str) -> AdapterInfo:
+        """New weights for a registered adapter, read and checked first (blocking), then swapped in atomically:
+        running requests finish on the old weights, later ones get the new. Raises UnknownModel, InvalidRequest."""
 
     def stats(self) -> dict:
         """waiting, running, max_batch, generated_tokens, prompt_tokens, finished, resident_adapters,

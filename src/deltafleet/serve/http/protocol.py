@@ -3,17 +3,58 @@
 Requests are validated strictly (a string where a number belongs is an error, not coerced); every refusal
 becomes `{"error": {"message", "type", "param", "code"}}` with the offending field in `param`. Options we do
 not implement (n > 1, logprobs, echo, penalties, tools) are refused by name rather than silently ignored.
-Unknown extra fields are ignored, as OpenAI-compatible servers do.
+Unknown extra fields are ignored, as OpenAI-compatible servers do. Names (models, adapters) and adapter paths
+with control characters (NUL, newlines, C1 codes) are refused: they end up in file-system calls and logs.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from deltafleet.serve.http.gateway import InvalidRequest
+
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a signed 64-bit integer
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+NO_CONTROL_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"  # the same rule for the OpenAPI schema
+ADAPTER_NAME_PATTERN = "^[^./\\u0000-\\u001f\\u007f-\\u009f][^/\\u0000-\\u001f\\u007f-\\u009f]*$"  # the gateway's rule
+_SHOWN_INPUT = 80  # characters of an offending value an error message repeats
+
+
+def _no_control_characters(value: str) -> str:
+    if m := CONTROL_CHARACTERS.search(value):
+        raise ValueError(f"must not contain control characters (found {m.group()!r} at index {m.start()})")
+    return value
+
+
+def check_name(value: str, param: str) -> str:
+    """`value` unless it holds a control character; else InvalidRequest naming `param` and the character."""
+    try:
+        return _no_control_characters(value)
+    except ValueError as e:
+        raise InvalidRequest(f"{param}: {e}", param) from None
+
+
+Name = Annotated[str, AfterValidator(_no_control_characters),
+                 WithJsonSchema({"type": "string", "pattern": NO_CONTROL_PATTERN})]
+"""A model or adapter name, or an adapter path: any string without control characters."""
+
+
+def _rule(**schema) -> dict:
+    """JSON-schema keywords that document, in the OpenAPI schema, a rule the handlers check with their own error
+    messages (the keywords apply by type, so they can sit beside a union's anyOf)."""
+    return {"json_schema_extra": schema}
+
+
+NOT_TRUE = _rule(**{"not": {"const": True}})  # a flag we do not implement: absent, null or false
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [  # one non-empty prompt: text, token ids, or a batch of exactly one of them
+    {"type": "string", "minLength": 1}, _TOKEN_IDS,
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1}]}
 
 
 class _Model(BaseModel):
@@ -25,19 +66,19 @@ class StreamOptions(_Model):
 
 
 class _Sampling(_Model):
-    model: str
+    model: Name
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's extension; -1 and 0 mean off
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
+    stop: str | list[str] | None = Field(None, **_rule(minLength=1, maxItems=4, items={"minLength": 1}))
+    n: int | None = Field(None, **_rule(minimum=1, maximum=1))
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
+    presence_penalty: float | None = Field(None, **_rule(minimum=0, maximum=0))
+    frequency_penalty: float | None = Field(None, **_rule(minimum=0, maximum=0))
+    logit_bias: dict | None = Field(None, **_rule(maxProperties=0))
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
@@ -60,11 +101,11 @@ class _Sampling(_Model):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Annotated[str | list[int] | list[str] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
+    echo: bool | None = Field(None, **NOT_TRUE)
+    logprobs: int | None = Field(None, **_rule(**{"not": {"type": "integer"}}))
+    best_of: int | None = Field(None, **_rule(minimum=1, maximum=1))
+    suffix: str | None = Field(None, **_rule(maxLength=0))
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -106,9 +147,9 @@ class ChatMessage(_Model):
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool | None = None
-    tools: list | None = None
-    response_format: dict | None = None
+    logprobs: bool | None = Field(None, **NOT_TRUE)
+    tools: list | None = Field(None, **_rule(maxItems=0))
+    response_format: dict | None = Field(None, **_rule(properties={"type": {"enum": ["text", None]}}))
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -122,8 +163,12 @@ class ChatCompletionRequest(_Sampling):
 
 
 class LoadAdapterRequest(_Model):
-    name: str
-    path: str | None = None  # relative to the adapters root; defaults to the name
+    name: Annotated[Name, Field(json_schema_extra={"pattern": ADAPTER_NAME_PATTERN})]
+    path: Name | None = None  # relative to the adapters root; defaults to the name
+
+
+class ReplaceAdapterRequest(_Model):
+    path: Name | None = None  # relative to the adapters root; defaults to the adapter's name
 
 
 def parse(model: type[_Model], body: bytes) -> _Model:
@@ -136,8 +181,14 @@ def parse(model: type[_Model], body: bytes) -> _Model:
             raise InvalidRequest(f"request body is not valid JSON: {err['msg']}") from None
         loc = [str(x) for x in err["loc"]]
         field = ".".join(loc) or "body"
-        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
-        raise InvalidRequest(f"{field}: {err['msg']}{got}", loc[0] if loc else None) from None
+        got = "" if err["type"] == "missing" else f" (got {_shown(err['input'])})"
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]  # our validators' words
+        raise InvalidRequest(f"{field}: {msg}{got}", loc[0] if loc else None) from None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_INPUT else f"{text[:_SHOWN_INPUT]}... ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------- responses

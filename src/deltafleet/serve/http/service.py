@@ -8,15 +8,21 @@ the results in responses), so each piece is testable on its own:
 - `Service`: who is calling (tenancy), which adapter a model name means, generation requests built, submitted
   and collected, model and adapter listings;
 - `completion_sse`, `chat_sse`: server-sent-event framing of a request's events, ending with `data: [DONE]`.
+
+Tokenization and chat templating run on a worker thread (`asyncio.to_thread`), so a long prompt never holds up
+the event loop and the other requests on it. `REQUEST_ID` holds the id of the HTTP request being served (set by
+`middleware.RequestIds`); errors that clients see without details are logged with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from deltafleet.serve.http import protocol as P
@@ -39,6 +45,8 @@ from deltafleet.serve.http.tenancy import Principal, Tenancy
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 RETRY_AFTER_SECONDS = 1
+REQUEST_ID: ContextVar[str] = ContextVar("deltafleet_request_id", default="-")
+log = logging.getLogger("deltafleet.serve")
 
 
 # ---------------------------------------------------------------------- errors
@@ -95,11 +103,15 @@ def client_disconnected() -> ApiError:
 
 
 def failure(ev: Event) -> ApiError:
-    """The error of a request that ended with finish reason "abort" or "error"."""
+    """The error of a request that ended with finish reason "abort" or "error". The engine's reason for an error
+    (file paths, exception text) is logged with the request id, never sent."""
     if ev.finish_reason == "abort":
         return ApiError(503, "the request was aborted: the server shut down before it finished",
                         "service_unavailable", None, "aborted")
-    return ApiError(500, f"the request could not run: {ev.error}", "server_error", None, "engine_error")
+    rid = REQUEST_ID.get()
+    log.error("request %s could not run: %s", rid, ev.error)
+    return ApiError(500, f"the request could not run (request id {rid}); the server log has the details",
+                    "server_error", None, "engine_error")
 
 
 def failed(ev: Event) -> bool:
@@ -202,20 +214,20 @@ class Service:
         raise not_found(model)
 
     # ------------------------------------------------------------------ generation
-    def completion(self, p: Principal, req: P.CompletionRequest, t0: float) -> Submitted:
+    async def completion(self, p: Principal, req: P.CompletionRequest, t0: float) -> Submitted:
         req.refuse_unsupported()
         adapter = self.adapter_for(p, req.model)
         prompt = req.single_prompt()
-        ids = list(prompt) if isinstance(prompt, list) else self.gateway.encode(prompt)
+        ids = list(prompt) if isinstance(prompt, list) else await asyncio.to_thread(self.gateway.encode, prompt)
         if not ids:
             raise InvalidRequest("prompt: encodes to no tokens", "prompt")
         gen = _generation(req, ids, req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, adapter)
         return self._submit(gen, req.model, False, t0)
 
-    def chat_completion(self, p: Principal, req: P.ChatCompletionRequest, t0: float) -> Submitted:
+    async def chat_completion(self, p: Principal, req: P.ChatCompletionRequest, t0: float) -> Submitted:
         req.refuse_unsupported()
         adapter = self.adapter_for(p, req.model)
-        ids = self.gateway.chat_prompt([m.for_template() for m in req.messages])
+        ids = await asyncio.to_thread(self.gateway.chat_prompt, [m.for_template() for m in req.messages])
         max_len = self.gateway.max_model_len
         max_tokens = req.max_completion_tokens or req.max_tokens or max_len - len(ids)
         if max_tokens < 1:
@@ -284,7 +296,7 @@ class Service:
         return {"object": "list", "data": data}
 
     def model(self, p: Principal, model: str) -> dict:
-        adapter = self.adapter_for(p, model)
+        adapter = self.adapter_for(p, P.check_name(model, "model"))
         return P.model_card(model, "deltafleet", None if adapter is None else self.gateway.model_name)
 
     # ------------------------------------------------------------------ adapter lifecycle (admin)
@@ -294,9 +306,19 @@ class Service:
     def load_adapter(self, req: P.LoadAdapterRequest) -> dict:
         return adapter_json(self.gateway.load_adapter(req.name, req.path if req.path is not None else req.name))
 
+    async def replace_adapter(self, name: str, req: P.ReplaceAdapterRequest) -> dict:
+        """The new weights are read and checked on a worker thread (a load can take seconds)."""
+        P.check_name(name, "name")
+        try:
+            info = await asyncio.to_thread(self.gateway.replace_adapter, name,
+                                           req.path if req.path is not None else name)
+        except UnknownModel:
+            raise ApiError(404, f"adapter {name!r} not found", "not_found_error", "name", "adapter_not_found") from None
+        return adapter_json(info)
+
     def unload_adapter(self, name: str) -> dict:
         try:
-            self.gateway.unload_adapter(name)
+            self.gateway.unload_adapter(P.check_name(name, "name"))
         except UnknownModel:
             raise ApiError(404, f"adapter {name!r} not found", "not_found_error", "name", "adapter_not_found") from None
         return {"id": name, "object": "adapter", "deleted": True}

@@ -75,11 +75,13 @@ class Tenancy:
     def from_file(cls, path: str | Path) -> Tenancy:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
         except OSError as e:
             raise ArtifactError(p, f"cannot read the tenancy config ({e.strerror})") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(p, f"not valid TOML ({e})") from None
+        except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, or an integer past Python's digit limit
+            raise ArtifactError(p, f"not valid TOML ({str(e)[:200]})") from None
+        except RecursionError:
+            raise ArtifactError(p, "not valid TOML (nested too deeply)") from None
         return cls.from_dict(data, p)
 
     @classmethod

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
+from deltafleet.serve.http import protocol as P
 from deltafleet.serve.http.service import Service
 
 
@@ -18,3 +19,5 @@ def _service(request: Request) -> Service:
 
 
 Svc = Annotated[Service, Depends(_service)]
+NameParam = Annotated[str, Path(json_schema_extra={"pattern": P.NO_CONTROL_PATTERN})]
+"""A model or adapter name in the URL; the schema states the control-character rule the service checks."""

@@ -7,8 +7,9 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from deltafleet.serve.http import openapi as O
 from deltafleet.serve.http import protocol as P
-from deltafleet.serve.http.routes import Svc
+from deltafleet.serve.http.routes import NameParam, Svc
 from deltafleet.serve.http.service import Service, Submitted, stream_flags
 
 router = APIRouter()
@@ -38,28 +39,33 @@ async def _respond(request: Request, svc: Service, sub: Submitted, req: P._Sampl
 
 
 async def _generate(request: Request, svc: Service, schema: type[P._Sampling], submit):
-    """Authenticate, parse the body as `schema`, submit with `submit(principal, req, t0)`, respond."""
+    """Authenticate, parse the body as `schema`, submit with `await submit(principal, req, t0)`, respond."""
     t0 = time.perf_counter()
     p = svc.principal(request.headers.get("authorization"))
     req = P.parse(schema, await request.body())
-    return await _respond(request, svc, submit(p, req, t0), req)
+    return await _respond(request, svc, await submit(p, req, t0), req)
 
 
-@router.post("/v1/completions")
+GENERATION_ERRORS = (400, 401, 404, 429, 503)
+
+
+@router.post("/v1/completions", openapi_extra=O.body(P.CompletionRequest),
+             responses=O.responses(O.Completion, *GENERATION_ERRORS, events=True))
 async def completions(request: Request, svc: Svc):
     return await _generate(request, svc, P.CompletionRequest, svc.completion)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=O.body(P.ChatCompletionRequest),
+             responses=O.responses(O.ChatCompletion, *GENERATION_ERRORS, events=True))
 async def chat_completions(request: Request, svc: Svc):
     return await _generate(request, svc, P.ChatCompletionRequest, svc.chat_completion)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=O.responses(O.ModelList, 401))
 async def list_models(request: Request, svc: Svc):
     return svc.models(svc.principal(request.headers.get("authorization")))
 
 
-@router.get("/v1/models/{model:path}")
-async def get_model(model: str, request: Request, svc: Svc):
+@router.get("/v1/models/{model:path}", responses=O.responses(O.ModelCard, 400, 401, 404))
+async def get_model(model: NameParam, request: Request, svc: Svc):
     return svc.model(svc.principal(request.headers.get("authorization")), model)

@@ -14,7 +14,7 @@ from deltafleet.models.generate import greedy_generate
 from deltafleet.models.loading import load_model
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
 from deltafleet.store.fingerprint import base_fingerprint
-from tests.conftest import TOL, token_batch
+from tests.conftest import TOL_MERGED, token_batch
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -87,6 +87,6 @@ def test_merged_checkpoint_loads_in_transformers_with_equal_logits(tiny_llama, t
     with torch.no_grad(), swapped_extras(ours, extras):
         want = ours(ids, hook=a.hook())
         got = hf(ids).logits
-    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    torch.testing.assert_close(got, want, **TOL_MERGED[torch.float32])
     with pytest.raises(ValueError, match="not empty"):
         merge_to_checkpoint(tiny_llama, tenants / name, out)

@@ -8,13 +8,13 @@ that is unreadable, not JSON, or holds a missing or out-of-range field raises `A
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deltafleet.errors import ArtifactError, UnsupportedModelError
+from deltafleet.store.manifest import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -193,18 +193,6 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ArtifactError(path, "config.json not found; a checkpoint directory needs one") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ArtifactError(path, f"unreadable ({e})") from None
-        try:
-            data = json.loads(text)
-        except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
-            raise ArtifactError(path, f"not valid JSON ({e})") from None
-        except RecursionError:
-            raise ArtifactError(path, "not valid JSON (nested too deeply)") from None
-        if not isinstance(data, dict):
-            raise ArtifactError(path, "must hold a JSON object")
-        return cls.from_hf_dict(data, source=str(path))
+        if not path.exists():
+            raise ArtifactError(path, "config.json not found; a checkpoint directory needs one")
+        return cls.from_hf_dict(read_json_object(path), source=str(path))

@@ -17,10 +17,15 @@ from deltafleet.models.loading import load_model
 from deltafleet.serve.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from deltafleet.serve.engine.adapters import AdapterState, UnknownAdapterError
 from deltafleet.serve.engine.backends import CpuBackend, make_backend
-from deltafleet.serve.engine.engine import EngineShutdownError, PromptTooLongError, QueueFullError
 from deltafleet.serve.engine.layout import BatchLayout
 from deltafleet.serve.engine.pools import AdditivePool, ElementwisePool, PoolSpec
-from deltafleet.serve.engine.types import NO_ADAPTER, InvalidParameterError
+from deltafleet.serve.engine.types import (
+    NO_ADAPTER,
+    EngineShutdownError,
+    InvalidParameterError,
+    PromptTooLongError,
+    QueueFullError,
+)
 from tests.adapters.test_peft_equivalence import _peft_adapter_dir
 from tests.conftest import TOL
 from tests.serve.conftest import ADAPTER_CONFIGS

@@ -16,6 +16,7 @@ import zlib
 
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401  (loaded here, at a shallow stack, not lazily in a fixture)
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error

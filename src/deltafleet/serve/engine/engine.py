@@ -30,7 +30,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,59 +41,28 @@ from deltafleet.errors import DeltafleetError
 from deltafleet.models import prepack
 from deltafleet.models.llama import KVCache, Transformer
 from deltafleet.models.loading import load_model, load_tokenizer
-from deltafleet.serve.engine.adapters import AdapterManager, AdapterState, Lease, UnknownAdapterError
+from deltafleet.serve.engine.adapters import AdapterManager, AdapterState, UnknownAdapterError
 from deltafleet.serve.engine.backends import make_backend
 from deltafleet.serve.engine.config import EngineConfig
 from deltafleet.serve.engine.detok import Detokenizer
 from deltafleet.serve.engine.layout import BatchLayout
 from deltafleet.serve.engine.pools import POOL_CLASSES, Pool
 from deltafleet.serve.engine.sampling import RowFailure, sample
+from deltafleet.serve.engine.sequence import Seq
 from deltafleet.serve.engine.stream import AsyncStream
-from deltafleet.serve.engine.types import FinishReason, InvalidParameterError, Request, RequestOutput, TokenEvent
+from deltafleet.serve.engine.types import (
+    EngineShutdownError,
+    FinishReason,
+    InvalidParameterError,
+    PromptTooLongError,
+    QueueFullError,
+    Request,
+    RequestOutput,
+    TokenEvent,
+)
 from deltafleet.store.fingerprint import base_fingerprint
 
 log = logging.getLogger(__name__)
-
-class QueueFullError(DeltafleetError):
-    """More requests are waiting than `max_queue` allows."""
-
-
-class PromptTooLongError(DeltafleetError):
-    """prompt tokens + max_tokens exceed the engine's max_model_len."""
-
-
-class EngineShutdownError(DeltafleetError):
-    """The engine is shutting down and takes no new requests."""
-
-
-@dataclass
-class _Seq:
-    req: Request
-    on_event: Callable[[TokenEvent], None] | None
-    detok: Detokenizer | None
-    gen: torch.Generator | None
-    stop_ids: frozenset[int]
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-    t_last: float = 0.0
-    kv: int = -1
-    lease: Lease | None = None  # its adapter version's slot, held while running
-    computed: int = 0  # prompt tokens in the KV cache
-    out: list[int] = field(default_factory=list)
-    finish: FinishReason | None = None
-    error: str | None = None
-    aborted: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    result: RequestOutput | None = None
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.req.prompt_ids)
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.computed < self.prompt_len
-
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None,
@@ -125,10 +93,10 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        self.waiting: deque[_Seq] = deque()
-        self.running: list[_Seq] = []
-        self._inbox: deque[_Seq] = deque()
-        self._by_id: dict[str, _Seq] = {}
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self._inbox: deque[Seq] = deque()
+        self._by_id: dict[str, Seq] = {}
         self._lock = threading.Lock()  # guards the inbox and _by_id
         self._step_lock = threading.Lock()
         self._wake = threading.Event()
@@ -174,7 +142,7 @@ class Engine:
         self.adapters.replace(name, source)
 
     # ------------------------------------------------------------------ submission (any thread)
-    def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> _Seq:
+    def submit(self, request: Request, on_event: Callable[[TokenEvent], None] | None = None) -> Seq:
         if self._stopping:
             raise EngineShutdownError("the engine is shutting down")
         p = request.params
@@ -198,7 +166,7 @@ class Engine:
             gen.manual_seed(p.seed if p.seed is not None else torch.seed())
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
         detok = Detokenizer(self.tokenizer, p.stop) if self.tokenizer is not None else None
-        seq = _Seq(request, on_event, detok, gen, stop_ids)
+        seq = Seq(request, on_event, detok, gen, stop_ids)
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFullError(f"queue full: {self.config.max_queue} requests waiting")
@@ -291,16 +259,16 @@ class Engine:
                 self._drop_waiting(s, f"adapter {s.req.adapter!r} did not finish loading within {timeout:g} s "
                                       f"(EngineConfig.adapter_load_timeout)")
 
-    def _drop_waiting(self, s: _Seq, error: str) -> None:
+    def _drop_waiting(self, s: Seq, error: str) -> None:
         self.waiting.remove(s)
         self._fail(s, error)
         self._complete(s)
 
-    def _rows(self, seqs: list[_Seq]) -> list[tuple[Pool | None, int]]:
+    def _rows(self, seqs: list[Seq]) -> list[tuple[Pool | None, int]]:
         return [(s.lease.pool, s.lease.slot) if s.lease is not None else (None, -1) for s in seqs]
 
     def _isolated(self, items: list, forward: Callable[[list], torch.Tensor],
-                  seq: Callable[[object], _Seq] = lambda item: item) -> list[tuple[list, torch.Tensor]]:
+                  seq: Callable[[object], Seq] = lambda item: item) -> list[tuple[list, torch.Tensor]]:
         """[(items, forward(items))]; if that forward raises, forward runs again once per adapter version (the base
         model is one group) and the groups whose own forward raises fail: [(group, its logits)] of the others.
         `seq(item)` is the item's sequence. A forward only writes the KV positions it is given, so a rerun
@@ -327,24 +295,24 @@ class Engine:
                 self._fail_group([seq(item) for item in group], e)
         return out
 
-    def _fail_group(self, seqs: list[_Seq], e: Exception) -> None:
+    def _fail_group(self, seqs: list[Seq], e: Exception) -> None:
         for s in seqs:
             self._fail(s, f"{self._blame(s)}: forward pass failed: {type(e).__name__}: {e}")
 
     @staticmethod
-    def _blame(s: _Seq) -> str:
+    def _blame(s: Seq) -> str:
         return "base model" if s.req.adapter is None else f"adapter {s.req.adapter!r}"
 
-    def _fail(self, s: _Seq, error: str) -> None:
+    def _fail(self, s: Seq, error: str) -> None:
         """This request alone ends with finish reason error."""
         if s.finish is None:
             log.warning("request %s failed: %s", s.req.request_id, error)
             s.error = s.error or error
         self._finish(s, FinishReason.ERROR)
 
-    def _prefill(self, seqs: list[_Seq]) -> None:
+    def _prefill(self, seqs: list[Seq]) -> None:
         budget = self.config.prefill_tokens
-        chunks: list[tuple[_Seq, int]] = []
+        chunks: list[tuple[Seq, int]] = []
         for s in seqs:
             if budget <= 0:
                 break
@@ -361,7 +329,7 @@ class Engine:
             if done:
                 self._emit(done, sample(logits, [s.req.params for s in done], [s.gen for s in done]))
 
-    def _prefill_forward(self, chunks: list[tuple[_Seq, int]]) -> torch.Tensor:
+    def _prefill_forward(self, chunks: list[tuple[Seq, int]]) -> torch.Tensor:
         """Prompt chunks (sequence, tokens) through the model -> logits (D, V) of the D chunks that end a prompt."""
         bucket = self.config.prefill_bucket
         T = -(-max(n for _, n in chunks) // bucket) * bucket  # padded to the bucket: fewer distinct shapes
@@ -382,11 +350,11 @@ class Engine:
                           hook=layout.hook(self.backend),
                           logits_index=torch.tensor(last_index) if last_index else torch.zeros(0, dtype=torch.long))
 
-    def _decode(self, seqs: list[_Seq]) -> None:
+    def _decode(self, seqs: list[Seq]) -> None:
         for part, logits in self._isolated(seqs, self._decode_forward):
             self._emit(part, sample(logits, [s.req.params for s in part], [s.gen for s in part]))
 
-    def _decode_forward(self, seqs: list[_Seq]) -> torch.Tensor:
+    def _decode_forward(self, seqs: list[Seq]) -> torch.Tensor:
         """One token per decoding sequence through the model -> logits (B, V)."""
         B = len(seqs)
         ids = torch.tensor([[s.out[-1]] for s in seqs])
@@ -397,7 +365,7 @@ class Engine:
         return self.model(ids, positions=pos, cache=self.cache, cache_slots=slots,
                           hook=layout.hook(self.backend), logits_index=torch.arange(B))
 
-    def _emit(self, seqs: list[_Seq], tokens: list[int | RowFailure]) -> None:
+    def _emit(self, seqs: list[Seq], tokens: list[int | RowFailure]) -> None:
         now = time.perf_counter()
         for s, tok in zip(seqs, tokens, strict=True):
             if isinstance(tok, RowFailure):
@@ -408,7 +376,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 (e.g. its detokenizer: this request fails, not the step)
                 self._fail(s, f"{self._blame(s)}: token {tok} could not be emitted: {type(e).__name__}: {e}")
 
-    def _append(self, s: _Seq, tok: int, now: float) -> None:
+    def _append(self, s: Seq, tok: int, now: float) -> None:
         """Add a sampled token to `s`: timings, stop and length rules, its event."""
         if s.t_first is None:
             s.t_first = now
@@ -428,7 +396,7 @@ class Engine:
             text = s.detok.take(final=s.finish is not None) if s.detok else ""
             self._notify(s, TokenEvent(s.req.request_id, tok, text, s.finish, s.prompt_len, len(s.out), s.error))
 
-    def _notify(self, s: _Seq, ev: TokenEvent) -> None:
+    def _notify(self, s: Seq, ev: TokenEvent) -> None:
         """Deliver an event; a failing listener (e.g. a closed event loop) aborts its request, never the engine."""
         try:
             s.on_event(ev)
@@ -437,7 +405,7 @@ class Engine:
             s.on_event = None
             s.aborted = True
 
-    def _finish(self, s: _Seq, reason: FinishReason) -> None:
+    def _finish(self, s: Seq, reason: FinishReason) -> None:
         if s.finish is None:
             s.finish = reason
 
@@ -463,14 +431,14 @@ class Engine:
                 s.kv = i
         self.running = survivors
 
-    def _scrub(self, s: _Seq) -> None:
+    def _scrub(self, s: Seq) -> None:
         """Zero the KV positions a failed or aborted sequence may have written (possibly inf/NaN, or never checked
         by a logit): a later sequence in this cache slot reads them masked, and 0 * NaN is NaN."""
         n = min(s.prompt_len + len(s.out), self.cache.max_len)
         self.cache.k[:, s.kv, :, :n].zero_()
         self.cache.v[:, s.kv, :, :n].zero_()
 
-    def _complete(self, s: _Seq) -> None:
+    def _complete(self, s: Seq) -> None:
         """Publish the final output (and a final event for requests that never reached the model)."""
         now = time.perf_counter()
         text = (s.detok.text if s.detok else "")

@@ -106,3 +106,15 @@ class RequestOutput:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+class QueueFullError(DeltafleetError):
+    """More requests are waiting than `max_queue` allows."""
+
+
+class PromptTooLongError(DeltafleetError):
+    """prompt tokens + max_tokens exceed the engine's max_model_len."""
+
+
+class EngineShutdownError(DeltafleetError):
+    """The engine is shutting down and takes no new requests."""

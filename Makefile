@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench fuzz
 
 # Coverage-guided fuzzing of the on-disk readers (fuzz/README.md), FUZZ_SECONDS per target; not part of `make test`.
 # atheris is installed on first use; where it cannot be, the harness falls back to random mutations (--no-atheris).

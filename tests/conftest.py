@@ -10,10 +10,23 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread (tests of many tiny ops on a shared 2-core CPU), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 1e-4},

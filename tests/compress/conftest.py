@@ -12,6 +12,7 @@ import torch
 from deltafleet.compress.delta import projection_name
 from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.store.safetensors_io import load_tensors, save_tensors
+from tests.conftest import one_thread
 from tests.train.conftest import chat_tiny, smollm2_tokenizer  # noqa: F401  (fixtures)
 
 
@@ -55,10 +56,8 @@ def calib_ids(tiny_llama):
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Small matrices run faster on one thread, and the CI machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

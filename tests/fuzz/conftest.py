@@ -5,18 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.conftest import one_thread
 from tests.fuzz.artifacts import TARGETS
 
 
 @pytest.fixture(autouse=True, scope="package")
 def _one_thread():
     """Many tiny reads: one intra-op thread avoids oversubscribing a shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -195,20 +195,14 @@ class EngineGateway:
         with self._lock:
             if name in self.engine.adapters.names():
                 raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first", "name")
-            try:
-                self.engine.add_adapter(name, path)
-            except tuple(ADAPTER_ERRORS) as e:
-                raise gateway_error(e, ADAPTER_ERRORS) from None
+            _adapter_call(self.engine.add_adapter, name, path)
         return next(a for a in self.adapters() if a.name == name)
 
     def replace_adapter(self, name: str, relative_path: str) -> AdapterInfo:
         path = self._adapter_dir(name, relative_path)
         if name not in self.engine.adapters.names():
             raise UnknownModel(f"adapter {name!r} not found", "name")
-        try:
-            self.engine.replace_adapter(name, path)
-        except tuple(ADAPTER_ERRORS) as e:
-            raise gateway_error(e, ADAPTER_ERRORS) from None
+        _adapter_call(self.engine.replace_adapter, name, path)
         return next(a for a in self.adapters() if a.name == name)
 
     def _adapter_dir(self, name: str, relative_path: str) -> Path:
@@ -241,10 +235,7 @@ class EngineGateway:
         return path
 
     def unload_adapter(self, name: str) -> None:
-        try:
-            self.engine.remove_adapter(name)
-        except tuple(ADAPTER_ERRORS) as e:
-            raise gateway_error(e, ADAPTER_ERRORS) from None
+        _adapter_call(self.engine.remove_adapter, name)
 
     # ------------------------------------------------------------------ state
     def stats(self) -> dict:
@@ -260,6 +251,14 @@ class EngineGateway:
     def shutdown(self, deadline: float) -> None:
         self._draining = True
         self.engine.shutdown(deadline)
+
+
+def _adapter_call(fn, *args) -> None:
+    """An engine adapter operation, its exceptions translated to gateway errors by `ADAPTER_ERRORS`."""
+    try:
+        fn(*args)
+    except tuple(ADAPTER_ERRORS) as e:
+        raise gateway_error(e, ADAPTER_ERRORS) from None
 
 
 def default_model_name(base: str | Path) -> str:

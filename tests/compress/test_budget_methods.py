@@ -22,6 +22,7 @@ from deltafleet.compress.methods.dare import dare_sparsify
 from deltafleet.compress.methods.svd import quantize_factors
 from deltafleet.quant.functional import hessian
 from tests.compress.conftest import long_tail_delta
+from tests.conftest import assert_close, tol
 
 
 def test_default_plan_reproduces_the_paper_at_one_sixteenth():
@@ -139,8 +140,9 @@ def test_delta_come_with_gptq_runs_on_calibration_tokens(tiny_deltas, tiny_base_
 def test_bitdelta_scale_is_mean_abs_and_distillation_lowers_the_loss(tiny_deltas, tiny_base_model, calib_ids):
     c = compress_deltas(tiny_deltas, CompressSettings("bitdelta"))
     key = (0, "q_proj")
-    assert float(c.adapter.params[key]["scale"]) == pytest.approx(float(tiny_deltas.deltas[key].abs().mean()),
-                                                                  rel=1e-3)
+    delta = tiny_deltas.deltas[key]
+    rel = torch.finfo(torch.float16).eps / 2 + tol("reordered", k=delta.numel())  # stored in fp16; an fp32 mean
+    assert float(c.adapter.params[key]["scale"]) == pytest.approx(float(delta.abs().mean()), rel=rel)
     signs = {k: torch.where(d >= 0, 1.0, -1.0) for k, d in tiny_deltas.deltas.items()}
     alpha = {k: float(d.abs().mean()) for k, d in tiny_deltas.deltas.items()}
     args = (tiny_base_model, tiny_deltas.deltas, signs)
@@ -155,4 +157,5 @@ def test_dare_keeps_exactly_k_entries_rescaled():
     p = dare_sparsify(delta, 100, torch.Generator().manual_seed(1))
     rows = torch.repeat_interleave(torch.arange(32), (p["row_ptr"][1:] - p["row_ptr"][:-1]).long())
     assert p["values"].numel() == 100 and int(p["row_ptr"][-1]) == 100
-    torch.testing.assert_close(p["values"].float(), (delta[rows, p["cols"].long()] * (32 * 48 / 100)).half().float())
+    want = (delta[rows, p["cols"].long()] * (32 * 48 / 100)).half()  # the same fp32 product, rounded once
+    assert_close(p["values"], want, "exact")

@@ -76,7 +76,8 @@ def test_eval_ppl_cli(chat_tiny, trained, tmp_path, smollm2_tokenizer):
     model, _ = load_model(chat_tiny)
     want = perplexity(model, smollm2_tokenizer, text.read_text(), window=16,
                       hook=load_adapter(root / "sort-lora", model.config).hook())
-    assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5) and got["tokens"] == want["tokens"]
+    # the same function on the same inputs in this process, and JSON round-trips floats: exact
+    assert got["ppl"] == want["ppl"] and got["tokens"] == want["tokens"]
     r = runner.invoke(app, ["eval", "ppl", "--base", str(chat_tiny), "--adapter", str(root / "sort-ia3"),
                             "--text", str(text), "--window", "16"])
     assert r.exit_code == 0 and "perplexity" in r.output, r.output

@@ -13,6 +13,7 @@ from deltafleet.errors import DeltafleetError
 from deltafleet.eval.perplexity import perplexity, windows
 from deltafleet.models.config import PROJECTIONS
 from deltafleet.models.loading import load_model
+from tests.conftest import nll_tol
 
 TEXT = ("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
         "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried. ") * 3
@@ -52,8 +53,8 @@ def test_equals_transformers_loss(chat_tiny, smollm2_tokenizer, window, stride, 
     assert got["tokens"] == n and got["windows"] == len(spans) > 1
     if max_windows is None:
         assert n == len(ids) - 1
-    assert got["nll"] == pytest.approx(nll, rel=1e-4)
-    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert got["nll"] == pytest.approx(nll, rel=nll_tol(model.config))
+    assert math.log(got["ppl"]) == pytest.approx(nll / n, rel=nll_tol(model.config))
 
 
 def test_hook_equals_merged_adapter(chat_tiny, smollm2_tokenizer):
@@ -64,7 +65,7 @@ def test_hook_equals_merged_adapter(chat_tiny, smollm2_tokenizer):
     merge_adapter(model, adapter)
     merged = perplexity(model, smollm2_tokenizer, TEXT, window=24)
     assert abs(hooked["ppl"] - base["ppl"]) > 1e-3 * base["ppl"], "the adapter must change the perplexity"
-    assert hooked["ppl"] == pytest.approx(merged["ppl"], rel=1e-4)
+    assert math.log(hooked["ppl"]) == pytest.approx(math.log(merged["ppl"]), rel=nll_tol(model.config))
 
 
 def test_bad_arguments(chat_tiny, smollm2_tokenizer):

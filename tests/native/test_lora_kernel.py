@@ -1,4 +1,5 @@
-"""The native BGMV LoRA and RoAd kernels against their torch references (fp32 and bf16 adapter weights): null
+"""The native BGMV LoRA and RoAd kernels against their torch references (fp32 and bf16 adapter weights, fp32 and
+bf16 activations): null
 rows untouched, ranks below the pool width, strided pool views and non-contiguous inputs; contract violations
 fall back (return False) instead of computing garbage; the compiler is found on this machine (else the fast
 path would vanish silently)."""
@@ -52,6 +53,50 @@ def test_bgmv_bf16_weights_match_reference_on_widened_weights():
     torch.testing.assert_close(got, _reference(x, y, A.float(), B.float(), index, 6, S), rtol=1e-5, atol=1e-4)
 
 
+# bf16 activations: the kernel computes in fp32 and rounds y once to nearest even, so it may differ from the
+# fp32 computation rounded by at most one bf16 ulp (2^-8 relative) where the two fp32 sums straddle a rounding point.
+_KERNEL_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-4}, torch.bfloat16: {"rtol": 2**-8, "atol": 1e-4}}
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_bgmv_bf16_activations_round_the_fp32_result_once(wdtype):
+    """A bf16 model: x, y bf16. The kernel equals the fp32 computation on the widened tensors, rounded to bf16
+    (within one ulp), and leaves non-member rows bit-identical."""
+    g = torch.Generator().manual_seed(5)
+    S, R, n, d_in, d_out = 4, 16, 10, 72, 136
+    A = (torch.randn(S + 1, R, d_in, generator=g) * 0.1).to(wdtype)
+    B = (torch.randn(S + 1, R, d_out, generator=g) * 0.1).to(wdtype)
+    x = torch.randn(n, d_in, generator=g).bfloat16()
+    y = torch.randn(n, d_out, generator=g).bfloat16()
+    index = torch.tensor([0, 4, 3, 1, 1, 2, 4, 0, 3, 2])
+    want = _reference(x.float(), y.float(), A.float(), B.float(), index, 11, S)
+    got = y.clone()
+    assert native.lora_bgmv_(x, got, A, B, index, 11, S)
+    assert got.dtype is torch.bfloat16
+    torch.testing.assert_close(got.float(), want, **_KERNEL_TOL[torch.bfloat16])
+    assert torch.equal(got[index == S], y[index == S])
+    # NaN and inf propagate as torch would propagate them (no silent clamp)
+    x[2, 0] = float("nan")
+    got = y.clone()
+    assert native.lora_bgmv_(x, got, A, B, index, 11, S)
+    assert got[2].isnan().all() and not got[7].isnan().any()
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_road_bf16_activations_round_the_fp32_result_once(wdtype):
+    g = torch.Generator().manual_seed(6)
+    S, n, d_out, G = 3, 9, 128, 64
+    c = torch.randn(S + 1, d_out, generator=g).to(wdtype)
+    s = torch.randn(S + 1, d_out, generator=g).to(wdtype)
+    y = torch.randn(n, d_out, generator=g).bfloat16()
+    index = torch.tensor([0, 3, 2, 2, 1, 3, 0, 1, 2])
+    want = _road_reference(y.float(), c.float(), s.float(), index, G, S)
+    got = y.clone()
+    assert native.road_apply_(got, c, s, index, G, S)
+    torch.testing.assert_close(got.float(), want, **_KERNEL_TOL[torch.bfloat16])
+    assert torch.equal(got[index == S], y[index == S])
+
+
 def _road_reference(y, c, s, index, G, null):
     out = y.clone()
     for i, k in enumerate(index.tolist()):
@@ -83,7 +128,7 @@ def test_road_kernel_refuses_what_it_cannot_do():
     y, c, s, idx = torch.randn(2, 12), torch.ones(3, 12), torch.zeros(3, 12), torch.tensor([0, 1])
     assert not native.road_apply_(y, c, s, idx, 8, 2)  # 12 outputs are not whole groups of 8
     assert not native.road_apply_(y, c, s, idx, 3, 2)  # odd group
-    assert not native.road_apply_(y.bfloat16(), c, s, idx, 4, 2)
+    assert not native.road_apply_(y.half(), c, s, idx, 4, 2)  # no fp16 activations
     assert not native.road_apply_(y, c, s.bfloat16(), idx, 4, 2)
     assert native.road_apply_(y, c, s, idx, 4, 2)
 
@@ -107,7 +152,8 @@ def test_bgmv_refuses_what_it_cannot_do():
     x, y = torch.randn(3, 8), torch.zeros(3, 4)
     A, B = torch.randn(2, 4, 8), torch.randn(2, 4, 4)
     idx = torch.tensor([0, 1, 0])
-    assert not native.lora_bgmv_(x.bfloat16(), y.bfloat16(), A.bfloat16(), B.bfloat16(), idx, 4, 1)
+    assert not native.lora_bgmv_(x.bfloat16(), y, A, B, idx, 4, 1)  # x and y of different dtypes
+    assert not native.lora_bgmv_(x.half(), y.half(), A, B, idx, 4, 1)  # no fp16 activations
     assert not native.lora_bgmv_(x, y, A.bfloat16(), B, idx, 4, 1)  # A and B of different dtypes
     assert not native.lora_bgmv_(x, y, A.half(), B.half(), idx, 4, 1)  # no fp16 kernel
     assert not native.lora_bgmv_(x, y, A, B, idx, 5, 1)  # rank above the pool width
@@ -145,25 +191,25 @@ def test_portable_build_matches_the_native_one(tmp_path):
     lib = ctypes.CDLL(str(so))
     g = torch.Generator().manual_seed(4)
     idx = torch.tensor([0, 4, 1, 2, 3, 4, 0, 1, 2])
-    for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16w")):
+    for (act, dtype), suffix in native._SUFFIX.items():
         fn = getattr(lib, f"lora_bgmv_{suffix}")
         fn.argtypes = native._BGMV_ARGS
         A = torch.randn(5, 16, 77, generator=g).to(dtype)
         B = torch.randn(5, 16, 45, generator=g).to(dtype)
-        x, y = torch.randn(9, 77, generator=g), torch.randn(9, 45, generator=g)
+        x, y = torch.randn(9, 77, generator=g).to(act), torch.randn(9, 45, generator=g).to(act)
         want, got = y.clone(), y.clone()
         fn(9, 77, 45, 13, x.data_ptr(), 77, got.data_ptr(), 45, A.data_ptr(), A.stride(0), A.stride(1),
            B.data_ptr(), B.stride(0), B.stride(1), idx.data_ptr(), 4)
         assert native.lora_bgmv_(x, want, A, B, idx, 13, 4)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, want, **_KERNEL_TOL[act])
         fn = getattr(lib, f"road_apply_{suffix}")
         fn.argtypes = native._ROAD_ARGS
         c, s = torch.randn(5, 48, generator=g).to(dtype), torch.randn(5, 48, generator=g).to(dtype)
-        y = torch.randn(9, 48, generator=g)
+        y = torch.randn(9, 48, generator=g).to(act)
         want, got = y.clone(), y.clone()
         fn(9, 48, 24, got.data_ptr(), 48, c.data_ptr(), 48, s.data_ptr(), 48, idx.data_ptr(), 4)
         assert native.road_apply_(want, c, s, idx, 24, 4)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, **_KERNEL_TOL[act])
 
 
 def test_loading_the_kernels_keeps_subnormal_floats():

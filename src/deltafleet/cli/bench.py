@@ -66,24 +66,49 @@ def bench_serve_command(
     dtype: str = typer.Option("auto", help="auto, bfloat16 or float32."),
     adapters: int = typer.Option(8, min=1, help="Random adapters to serve (LoRA r8, LoRA r16, RoAd in turn)."),
     clients: int = typer.Option(8, min=1, help="Concurrent clients below the queue bound."),
-    requests: int = typer.Option(64, min=1, help="Requests per pattern (uniform, then Zipf)."),
+    requests: int = typer.Option(64, min=1, help="Requests per closed-loop pattern (uniform, then Zipf) and per "
+                                                 "open-loop rate (unless --duration)."),
     max_tokens: int = typer.Option(32, min=1, help="Output tokens per request (exactly: ignore_eos)."),
     max_batch: int = typer.Option(8, min=1, help="Server --max-batch."),
     max_queue: int = typer.Option(16, min=1, help="Server --max-queue."),
+    rate: list[str] = typer.Option(None, help="Open loop: Poisson arrivals at this many requests/s, one phase "
+                                              "per rate (repeatable or comma list; default 0.5,1,2)."),
+    duration: float | None = typer.Option(None, min=0.001, help="Open loop: seconds of arrivals per rate "
+                                                                "(default: --requests arrivals per rate)."),
+    tenants: int | None = typer.Option(None, min=1, help="Open loop: adapters the model is drawn from with Zipf "
+                                                         "popularity, plus the base (default: --adapters)."),
+    slo_ttft_ms: float = typer.Option(2000.0, min=0.001, help="SLO for goodput: time to first token, ms."),
+    slo_itl_ms: float = typer.Option(200.0, min=0.001, help="SLO for goodput: a request's mean inter-token "
+                                                            "latency (time per chunk after the first), ms."),
     burst: int = typer.Option(96, min=1, help="Simultaneous requests per overload burst."),
     bursts: int = typer.Option(3, min=0, help="Overload bursts."),
     seed: int = typer.Option(0, help="Seed for adapters and the request mix."),
     quick: bool = typer.Option(False, "--quick", help="A run of under 2 minutes on 2 cores: 16 requests of 16 "
-                                                      "tokens per pattern, 2 bursts of 48."),
+                                                      "tokens per pattern, 6 open-loop requests at 0.5/s, "
+                                                      "2 bursts of 48."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
-    """Start the server on loopback, load it with mixed-adapter clients, then overload it past its queue bound."""
+    """Start the server on loopback, load it with mixed-adapter clients in closed and open loop (Poisson
+    arrivals), then overload it past its queue bound."""
     import json
 
-    from deltafleet.bench.serve import run_bench
+    from deltafleet.bench.loadgen import Slo
+    from deltafleet.bench.serve import OpenLoopConfig, run_bench
 
+    try:
+        rates = tuple(float(x) for item in rate or ["0.5,1,2"] for x in item.split(",") if x.strip())
+    except ValueError as e:
+        raise typer.BadParameter(f"{rate}: not numbers of requests/s ({e})", param_hint="--rate") from None
+    open_requests = requests
     if quick:
         requests, max_tokens, burst, bursts = 16, 16, 48, 2
+        rates, open_requests, duration = (0.5,), 6, None
+    try:
+        open_cfg = OpenLoopConfig(rates=rates, requests=open_requests, duration=duration,
+                                  tenants=adapters if tenants is None else tenants)
+        slo = Slo(ttft_s=slo_ttft_ms / 1000, itl_s=slo_itl_ms / 1000)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     out = Console()
     if not out.is_terminal:
         out = Console(width=132)
@@ -93,7 +118,7 @@ def bench_serve_command(
 
     try:
         res = run_bench(base, resolve_dtype(dtype), adapters, clients, requests, max_tokens, max_batch, max_queue,
-                        burst, bursts, seed, log=log)
+                        burst, bursts, seed, log=log, open_cfg=open_cfg, slo=slo)
     except (DeltafleetError, RuntimeError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None
@@ -104,17 +129,32 @@ def bench_serve_command(
     def ms(v):
         return "-" if v is None else f"{v * 1000:.0f}"
 
+    def cpu(v):
+        return "-" if v is None else f"{v:.2f}"
+
     table = Table(title=f"bench serve: {res['base']} ({res['dtype']}), {res['adapters']} adapters + base, "
-                        f"{res['clients']} clients, {res['max_tokens']} tokens/request, {res['cpu_count']} CPUs")
-    for col in ("phase", "requests", "ok", "errors", "req/s", "out tok/s", "p50 ms", "p99 ms", "TTFT p50 ms",
-                "TTFT p99 ms"):
+                        f"{res['clients']} clients, {res['max_tokens']} tokens/request, {res['cpu_count']} CPUs",
+                  caption="e2e, TTFT, ITL: p50/p99 ms; CPU s: client (this process)/server, during the phase")
+    for col in ("phase", "requests", "ok", "errors", "req/s", "out tok/s", "e2e ms", "TTFT ms", "ITL ms",
+                "goodput/s", "CPU s"):
         table.add_column(col, justify="left" if col in ("phase", "errors") else "right")
-    for p in res["phases"] + res["overload"]["bursts"]:
+    opened = res["open_loop"]["phases"] if res["open_loop"] else []
+    for p in res["phases"] + opened + res["overload"]["bursts"]:
         table.add_row(p["name"], str(p["requests"]), str(p["ok"]),
                       ", ".join(f"{k}: {v}" for k, v in sorted(p["errors"].items())) or "0",
-                      f"{p['requests_per_s']:.2f}", f"{p['output_tokens_per_s']:.1f}", ms(p["latency_p50_s"]),
-                      ms(p["latency_p99_s"]), ms(p["ttft_p50_s"]), ms(p["ttft_p99_s"]))
+                      f"{p['requests_per_s']:.2f}", f"{p['output_tokens_per_s']:.1f}",
+                      f"{ms(p['latency_p50_s'])}/{ms(p['latency_p99_s'])}",
+                      f"{ms(p['ttft_p50_s'])}/{ms(p['ttft_p99_s'])}", f"{ms(p['itl_p50_s'])}/{ms(p['itl_p99_s'])}",
+                      f"{p['goodput_rps']:.2f}", f"{cpu(p['client_cpu_s'])}/{cpu(p['server_cpu_s'])}")
     out.print(table)
+    s = res["slo"]
+    out.print(f"goodput: requests/s with TTFT <= {s['ttft_s'] * 1000:.0f} ms and mean ITL <= "
+              f"{s['itl_s'] * 1000:.0f} ms; client: {res['client']}")
+    if res["open_loop"]:
+        ol = res["open_loop"]
+        out.print(f"open loop: Poisson arrivals, Zipf (s={ol['zipf_s']:g}) over base + {ol['tenants']} tenants; "
+                  + "; ".join(f"{p['name']}: offered {p['offered_rps']:.2f}/s, {p['slo_met']}/{p['requests']} met "
+                              f"the SLO, send lag p99 {ms(p['send_lag_p99_s'])} ms" for p in ol["phases"]))
     o = res["overload"]
     out.print(f"overload: bursts of {o['burst']} against max_batch {res['max_batch']} + max_queue "
               f"{res['max_queue']}; server healthy after: {o['healthy_after']}; server RSS MB "
@@ -299,9 +339,108 @@ def bench_churn_command(
                   f"{res['rss_start_mb']} -> {res['rss_end_mb']} MB ({res['rss_growth_mb']:+} MB)", highlight=False)
 
 
+def bench_peer_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
+    dtype: list[str] = typer.Option(["auto"], help="deltafleet serve dtype(s): auto, bfloat16, float32; repeatable "
+                                    "or comma-separated, one server run each."),
+    gguf_type: list[str] = typer.Option([], help="llama.cpp model and LoRA GGUF type(s): f32, f16, bf16; "
+                                        "repeatable or comma-separated (default: the precision of each --dtype)."),
+    adapters: int = typer.Option(8, min=1, help="LoRA adapters (r16, alpha 32, all seven projections)."),
+    clients: int = typer.Option(8, min=1, help="Concurrent clients (and deltafleet --max-batch, llama.cpp -np)."),
+    requests_per_client: int = typer.Option(4, min=1, help="Requests each client sends per phase."),
+    max_tokens: int = typer.Option(32, min=1, help="Output tokens per request (exactly: ignore_eos)."),
+    llama_threads: int | None = typer.Option(None, min=1, help="llama-server -t and -tb (default: the CPU count)."),
+    skip_llamacpp: bool = typer.Option(False, "--skip-llamacpp", help="Measure deltafleet only (no build)."),
+    build_jobs: int = typer.Option(2, min=1, help="Compile jobs of the one-time llama.cpp build."),
+    seed: int = typer.Option(0, help="Seed of the random adapters."),
+    quick: bool = typer.Option(False, "--quick", help="1 request per client, 16 tokens: about 3 minutes on 2 "
+                                                      "cores once llama.cpp is built."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """deltafleet's server against llama.cpp's llama-server: same LoRAs, prompts and clients, one after the other
+    on this machine; greedy answers checked against transformers + peft first. Builds llama-server once (cached)."""
+    from deltafleet.bench.peer import DTYPES, PeerConfig, parse_choices, quick_config, run
+    from deltafleet.bench.peer_build import GGUF_TYPES
+
+    try:
+        dtypes = tuple(dict.fromkeys(resolve_dtype(d) for d in parse_choices(dtype, ("auto", *DTYPES), "--dtype")))
+        kw = {"base": base, "dtypes": dtypes, "gguf_types": parse_choices(gguf_type, GGUF_TYPES, "--gguf-type"),
+              "adapters": adapters, "clients": clients, "skip_llamacpp": skip_llamacpp, "build_jobs": build_jobs,
+              "seed": seed, **({} if llama_threads is None else {"llama_threads": llama_threads})}
+        cfg = (quick_config(**kw) if quick
+               else PeerConfig(**kw, requests_per_client=requests_per_client, max_tokens=max_tokens))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=log_console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(step, total=total or None)
+            bar.update(tasks[step], completed=done, total=total or None)
+
+        try:
+            rep = run(cfg, log=lambda m: bar.console.print(f"[dim]{m}[/dim]", highlight=False), progress=progress)
+        except (DeltafleetError, RuntimeError, OSError) as e:
+            _fail(e)
+    if as_json:
+        console.print_json(json.dumps(rep))
+    else:
+        print_peer_report(rep, console if console.is_terminal else Console(width=140))
+    if rep["failures"]:
+        for f in rep["failures"]:
+            log_console.print(f"[bold red]FAILED:[/bold red] {f}", highlight=False)
+        raise typer.Exit(code=1)
+
+
+def print_peer_report(rep: dict, out: Console) -> None:
+    c, cpu = rep["config"], rep["cpu"]
+    flags = " ".join(f for f, on in cpu["flags"].items() if on)
+    out.print(f"CPU: {cpu['model']} ({cpu['count']} CPUs; {flags}); "
+              + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), highlight=False)
+
+    def ms(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    table = Table(title=f"bench peer: {c['base']}, {c['adapters']} LoRA r16 adapters, {c['clients']} clients x "
+                        f"{c['requests_per_client']} requests, {c['prompt_tokens']}-token prompts, "
+                        f"{c['max_tokens']} new tokens, greedy, streamed")
+    for col in ("server", "phase", "ok", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"):
+        table.add_column(col, justify="left" if col in ("server", "phase") else "right")
+    for r in rep["runs"]:
+        for phase, f in r["phases"].items():
+            table.add_row(r["label"], phase, f"{f['ok']}/{f['requests']}",
+                          "-" if f["output_tok_s"] is None else f"{f['output_tok_s']:.1f}", ms(f["ttft_p50_ms"]),
+                          ms(f["ttft_p99_ms"]), ms(f["itl_p50_ms"]), ms(f["itl_p99_ms"]))
+    out.print(table)
+    ratios = rep["ratios"]
+    out.print("mixed / base (out tok/s): " + ", ".join(f"{k} {v}" for k, v in ratios["mixed_over_base"].items()),
+              highlight=False)
+    for pair, per_phase in ratios["deltafleet_over_llamacpp"].items():
+        out.print(f"{pair} (out tok/s): " + ", ".join(f"{p} {v}" for p, v in per_phase.items()), highlight=False)
+    ref = rep["reference"]
+    out.print(f"correctness vs transformers + peft fp32 ({ref['check_tokens']} greedy tokens per case; adapters "
+              f"change the base's answer in {ref['adapters_change_answer']}):", highlight=False)
+    for r in rep["runs"]:
+        cr = r["correctness"]
+        diverged = [f"{x['adapter'] or 'base'} from token {x['first_divergence']} (reference margin "
+                    f"{x['reference_margin']}{', a near tie' if x['near_tie'] else ''})" for x in cr["cases"]
+                    if x["first_divergence"] is not None]
+        extra = ("" if "base_equals_zero_scales" not in cr
+                 else f"; base = all LoRA scales 0: {cr['base_equals_zero_scales']}")
+        style = "bold red" if cr["first_token_mismatch"] else ("yellow" if diverged else "green")
+        out.print(f"  {r['label']}: [{style}]{cr['exact']}/{cr['of']} exact[/{style}]"
+                  + (f" (diverged: {'; '.join(diverged)})" if diverged else "") + extra
+                  + f"; start-up {r['startup_s']} s, RSS {r['rss_mb']:.0f} MB", highlight=False)
+
+
 bench_app.command("engine")(bench_engine_command)
 bench_app.command("serve")(bench_serve_command)
 bench_app.command("compress")(bench_compress_command)
 bench_app.command("lowbit")(lowbit_bench_command)
 bench_app.command("memory")(bench_memory_command)
 bench_app.command("churn")(bench_churn_command)
+bench_app.command("peer")(bench_peer_command)

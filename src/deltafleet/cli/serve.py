@@ -40,8 +40,8 @@ def serve_command(
     dtype: str = typer.Option("auto", help="auto, bfloat16 or float32 (auto: bf16 only with native CPU bf16)."),
     adapter_dtype: str | None = typer.Option(None, help="Resident adapters' dtype: bfloat16 or float32 (default: "
                                              "--dtype's; bfloat16 under float32 halves adapter memory traffic)."),
-    prepack: bool = typer.Option(True, help="On a float32 model, run the base matmuls on weights reordered once "
-                                 "for oneDNN (faster decode; one more copy of the weights in memory)."),
+    prepack: bool = typer.Option(True, help="On a float32 or bfloat16 CPU model, run the base matmuls on weights "
+                                 "reordered once for oneDNN (faster decode; one more copy of the weights in memory)."),
     config: Path | None = typer.Option(None, help="Tenancy TOML: API keys, their adapters, admin keys."),
     model_name: str | None = typer.Option(None, help="Public name of the base model (default: --base's name)."),
     max_batch: int = typer.Option(16, min=1, help="Running sequences at most."),

@@ -92,23 +92,27 @@ def _function(library: str, name: str, argtypes: list, restype=None):
     return fn
 
 
-_WEIGHT_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16w"}
+# (activation dtype, weight dtype) -> the kernel's name suffix
+_SUFFIX = {(torch.float32, torch.float32): "f32", (torch.float32, torch.bfloat16): "bf16w",
+           (torch.bfloat16, torch.float32): "bf16x_f32w", (torch.bfloat16, torch.bfloat16): "bf16x_bf16w"}
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 _BGMV_ARGS = [_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64]
 _ROAD_ARGS = [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64]
 
 
 @cache
-def lora_bgmv(weight_dtype: torch.dtype = torch.float32):
-    """lora_cpu.c's BGMV for adapter weights of `weight_dtype` (float32 or bfloat16; x and y float32), or None
-    when native kernels are unavailable or the dtype has no kernel."""
-    suffix = _WEIGHT_SUFFIX.get(weight_dtype)
+def lora_bgmv(weight_dtype: torch.dtype = torch.float32, act_dtype: torch.dtype = torch.float32):
+    """lora_cpu.c's BGMV for adapter weights of `weight_dtype` and activations x, y of `act_dtype` (each float32
+    or bfloat16), or None when native kernels are unavailable or the pair has no kernel."""
+    suffix = _SUFFIX.get((act_dtype, weight_dtype))
     return None if suffix is None else _function("lora_cpu", f"lora_bgmv_{suffix}", _BGMV_ARGS)
 
 
 @cache
-def road_apply(weight_dtype: torch.dtype = torch.float32):
-    """lora_cpu.c's RoAd element-wise kernel for c, s of `weight_dtype` (float32 or bfloat16; y float32)."""
-    suffix = _WEIGHT_SUFFIX.get(weight_dtype)
+def road_apply(weight_dtype: torch.dtype = torch.float32, act_dtype: torch.dtype = torch.float32):
+    """lora_cpu.c's RoAd element-wise kernel for c, s of `weight_dtype` and y of `act_dtype` (each float32 or
+    bfloat16), or None when native kernels are unavailable or the pair has no kernel."""
+    suffix = _SUFFIX.get((act_dtype, weight_dtype))
     return None if suffix is None else _function("lora_cpu", f"road_apply_{suffix}", _ROAD_ARGS)
 
 
@@ -145,10 +149,10 @@ class BoundBgmv:
     checked once here, so a call (one projection of one decode step) checks only the batch side. Pools are
     allocated once and written in place, so a binding stays valid as long as its pool lives."""
 
-    __slots__ = ("fn", "A", "B", "in_f", "out_f", "R", "static")
+    __slots__ = ("fns", "A", "B", "in_f", "out_f", "R", "static")
 
-    def __init__(self, fn, A: torch.Tensor, B: torch.Tensor):
-        self.fn, self.A, self.B = fn, A, B
+    def __init__(self, fns: dict, A: torch.Tensor, B: torch.Tensor):
+        self.fns, self.A, self.B = fns, A, B  # activation dtype -> kernel
         self.in_f, self.out_f, self.R = A.shape[2], B.shape[2], min(A.shape[1], B.shape[1])
         self.static = (A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1))
 
@@ -159,21 +163,23 @@ class BoundBgmv:
         if not (A.dtype == B.dtype and A.dim() == B.dim() == 3 and A.shape[0] == B.shape[0]
                 and A.stride(2) == B.stride(2) == 1 and A.device.type == B.device.type == "cpu"):
             return None
-        fn = lora_bgmv(A.dtype)
-        return None if fn is None else cls(fn, A, B)
+        fns = _kernels(lora_bgmv, A.dtype)
+        return cls(fns, A, B) if fns else None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, r: int, null_row: int) -> bool:
         """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
-        x (..., in), y (..., out) float32, contiguous, on the CPU, with N = prod(...) rows; index (N,) int64
-        contiguous; r <= R. Returns False (and does nothing) when the batch does not fit the contract."""
+        x (..., in), y (..., out) both float32 or both bfloat16, contiguous, on the CPU, with N = prod(...) rows;
+        index (N,) int64 contiguous; r <= R. Returns False (and does nothing) when the batch does not fit the
+        contract."""
         n = index.shape[0]
-        if not (x.dtype is _F32 and y.dtype is _F32 and index.dtype is _I64T and x.shape[-1] == self.in_f
+        fn = self.fns.get(x.dtype)
+        if not (fn is not None and y.dtype is x.dtype and index.dtype is _I64T and x.shape[-1] == self.in_f
                 and y.shape[-1] == self.out_f and x.numel() == n * self.in_f and y.numel() == n * self.out_f
                 and 0 <= r <= self.R and x.is_contiguous() and y.is_contiguous() and index.is_contiguous()
                 and x.is_cpu and y.is_cpu and index.is_cpu):
             return False
-        self.fn(n, self.in_f, self.out_f, r, x.data_ptr(), self.in_f, y.data_ptr(), self.out_f, *self.static,
-                index.data_ptr(), null_row)
+        fn(n, self.in_f, self.out_f, r, x.data_ptr(), self.in_f, y.data_ptr(), self.out_f, *self.static,
+           index.data_ptr(), null_row)
         return True
 
 
@@ -181,10 +187,10 @@ class BoundRoad:
     """lora_cpu.c's RoAd kernel bound to one pool's c, s (S, out) and group size G, checked once (see
     BoundBgmv)."""
 
-    __slots__ = ("fn", "c", "s", "out_f", "group", "static")
+    __slots__ = ("fns", "c", "s", "out_f", "group", "static")
 
-    def __init__(self, fn, c: torch.Tensor, s: torch.Tensor, group: int):
-        self.fn, self.c, self.s, self.out_f, self.group = fn, c, s, c.shape[1], group
+    def __init__(self, fns: dict, c: torch.Tensor, s: torch.Tensor, group: int):
+        self.fns, self.c, self.s, self.out_f, self.group = fns, c, s, c.shape[1], group
         self.static = (c.data_ptr(), c.stride(0), s.data_ptr(), s.stride(0))
 
     @classmethod
@@ -195,32 +201,40 @@ class BoundRoad:
                 and group % 2 == 0 and c.shape[1] % group == 0 and c.stride(1) == s.stride(1) == 1
                 and c.device.type == s.device.type == "cpu"):
             return None
-        fn = road_apply(c.dtype)
-        return None if fn is None else cls(fn, c, s, group)
+        fns = _kernels(road_apply, c.dtype)
+        return cls(fns, c, s, group) if fns else None
 
     def __call__(self, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
         """y[i] <- y[i] * c[index[i]] + rotate_half_G(y[i]) * s[index[i]] in place for every i with
-        index[i] != null_row. y (..., out) float32, contiguous, on the CPU, with N = prod(...) rows; index (N,)
-        int64 contiguous. Returns False (and does nothing) when the batch does not fit the contract."""
+        index[i] != null_row. y (..., out) float32 or bfloat16, contiguous, on the CPU, with N = prod(...) rows;
+        index (N,) int64 contiguous. Returns False (and does nothing) when the batch does not fit the contract."""
         n = index.shape[0]
-        if not (y.dtype is _F32 and index.dtype is _I64T and y.shape[-1] == self.out_f
+        fn = self.fns.get(y.dtype)
+        if not (fn is not None and index.dtype is _I64T and y.shape[-1] == self.out_f
                 and y.numel() == n * self.out_f and y.is_contiguous() and index.is_contiguous()
                 and y.is_cpu and index.is_cpu):
             return False
-        self.fn(n, self.out_f, self.group, y.data_ptr(), self.out_f, *self.static, index.data_ptr(), null_row)
+        fn(n, self.out_f, self.group, y.data_ptr(), self.out_f, *self.static, index.data_ptr(), null_row)
         return True
 
 
-_F32, _I64T = torch.float32, torch.int64
+_I64T = torch.int64
+
+
+def _kernels(lookup, weight_dtype: torch.dtype) -> dict:
+    """activation dtype -> `lookup(weight_dtype, activation dtype)`, for the pairs that have a kernel."""
+    fns = {act: lookup(weight_dtype, act) for act in ACTIVATION_DTYPES}
+    return {act: fn for act, fn in fns.items() if fn is not None}
 
 
 def lora_bgmv_(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
                r: int, null_row: int) -> bool:
     """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
 
-    x (N, in), y (N, out) float32 with contiguous rows; A (S, R, in), B (S, R, out) float32 or bfloat16 (both
-    the same) with contiguous last dimension; index (N,) int64 contiguous. Returns False (and does nothing) when
-    the kernel is unavailable or the tensors do not fit its contract; the caller then takes its torch path.
+    x (N, in), y (N, out) both float32 or both bfloat16, with contiguous rows; A (S, R, in), B (S, R, out) float32
+    or bfloat16 (both the same) with contiguous last dimension; index (N,) int64 contiguous. Returns False (and does
+    nothing) when the kernel is unavailable or the tensors do not fit its contract; the caller then takes its torch
+    path.
     A one-off call; a hot loop binds the pool once (`BoundBgmv.bind`)."""
     bound = BoundBgmv.bind(A, B)
     return bound is not None and bound(x, y, index, r, null_row)
@@ -231,8 +245,8 @@ def road_apply_(y: torch.Tensor, c: torch.Tensor, s: torch.Tensor, index: torch.
     """y[i] <- y[i] * c[index[i]] + rotate_half_G(y[i]) * s[index[i]] in place (G = group) for every i with
     index[i] != null_row.
 
-    y (N, out) float32 with contiguous rows, out % group == 0; c, s (S, out) float32 or bfloat16 (both the same)
-    with contiguous rows; index (N,) int64 contiguous. Returns False (and does nothing) when the kernel is
+    y (N, out) float32 or bfloat16 with contiguous rows, out % group == 0; c, s (S, out) float32 or bfloat16 (both
+    the same) with contiguous rows; index (N,) int64 contiguous. Returns False (and does nothing) when the kernel is
     unavailable or the tensors do not fit its contract. A one-off call; a hot loop binds (`BoundRoad.bind`)."""
     bound = BoundRoad.bind(c, s, group)
     return bound is not None and bound(y, index, null_row)

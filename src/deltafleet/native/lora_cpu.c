@@ -16,8 +16,10 @@
  *         y[g*G + h + j] = b * c[k, g*G + h + j] + a * s[k, g*G + h + j]
  *   y (n, out) row stride sy, in place; c, s (slots, out) row strides sc, ss; out % G == 0.
  *
- * x and y are float32. Adapter weights (A, B, c, s) are float32 (`_f32`) or bfloat16 (`_bf16w`, widened to
- * float32 as they are read: half the bytes a decode step streams from memory, the same fp32 arithmetic).
+ * x and y are float32 (`lora_bgmv_f32`, `lora_bgmv_bf16w`, ...) or bfloat16 (`_bf16x_*`: a bfloat16 model; rows
+ * widened to float32 on the stack, y rounded back once). Adapter weights (A, B, c, s) are float32 (`_f32`,
+ * `_f32w`) or bfloat16 (`_bf16w`, widened to float32 as they are read: half the bytes a decode step streams from
+ * memory, the same fp32 arithmetic).
  *
  * A decode step's adapter rows live in DRAM (hundreds of MB per step, read once), so BGMV is a streaming read:
  * each token reads its A rows, then its B rows, one row after another (one sequential stream per matrix, not
@@ -168,9 +170,65 @@ void NAME(int64_t n, int64_t out_f, int64_t group, float *y, int64_t sy,        
     }                                                                                                \
 }
 
+/* bfloat16 activations (a bfloat16 model): a token's x and y rows are widened to float32 buffers on the stack, the
+ * same float32 row operations run on them, and y is rounded back to bfloat16 once, to nearest even (torch's rule;
+ * NaN stays NaN). One rounding instead of the three a bfloat16 torch expression makes (h, the delta, the sum). */
+static inline void bf16_widen(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t j = 0; j < n; j++) dst[j] = bf16_load(src, j);
+}
+
+static inline void bf16_narrow(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t u;
+        memcpy(&u, src + j, sizeof u);
+        if ((u & 0x7fffffffu) > 0x7f800000u) dst[j] = (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+        else dst[j] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+#define DEFINE_BGMV_BF16X(NAME, W, SUF)                                                              \
+void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                                         \
+          const uint16_t *x, int64_t sx, uint16_t *y, int64_t sy,                                    \
+          const W *A, int64_t sa0, int64_t sa1, const W *B, int64_t sb0, int64_t sb1,                \
+          const int64_t *idx, int64_t null_row) {                                                    \
+    _Pragma("omp parallel for schedule(static) if (n > 1)")                                          \
+    for (int64_t i = 0; i < n; i++) {                                                                \
+        const int64_t k = idx[i];                                                                    \
+        if (k == null_row) continue;                                                                 \
+        float xi[in_f], yi[out_f], h[r > 0 ? r : 1];                                                 \
+        prefetch_head(B + k * sb0);                                                                  \
+        if (i + 1 < n && idx[i + 1] != null_row) prefetch_head(A + idx[i + 1] * sa0);                \
+        bf16_widen(x + i * sx, xi, in_f);                                                            \
+        for (int64_t j = 0; j < r; j++) h[j] = dot_##SUF(A + k * sa0 + j * sa1, xi, in_f);           \
+        bf16_widen(y + i * sy, yi, out_f);                                                           \
+        for (int64_t j = 0; j < r; j++) axpy_##SUF(h[j], B + k * sb0 + j * sb1, yi, out_f);          \
+        bf16_narrow(yi, y + i * sy, out_f);                                                          \
+    }                                                                                                \
+}
+
+#define DEFINE_ROAD_BF16X(NAME, W, SUF)                                                              \
+void NAME(int64_t n, int64_t out_f, int64_t group, uint16_t *y, int64_t sy,                          \
+          const W *c, int64_t sc, const W *s, int64_t ss, const int64_t *idx, int64_t null_row) {    \
+    const int64_t h = group / 2;                                                                     \
+    _Pragma("omp parallel for schedule(static) if (n * out_f >= ROAD_PARALLEL_MIN)")                 \
+    for (int64_t i = 0; i < n; i++) {                                                                \
+        const int64_t k = idx[i];                                                                    \
+        if (k == null_row) continue;                                                                 \
+        float yi[out_f];                                                                             \
+        const W *ci = c + k * sc, *si = s + k * ss;                                                  \
+        bf16_widen(y + i * sy, yi, out_f);                                                           \
+        for (int64_t g = 0; g < out_f; g += group) rotate_##SUF(yi + g, ci + g, si + g, h);          \
+        bf16_narrow(yi, y + i * sy, out_f);                                                          \
+    }                                                                                                \
+}
+
 DEFINE_ROW_OPS(f32, float)
 DEFINE_ROW_OPS(bf16, uint16_t)
 DEFINE_BGMV(lora_bgmv_f32, float, f32)
 DEFINE_BGMV(lora_bgmv_bf16w, uint16_t, bf16)
+DEFINE_BGMV_BF16X(lora_bgmv_bf16x_f32w, float, f32)
+DEFINE_BGMV_BF16X(lora_bgmv_bf16x_bf16w, uint16_t, bf16)
 DEFINE_ROAD(road_apply_f32, float, f32)
 DEFINE_ROAD(road_apply_bf16w, uint16_t, bf16)
+DEFINE_ROAD_BF16X(road_apply_bf16x_f32w, float, f32)
+DEFINE_ROAD_BF16X(road_apply_bf16x_bf16w, uint16_t, bf16)

@@ -14,6 +14,10 @@ and, per 1536 x 576 matrix at 2/3/4/8 bits, the quantized-linear kernels `fast`,
 nn.Linear. Figures are the best of 15 repeats of 20 calls (robust to a noisy machine), in ms; the weights stay in
 cache between calls, so these are op costs, not DRAM-bound step costs (`deltafleet bench engine` measures those).
 
+`--gemv` times only a decode step's dense base matmuls (weights in DRAM), prepacked oneDNN against the native
+streaming kernel `deltafleet.native.gemv_`, in bf16 and fp32 at 1-16 rows (the rows below which `PrepackedLinear`
+takes the native kernel, `models.prepack.GEMV_ROWS`, come from it).
+
 `--dram` adds one whole decode step in DRAM: 30 layers x 7 projections, each with its own bf16 slot pool (as
 the engine holds them, about 300 MB for 32 adapters, far beyond the caches), the native BGMV call per projection
 against a streaming read (torch sum) of the same bytes; and the step's base matmuls (210 projections and the
@@ -155,6 +159,36 @@ def dram_step(batch: int, adapters: int, rank: int) -> dict[str, float]:
     return out
 
 
+def gemv_step(rows: int, dtype: torch.dtype) -> dict[str, float]:
+    """One decode step's base matmuls with weights in DRAM (30 layers x 7 projections + the LM head, `dtype`), at
+    `rows` token rows: prepacked oneDNN against the native streaming kernel (`deltafleet.native.gemv_`). Best of
+    7 alternating repeats, ms; `gb` the weight bytes read per step."""
+    from deltafleet import native
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(o, i, generator=g).to(dtype) * 0.02 for _ in range(30) for (i, o) in SHAPES.values()]
+    ws.append(torch.randn(49152, 576, generator=g).to(dtype) * 0.02)
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in ws]
+    x = torch.randn(rows, 1536, generator=g).to(dtype)
+    outs = [torch.empty(rows, w.shape[0], dtype=dtype) for w in ws]
+
+    def onednn():
+        for w, p in zip(ws, packed, strict=True):
+            torch.ops.mkldnn._linear_pointwise(x[:, :w.shape[1]], p, None, "none", [], "")
+
+    def gemv():
+        for w, o in zip(ws, outs, strict=True):
+            native.gemv_(x[:, :w.shape[1]], w, None, o)
+
+    best = {"onednn": float("inf"), "gemv": float("inf")}
+    for _ in range(8):
+        for name, fn in (("onednn", onednn), ("gemv", gemv)):
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+    return {**best, "gb": sum(w.numel() * w.element_size() for w in ws) / 1e9}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -162,8 +196,23 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dram", action="store_true", help="also time one whole decode step with pools in DRAM")
+    ap.add_argument("--gemv", action="store_true", help="only: a decode step's base matmuls, oneDNN vs the native "
+                    "streaming kernel, bf16 and fp32, 1 to 16 rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gemv:
+        from deltafleet import native
+
+        print(f"{args.threads} thread(s); native bf16 path: {native.gemv_bf16_path()}")
+        with torch.inference_mode():
+            for dtype in (torch.bfloat16, torch.float32):
+                for rows in (1, 2, 4, 8, 16):
+                    d = gemv_step(rows, dtype)
+                    gbs = {k: d["gb"] / d[k] * 1e3 for k in ("onednn", "gemv")}
+                    print(f"{str(dtype)[6:]:>8} rows {rows:2d}: oneDNN {d['onednn']:6.1f} ms ({gbs['onednn']:4.1f} "
+                          f"GB/s), native {d['gemv']:6.1f} ms ({gbs['gemv']:4.1f} GB/s), "
+                          f"{d['onednn'] / d['gemv']:.2f}x")
+        return
     print(f"{args.threads} thread(s); batch {args.batch}, {args.adapters} distinct LoRA r={args.rank} adapters")
     t = lora_paths(args.batch, args.adapters, args.rank)
     print(f"per decoder layer: grouped {t['grouped']:.3f} ms, native {t['native']:.3f} ms "

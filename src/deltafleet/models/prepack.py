@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltafleet import native
+
 PRIMITIVE_CACHE_VARS = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")  # ideep's, then oneDNN's
 
 
@@ -56,6 +58,12 @@ def bound_primitive_caches(capacity: int) -> None:
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+# Calls of at most this many rows go to the native streaming kernel (`deltafleet.native.gemv_`: each weight row read
+# once, all rows' dot products from it) instead of oneDNN; measured on SmolLM2's decode-step shapes (weights in
+# DRAM, `python bench/kernels.py --gemv`).
+GEMV_ROWS = {torch.bfloat16: 8, torch.float32: 2}
 
 
 def _packable(w: Tensor) -> bool:
@@ -111,6 +119,11 @@ class PrepackedLinear(nn.Module):
         if (x.dtype is w.dtype and x.is_cpu and _packable(w)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                       or (b is not None and b.requires_grad)))):
+            rows = x.numel() // self.in_features
+            if rows <= GEMV_ROWS.get(x.dtype, 0) and x.is_contiguous():
+                out = x.new_empty(*x.shape[:-1], self.out_features)
+                if native.gemv_(x.view(rows, self.in_features), w, b, out.view(rows, self.out_features)):
+                    return out
             return torch.ops.mkldnn._linear_pointwise(x, self.packed(), b, "none", [], "")
         if self._packed is not None and not _packable(w):
             self._packed = self._source = None  # converted to an unpackable dtype or device: free the stale copy

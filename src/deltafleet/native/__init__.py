@@ -123,6 +123,45 @@ def dequant_groups():
                      ctypes.c_int)
 
 
+_GEMV_ARGS = [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
+_GEMV_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+@cache
+def gemv(dtype: torch.dtype):
+    """gemv_cpu.c's dense few-row matmul for x, W, y of `dtype` (float32 or bfloat16), or None."""
+    suffix = _GEMV_SUFFIX.get(dtype)
+    return None if suffix is None else _function("gemv_cpu", f"gemv_{suffix}", _GEMV_ARGS)
+
+
+@cache
+def gemv_bf16_path() -> str | None:
+    """Which bf16 path this CPU's build of gemv_cpu.c took: 'avx512_bf16', 'avx2' or 'portable' (None: no
+    kernel)."""
+    fn = _function("gemv_cpu", "gemv_bf16_path", [], ctypes.c_int)
+    return None if fn is None else {2: "avx512_bf16", 1: "avx2", 0: "portable"}[fn()]
+
+
+def gemv_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """out (M, N) <- x (M, K) @ weight (N, K)^T + bias (N,), all of one dtype (float32 or bfloat16), on the CPU,
+    each with contiguous rows (row strides free). Products summed in fp32, out rounded once. Returns False (out
+    untouched) when the kernel is unavailable or the tensors do not fit its contract."""
+    fn = gemv(x.dtype)
+    if fn is None or x.dim() != 2 or weight.dim() != 2 or out.dim() != 2:
+        return False
+    M, K = x.shape
+    N = weight.shape[0]
+    if not (weight.dtype is x.dtype and out.dtype is x.dtype and weight.shape[1] == K and out.shape == (M, N)
+            and x.stride(1) == 1 and weight.stride(1) == 1 and out.stride(1) == 1
+            and x.is_cpu and weight.is_cpu and out.is_cpu
+            and (bias is None or (bias.dtype is x.dtype and bias.shape == (N,) and bias.stride(0) == 1
+                                  and bias.is_cpu))):
+        return False
+    fn(M, K, N, x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
+       None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0))
+    return True
+
+
 DEQUANT_BITS = (2, 3, 4, 8)
 
 

@@ -119,4 +119,4 @@ def test_prepacked_linear_takes_the_kernel_for_few_rows(dtype, monkeypatch):
         x = torch.randn(*shape).to(dtype)
         op = "reordered" if dtype is torch.float32 else "rounded"
         assert_close(packed(x).double(), _want(x, lin.weight, lin.bias), op, dtype, k=64)
-    assert calls == [(1, 64), (rows, 64)] + ([(6, 64)] if 6 <= rows else [])
+    assert calls == [(1, 64), (rows, 64)] + ([(6, 64)] if rows >= 6 else [])

@@ -16,8 +16,8 @@ console = Console(stderr=True)
 
 
 def resolve_dtype(dtype: str) -> str:
-    """`auto`: bfloat16 where the CPU multiplies bf16 natively (or on a GPU), else float32 (about 10x faster
-    than emulated bf16 on a 2-core AVX2 CPU)."""
+    """`auto`: bfloat16 where the CPU multiplies bf16 in hardware (avx512_bf16 or AMX: `dtypes.native_bf16`), else
+    float32 (about 10x faster than emulated bf16 on a 2-core AVX2 CPU)."""
     if dtype != "auto":
         return dtype
     from deltafleet.dtypes import native_bf16  # imports torch (1.6 s): only when `auto` must be resolved

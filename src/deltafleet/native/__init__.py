@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from deltafleet.dtypes import cpu_flags
 from deltafleet.store.cache import cache_dir
 
 SOURCE_DIR = Path(__file__).parent
@@ -34,16 +34,6 @@ SOURCE_DIR = Path(__file__).parent
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
           "-freciprocal-math", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def enabled() -> bool:
@@ -57,7 +47,8 @@ def build(name: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or $CC)")
-    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    identity = src.read_bytes() + " ".join(CFLAGS).encode() + " ".join(sorted(cpu_flags())).encode()
+    key = hashlib.sha256(identity).hexdigest()[:16]
     out = cache_dir() / "native" / f"{name}-{key}.so"
     if out.is_file():
         return out

@@ -182,13 +182,18 @@ def test_phase_figures_without_usage_counts_text_events():
 def test_ratios():
     assert ratio(3.0, 2.0) == 1.5 and ratio(None, 1.0) is None and ratio(1.0, 0) is None
 
-    def run(label, server, base, mixed):
-        return {"label": label, "server": server,
-                "phases": {"base": {"output_tok_s": base}, "mixed": {"output_tok_s": mixed}}}
+    def run(label, server, base, mixed, engine=None):
+        out = {"label": label, "server": server,
+               "phases": {"base": {"output_tok_s": base, "ttft_p99_ms": 100.0},
+                          "mixed": {"output_tok_s": mixed, "ttft_p99_ms": 150.0}}}
+        return out if engine is None else {**out, "engine": {"output_tok_s": engine}}
 
-    runs = [run("deltafleet float32", "deltafleet", 20.0, 18.0), run("llama.cpp f32", "llama.cpp", 80.0, 20.0)]
+    runs = [run("deltafleet float32", "deltafleet", 20.0, 18.0, engine=25.0),
+            run("llama.cpp f32", "llama.cpp", 80.0, 20.0)]
     r = throughput_ratios(runs)
     assert r["mixed_over_base"] == {"deltafleet float32": 0.9, "llama.cpp f32": 0.25}
+    assert r["ttft_p99_mixed_over_base"] == {"deltafleet float32": 1.5, "llama.cpp f32": 1.5}
+    assert r["served_base_over_engine"] == {"deltafleet float32": 0.8}
     assert r["deltafleet_over_llamacpp"] == {"deltafleet float32 / llama.cpp f32": {"base": 0.25, "mixed": 0.9}}
 
 

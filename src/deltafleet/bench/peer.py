@@ -333,8 +333,28 @@ def run_deltafleet(cfg: PeerConfig, w: Workload, dtype: str, log: Callable[[str]
         correctness = check_server("deltafleet", port, w.cases, w.decode, NEAR_TIE[dtype])
         phases = measure("deltafleet", port, w.prompts, cfg, log)
         rss = _rss_mb(proc.pid)
+    engine = measure_engine(cfg, w, dtype)
+    log(f"  in-process engine, base phase's requests: {engine['output_tok_s']} tok/s")
     return {"label": f"deltafleet {dtype}", "server": "deltafleet", "dtype": dtype, "startup_s": round(startup, 1),
-            "rss_mb": rss, "correctness": correctness, "phases": phases}
+            "rss_mb": rss, "correctness": correctness, "phases": phases, "engine": engine}
+
+
+def measure_engine(cfg: PeerConfig, w: Workload, dtype: str) -> dict:
+    """The base phase's requests through an in-process `Engine` with the server's settings and no HTTP (after the
+    server has stopped): `served base / engine` is what the HTTP layer, detokenization and SSE cost."""
+    from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+
+    engine = Engine.from_pretrained(cfg.base, config=EngineConfig(dtype=dtype, max_batch=cfg.clients,
+                                                                  max_model_len=cfg.context_per_request))
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate([Request(prompt_ids=p, params=SamplingParams(max_tokens=2)) for p in w.prompts["warm"]])
+    n = cfg.clients * cfg.requests_per_client
+    t0 = time.perf_counter()
+    outs = engine.generate([Request(prompt_ids=p, params=params) for p in w.prompts["base"][:n]])
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"requests": n, "seconds": round(seconds, 2), "output_tokens": tokens,
+            "output_tok_s": round(tokens / seconds, 2)}
 
 
 def run_llamacpp(cfg: PeerConfig, w: Workload, build: PeerBuild, gguf_type: str, log: Callable[[str], None],

@@ -154,14 +154,19 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def throughput_ratios(runs: Sequence[dict]) -> dict:
-    """Output tok/s ratios: mixed/base per run, and deltafleet/llama.cpp per phase for every pair of runs.
+    """Output tok/s ratios: mixed/base per run (and of TTFT p99), served base over the in-process engine on the same
+    requests (deltafleet runs with an "engine" entry), and deltafleet/llama.cpp per phase for every pair of runs.
 
-    `runs`: [{"label", "server": "deltafleet" | "llama.cpp", "phases": {phase: figures}}]."""
-    out: dict = {"mixed_over_base": {}, "deltafleet_over_llamacpp": {}}
+    `runs`: [{"label", "server": "deltafleet" | "llama.cpp", "phases": {phase: figures}, "engine"?: figures}]."""
+    out: dict = {"mixed_over_base": {}, "ttft_p99_mixed_over_base": {}, "served_base_over_engine": {},
+                 "deltafleet_over_llamacpp": {}}
     for r in runs:
         ph = r["phases"]
         if "mixed" in ph and "base" in ph:
             out["mixed_over_base"][r["label"]] = ratio(ph["mixed"]["output_tok_s"], ph["base"]["output_tok_s"])
+            out["ttft_p99_mixed_over_base"][r["label"]] = ratio(ph["mixed"]["ttft_p99_ms"], ph["base"]["ttft_p99_ms"])
+        if "engine" in r and "base" in ph:
+            out["served_base_over_engine"][r["label"]] = ratio(ph["base"]["output_tok_s"], r["engine"]["output_tok_s"])
     ours = [r for r in runs if r["server"] == "deltafleet"]
     theirs = [r for r in runs if r["server"] == "llama.cpp"]
     for a in ours:

@@ -417,8 +417,11 @@ def print_peer_report(rep: dict, out: Console) -> None:
                           ms(f["ttft_p99_ms"]), ms(f["itl_p50_ms"]), ms(f["itl_p99_ms"]))
     out.print(table)
     ratios = rep["ratios"]
-    out.print("mixed / base (out tok/s): " + ", ".join(f"{k} {v}" for k, v in ratios["mixed_over_base"].items()),
-              highlight=False)
+    for key, what in (("mixed_over_base", "mixed / base (out tok/s)"),
+                      ("ttft_p99_mixed_over_base", "mixed / base (TTFT p99)"),
+                      ("served_base_over_engine", "served base / in-process engine (out tok/s)")):
+        if ratios.get(key):
+            out.print(f"{what}: " + ", ".join(f"{k} {v}" for k, v in ratios[key].items()), highlight=False)
     for pair, per_phase in ratios["deltafleet_over_llamacpp"].items():
         out.print(f"{pair} (out tok/s): " + ", ".join(f"{p} {v}" for p, v in per_phase.items()), highlight=False)
     ref = rep["reference"]

@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deltafleet.models import KVCache
+from deltafleet.models.config import RopeConfig
+from deltafleet.models.llama import apply_rope, rope_cos_sin, rope_inv_freq
 from deltafleet.models.loading import load_model
 from tests.conftest import TINY_CONFIGS, assert_close, forward_chain, token_batch
 
@@ -60,6 +62,71 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(tiny_checkpoints, nam
             pos = torch.full((2, 1), t)
             got.append(ours(ids[:, t:t + 1], positions=pos, cache=cache, cache_slots=slots))
     assert_close(torch.cat(got, 1), full, "reordered", **forward_chain(ours.config))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_decode_without_mask_equals_masked(tiny_checkpoints, name):
+    """A decode step whose rows all sit at one position attends every key with no mask (and writes the cache
+    through a view when its slots are a slice); rows at different positions need the mask. Each row of a mixed
+    batch equals its sequence decoded alone, and both equal the full forward."""
+    ours, _ = load_model(tiny_checkpoints[name])
+    cfg, lengths, steps = ours.config, torch.tensor([7, 3, 5]), 3
+    ids = token_batch(cfg.vocab_size, 3, 10, seed=4)
+    slots = torch.tensor([2, 0, 1])
+    valid = torch.arange(7) < lengths[:, None]  # right-padded prompts
+    with torch.no_grad():
+        mixed_cache = KVCache.allocate(cfg, slots=3, max_len=16, dtype=torch.float32)
+        ours(ids[:, :7], attention_mask=valid, cache=mixed_cache, cache_slots=slots)
+        mixed = []
+        for s in range(steps):
+            pos = (lengths + s)[:, None]
+            assert ours._attention_inputs(pos, pos >= 0, mixed_cache, slots, torch.float32).mask is not None
+            mixed.append(ours(ids.gather(1, pos), positions=pos, cache=mixed_cache, cache_slots=slots)[:, 0])
+        for b, n in enumerate(lengths.tolist()):
+            cache = KVCache.allocate(cfg, slots=3, max_len=16, dtype=torch.float32)
+            one = slice(b, b + 1)
+            ours(ids[one, :n], cache=cache, cache_slots=one)
+            for s in range(steps):
+                pos = torch.tensor([[n + s]])
+                assert ours._attention_inputs(pos, pos >= 0, cache, one, torch.float32).mask is None
+                alone = ours(ids[one, n + s:n + s + 1], positions=pos, cache=cache, cache_slots=one)[0, 0]
+                full = ours(ids[one, :n + s + 1])[0, -1]
+                assert_close(alone, full, "reordered", **forward_chain(cfg))
+                assert_close(mixed[s][b], alone, "reordered", **forward_chain(cfg))
+
+
+def test_bf16_decode_close_to_fp32(tiny_llama):
+    """bf16 prefill and decode steps through a bf16 cache (the decode attention runs in fp32) against fp32."""
+    ours32, _ = load_model(tiny_llama)
+    ours16, _ = load_model(tiny_llama, dtype=torch.bfloat16)
+    ids = token_batch(ours32.config.vocab_size, 2, 10, seed=5)
+    slots = torch.tensor([1, 0])
+    with torch.no_grad():
+        cache = KVCache.allocate(ours16.config, slots=2, max_len=16, dtype=torch.bfloat16)
+        got = [ours16(ids[:, :6], cache=cache, cache_slots=slots)]
+        for t in range(6, 10):
+            got.append(ours16(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache, cache_slots=slots))
+        expected = ours32(ids)
+    got = torch.cat(got, 1).float()
+    assert not torch.equal(got, expected)
+    assert_close(got, expected, "rounded", torch.bfloat16, **forward_chain(ours32.config))
+
+
+def test_apply_rope_equals_rotate_half():
+    """The roll and sign-folded sin of `apply_rope` against HF's x * cos + rotate_half(x) * sin, llama3 scaling."""
+    rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64)
+    hd = 32
+    inv_freq = rope_inv_freq(rope, hd)
+    positions = torch.tensor([[0, 5, 17, 300], [2, 3, 4, 1000]])  # (B, T)
+    x = torch.randn(2, 4, 3, hd, generator=torch.Generator().manual_seed(0))  # (B, T, n, hd)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), -1)[:, :, None]  # HF's cos and sin are emb.cos(), emb.sin()
+    x1, x2 = x.chunk(2, -1)
+    expected = x * emb.cos() + torch.cat((-x2, x1), -1) * emb.sin()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = apply_rope(x.to(dtype), *rope_cos_sin(positions, inv_freq, dtype))
+        assert_close(got.float(), expected, "reordered" if dtype == torch.float32 else "rounded", dtype, k=2)
 
 
 def test_logits_index_selects_rows(tiny_llama):

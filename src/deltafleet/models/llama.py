@@ -48,20 +48,19 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """positions (B, T) int -> cos, sin (B, 1, T, hd), computed in fp32 then cast."""
+    """positions (B, T) int -> cos, sin (B, T, 1, hd), computed in fp32 then cast. `sin` is sign-folded for
+    `apply_rope`: its first half is negated, (-sin f, sin f) where HF has (sin f, sin f)."""
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1).to(dtype)[:, :, None], torch.cat((-sin, sin), -1).to(dtype)[:, :, None]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, nh, T, hd) rotated by position."""
-    return x * cos + rotate_half(x) * sin
+    """x (B, T, n, hd) rotated by position; cos, sin from `rope_cos_sin`.
+
+    HF computes x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) for x's halves x1, x2. The same
+    products, regrouped: rolling x by hd/2 gives (x2, x1), and the sign of -x2 is folded into sin's first half."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -97,18 +96,20 @@ class KVCache:
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs for one forward, computed once per call."""
+    """What every layer's attention needs for one forward, computed once per call.
 
-    cos: Tensor  # (B, 1, T, hd)
-    sin: Tensor  # (B, 1, T, hd)
-    mask: Tensor  # (B, 1, T, S) bool: query may attend key
+    `write_at` and `read_at` index a layer's cache tensor (N, nkv, S_max, hd): `cache[write_at]` is where the M
+    written tokens go, (M, nkv, hd); `cache[read_at]` is the batch's keys or values, (B, nkv, S, hd).
+    """
+
+    cos: Tensor  # (B, T, 1, hd)
+    sin: Tensor  # (B, T, 1, hd), sign-folded (`rope_cos_sin`)
+    mask: Tensor | None  # (B, 1, T, S) bool: query may attend key; None: every query attends all S keys
+    attn_dtype: torch.dtype  # the dtype q, k, v are attended in
     cache: KVCache | None
-    slots: Tensor | slice | None  # cache slot per sequence: (B,) indices, or a slice (a view, no gather)
-    write_slot: Tensor | None  # (M,) cache slot of each token written to the cache
-    write_b: Tensor | None  # (M,) batch index of each token written
-    write_t: Tensor | None  # (M,) token index of each token written
-    write_pos: Tensor | None  # (M,) position it is written at
-    key_len: int  # S
+    write_rows: Tensor | None  # (M,) row b * T + t of each written token among the call's B * T; None: all, in order
+    write_at: tuple | None  # (slot, :, position) of each written token: (M,) tensors, or (slice, :, int) for a view
+    read_at: tuple | None  # (slots, :, :S): slots (B,) indices, or a slice (a view, no gather)
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -119,10 +120,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """HF's weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), the normalization computed in fp32."""
+        if x.dtype == self.weight.dtype == torch.float32:  # the same products in one call
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def _project(linear: nn.Linear, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:
@@ -141,18 +142,24 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, a: AttentionInputs, hook: ProjectionHook | None) -> Tensor:
         B, T, _ = x.shape
-        q = _project(self.q_proj, self.layer, "q_proj", x, hook).view(B, T, self.nh, self.hd).transpose(1, 2)
-        k = _project(self.k_proj, self.layer, "k_proj", x, hook).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        v = _project(self.v_proj, self.layer, "v_proj", x, hook).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)  # (B, nh|nkv, T, hd)
-        if a.cache is not None:
-            ck, cv = a.cache.k[self.layer], a.cache.v[self.layer]  # (N, nkv, S_max, hd)
-            ck[a.write_slot, :, a.write_pos] = k[a.write_b, :, a.write_t].to(ck.dtype)
-            cv[a.write_slot, :, a.write_pos] = v[a.write_b, :, a.write_t].to(cv.dtype)
-            k, v = ck[a.slots, :, : a.key_len], cv[a.slots, :, : a.key_len]  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=a.mask, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
-        return _project(self.o_proj, self.layer, "o_proj", y, hook)
+        layer, nh, nkv, hd = self.layer, self.nh, self.nkv, self.hd
+        q = apply_rope(_project(self.q_proj, layer, "q_proj", x, hook).view(B, T, nh, hd), a.cos, a.sin)
+        k = apply_rope(_project(self.k_proj, layer, "k_proj", x, hook).view(B, T, nkv, hd), a.cos, a.sin)
+        v = _project(self.v_proj, layer, "v_proj", x, hook).view(B, T, nkv, hd)
+        if a.cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, nkv, S = T, hd)
+        else:
+            ck, cv = a.cache.k[layer], a.cache.v[layer]  # (N, nkv, S_max, hd)
+            k, v = k.flatten(0, 1), v.flatten(0, 1)  # (B * T, nkv, hd)
+            if a.write_rows is not None:
+                k, v = k[a.write_rows], v[a.write_rows]  # (M, nkv, hd)
+            ck[a.write_at] = k.to(ck.dtype)
+            cv[a.write_at] = v.to(cv.dtype)
+            k, v = ck[a.read_at], cv[a.read_at]  # (B, nkv, S, hd)
+        dt = a.attn_dtype
+        y = F.scaled_dot_product_attention(q.transpose(1, 2).to(dt), k.to(dt), v.to(dt), attn_mask=a.mask,
+                                           enable_gqa=True)  # (B, nh, T, hd)
+        return _project(self.o_proj, layer, "o_proj", y.transpose(1, 2).reshape(B, T, nh * hd).to(x.dtype), hook)
 
 
 class MLP(nn.Module):
@@ -222,10 +229,12 @@ class Transformer(nn.Module):
                           slots: Tensor | slice | None, dtype: torch.dtype) -> AttentionInputs:
         B, T = positions.shape
         cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        # A decode step (one query per row) attends in fp32, on fp32 copies of q, k, v: for one query, torch's
+        # CPU attention is 2-5x faster that way than in bf16 (torch 2.13; SmolLM2's shapes, B 1-8, S 60-1024).
+        attn_dtype = torch.float32 if T == 1 else dtype
         if cache is None:
-            key_pos, key_valid = positions, valid  # keys are this call's tokens
-            write = (None, None, None, None)
-            key_len = T
+            key_pos, key_valid, key_len = positions, valid, T  # keys are this call's tokens
+            write_rows = write_at = read_at = None
         else:
             if slots is None:
                 raise ValueError("cache_slots is required when a KV cache is given")
@@ -234,13 +243,25 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {key_len - 1} exceeds the KV cache length {cache.max_len}")
             key_pos = torch.arange(key_len, device=positions.device).expand(B, key_len)
             key_valid = torch.ones_like(key_pos, dtype=torch.bool)
-            wb, wt = valid.nonzero(as_tuple=True)
+            read_at = (slots, slice(None), slice(None, key_len))
             slot_of_row = torch.arange(slots.start, slots.start + B) if isinstance(slots, slice) else slots
-            write = (slot_of_row[wb], wb, wt, positions[wb, wt])
-        mask = (key_pos[:, None, :] <= positions[:, :, None]) & key_valid[:, None, :]  # (B, T, S)
-        # A padding query may have no key to attend; give it one so softmax stays finite (its output is unused).
-        mask[:, :, 0] |= ~mask.any(-1)
-        return AttentionInputs(cos, sin, mask[:, None], cache, slots, *write, key_len)
+            if not bool(valid.all()):  # padding is not written
+                wb, wt = valid.nonzero(as_tuple=True)
+                write_rows, write_at = wb * T + wt, (slot_of_row[wb], slice(None), positions[wb, wt])
+            elif T == 1 and isinstance(slots, slice) and bool((positions == key_len - 1).all()):
+                write_rows, write_at = None, (slots, slice(None), key_len - 1)  # one position of B consecutive slots
+            else:
+                write_rows, write_at = None, (slot_of_row.repeat_interleave(T), slice(None), positions.flatten())
+        if T == 1 and bool((positions >= key_len - 1).all()):
+            # Each row's one query sits at the last key position (a decode step of sequences of one length, or
+            # a cache-free call with one token): it attends every key, so the mask would be all True.
+            mask = None
+        else:
+            mask = (key_pos[:, None, :] <= positions[:, :, None]) & key_valid[:, None, :]  # (B, T, S)
+            # A padding query may have no key to attend; give it one so softmax stays finite (its output is unused).
+            mask[:, :, 0] |= ~mask.any(-1)
+            mask = mask[:, None]
+        return AttentionInputs(cos, sin, mask, attn_dtype, cache, write_rows, write_at, read_at)
 
     def forward(
         self,

@@ -135,8 +135,12 @@ class EngineGateway:
     @classmethod
     def from_pretrained(cls, base: str | Path, adapters_dir: str | Path | None, config: EngineConfig,
                         model_name: str | None = None) -> EngineGateway:
-        engine = Engine.from_pretrained(base, adapters_dir, config)
-        return cls(engine, model_name or default_model_name(base), adapters_dir)
+        engine = Engine.spawn(lambda: Engine.from_pretrained(base, adapters_dir, config))
+        try:
+            return cls(engine, model_name or default_model_name(base), adapters_dir)
+        except BaseException:
+            engine.shutdown()
+            raise
 
     # ------------------------------------------------------------------ prompts
     def _check_length(self, chars: int, param: str) -> None:

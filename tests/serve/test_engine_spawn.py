@@ -1,0 +1,49 @@
+"""`Engine.spawn`: the engine is built on the thread that then runs its step loop; requests from other threads get
+the same greedy answers as an engine stepped in the caller's thread; a failing build raises on the caller's
+thread and leaves no loop behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+
+
+def _requests():
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    return [Request(prompt_ids=[3 + i, 17, 42, 9 + 2 * i], params=params) for i in range(3)]
+
+
+def test_spawned_engine_runs_on_its_builder_thread(tiny_llama):
+    cfg = EngineConfig(dtype="float32", max_batch=4, max_model_len=64)
+    builders = []
+
+    def build():
+        builders.append(threading.current_thread())
+        return Engine.from_pretrained(tiny_llama, config=cfg)
+
+    engine = Engine.spawn(build)
+    try:
+        assert engine._thread is builders[0] and engine._thread is not threading.current_thread()
+        assert engine._thread.is_alive()
+        got = [o.token_ids for o in engine.generate(_requests())]  # waits on the loop thread's work
+    finally:
+        engine.shutdown()
+    assert not builders[0].is_alive()
+    want = [o.token_ids for o in Engine.from_pretrained(tiny_llama, config=cfg).generate(_requests())]
+    assert got == want
+
+
+def test_spawn_raises_the_build_error_here():
+    def build():
+        raise ValueError("no such base")
+
+    with pytest.raises(ValueError, match="no such base"):
+        Engine.spawn(build)
+    deadline = time.monotonic() + 5
+    while any(t.name == "deltafleet-engine" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the builder thread returns right after handing over the error
+    assert not any(t.name == "deltafleet-engine" for t in threading.enumerate())

@@ -497,7 +497,8 @@ class Engine:
         return built["engine"]
 
     def start(self) -> None:
-        """Run the step loop on a background thread (needed by `stream`)."""
+        """Run the step loop on a background thread (needed by `stream`). An engine that will only ever run in the
+        background is faster built by `Engine.spawn` (see there)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="deltafleet-engine", daemon=True)
             self._thread.start()

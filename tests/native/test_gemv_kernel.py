@@ -120,3 +120,40 @@ def test_prepacked_linear_takes_the_kernel_for_few_rows(dtype, monkeypatch):
         op = "reordered" if dtype is torch.float32 else "rounded"
         assert_close(packed(x).double(), _want(x, lin.weight, lin.bias), op, dtype, k=64)
     assert calls == [(1, 64), (rows, 64)] + ([(6, 64)] if rows >= 6 else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rms_norm_equals_the_model_norm(dtype):
+    """bf16: bit-identical to HF's semantics here (fp32 normalization, cast, times the weight); fp32: the same
+    sum in another order. Non-contiguous input and gradients take the module's own path."""
+    from deltafleet.models.llama import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(200, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    fast = prepack.NativeRMSNorm(norm)
+    x = (torch.randn(2, 3, 200) * 4).to(dtype)
+    with torch.no_grad():
+        want = norm(x)
+        op = "reordered" if dtype is torch.float32 else "rounded"
+        assert_close(fast(x).double(), want.double(), op, dtype, k=200)
+        assert_close(fast(x[:, :, ::1].transpose(0, 1)).double(), norm(x.transpose(0, 1)).double(), op, dtype,
+                     k=200)
+    xg = x.float().requires_grad_(True) if dtype is torch.float32 else None
+    if xg is not None:
+        fast(xg).sum().backward()  # autograd: the module's own formula
+        assert xg.grad is not None
+
+
+def test_pack_norms_swaps_and_restores(tiny_llama):
+    from deltafleet.models.llama import RMSNorm
+    from deltafleet.models.loading import load_model
+
+    model, _ = load_model(tiny_llama, dtype=torch.float32)
+    keys = set(model.state_dict())
+    n = sum(type(m) is RMSNorm for m in model.modules())
+    assert prepack.pack_norms_(model) == n > 0
+    assert not any(type(m) is RMSNorm for m in model.modules()) and set(model.state_dict()) == keys
+    prepack.unpack_norms_(model)
+    assert sum(type(m) is RMSNorm for m in model.modules()) == n and set(model.state_dict()) == keys

@@ -153,6 +153,32 @@ def gemv_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out:
     return True
 
 
+_NORM_ARGS = [_I64, _I64, _PTR, _I64, _PTR, ctypes.c_float, _PTR, _I64]
+
+
+@cache
+def rms_norm(dtype: torch.dtype):
+    """norm_cpu.c's RMSNorm for x, w, y of `dtype` (float32 or bfloat16), or None."""
+    suffix = _GEMV_SUFFIX.get(dtype)
+    return None if suffix is None else _function("norm_cpu", f"rms_norm_{suffix}", _NORM_ARGS)
+
+
+def rms_norm_(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> bool:
+    """out (n, d) <- RMSNorm of x (n, d) with weight (d,) and eps, Hugging Face's Llama semantics (norm_cpu.c), all
+    of one dtype (float32 or bfloat16) on the CPU with contiguous rows. Returns False (out untouched) when the
+    kernel is unavailable or the tensors do not fit its contract."""
+    fn = rms_norm(x.dtype)
+    if fn is None or x.dim() != 2 or out.dim() != 2 or weight.dim() != 1:
+        return False
+    n, d = x.shape
+    if not (weight.dtype is x.dtype and out.dtype is x.dtype and weight.shape[0] == d and out.shape == (n, d)
+            and x.stride(1) == 1 and out.stride(1) == 1 and weight.stride(0) == 1
+            and x.is_cpu and weight.is_cpu and out.is_cpu):
+        return False
+    fn(n, d, x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), out.stride(0))
+    return True
+
+
 DEQUANT_BITS = (2, 3, 4, 8)
 
 

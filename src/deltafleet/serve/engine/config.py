@@ -45,7 +45,8 @@ class EngineConfig:
     adapter_dtype: dtype of the resident adapter pools and host cache (None: the model's dtype). bfloat16 under a
         float32 model halves the adapter bytes a decode step reads; the CPU kernels widen them to fp32 as read.
     prepack: on a float32 or bfloat16 CPU model, compute the base projections and LM head with oneDNN over weights
-        reordered once at start-up (`deltafleet.models.prepack`): faster decode for one more copy of those weights.
+        reordered once at start-up (`deltafleet.models.prepack`; few-row steps on the native streaming kernel), and
+        the RMSNorms in one native call each: faster decode for one more copy of those weights.
     """
 
     dtype: str = "bfloat16"

@@ -73,6 +73,7 @@ class Engine:
         self.model = model.to(self.dtype).eval()
         if config.prepack:
             prepack.pack_linears_(self.model, batch_hint=config.max_batch)
+            prepack.pack_norms_(self.model)
         self.tokenizer = tokenizer
         mcfg = model.config
         self.backend = make_backend(config.backend)

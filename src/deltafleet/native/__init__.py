@@ -47,7 +47,8 @@ def build(name: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or $CC)")
-    identity = src.read_bytes() + " ".join(CFLAGS).encode() + " ".join(sorted(cpu_flags())).encode()
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h")))  # included by the sources
+    identity = src.read_bytes() + headers + " ".join(CFLAGS).encode() + " ".join(sorted(cpu_flags())).encode()
     key = hashlib.sha256(identity).hexdigest()[:16]
     out = cache_dir() / "native" / f"{name}-{key}.so"
     if out.is_file():

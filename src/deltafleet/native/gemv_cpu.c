@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define DF_AVX2 1
@@ -43,19 +45,6 @@
         __builtin_prefetch((w) + 7 * (sw) + (k), 0, 0);                                              \
     } while (0)
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* ------------------------------------------------------------------------------------------------ float32 */
 static inline float dot_f32(const float *w, const float *x, int64_t K) {
@@ -106,26 +95,6 @@ static inline void dot4_f32(const float *w, int64_t sw, const float *x, int64_t 
 #else
     for (int j = 0; j < 4; j++) out[j] = dot_f32(w + j * sw, x, K);
 #endif
-}
-
-void gemv_f32(int64_t M, int64_t K, int64_t N, const float *x, int64_t sx, const float *W, int64_t sw,
-              const float *bias, float *y, int64_t sy) {
-    const int64_t blocks = (N + 3) / 4;
-    #pragma omp parallel for schedule(static) if (N * K >= GEMV_PARALLEL_MIN)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t n0 = blk * 4;
-        if (n0 + 4 <= N) {
-            for (int64_t m = 0; m < M; m++) {
-                float d[4];
-                dot4_f32(W + n0 * sw, sw, x + m * sx, K, d);
-                for (int j = 0; j < 4; j++) y[m * sy + n0 + j] = d[j] + (bias ? bias[n0 + j] : 0.0f);
-            }
-        } else {
-            for (int64_t n = n0; n < N; n++)
-                for (int64_t m = 0; m < M; m++)
-                    y[m * sy + n] = dot_f32(W + n * sw, x + m * sx, K) + (bias ? bias[n] : 0.0f);
-        }
-    }
 }
 
 /* ------------------------------------------------------------------------------------------------ bfloat16 */
@@ -202,27 +171,35 @@ static inline void dot4_bf16(const uint16_t *w, int64_t sw, const uint16_t *x, i
 #endif
 }
 
-void gemv_bf16(int64_t M, int64_t K, int64_t N, const uint16_t *x, int64_t sx, const uint16_t *W, int64_t sw,
-               const uint16_t *bias, uint16_t *y, int64_t sy) {
-    const int64_t blocks = (N + 3) / 4;
-    #pragma omp parallel for schedule(static) if (N * K >= GEMV_PARALLEL_MIN)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t n0 = blk * 4;
-        if (n0 + 4 <= N) {
-            for (int64_t m = 0; m < M; m++) {
-                float d[4];
-                dot4_bf16(W + n0 * sw, sw, x + m * sx, K, d);
-                for (int j = 0; j < 4; j++)
-                    y[m * sy + n0 + j] = f32_to_bf16(d[j] + (bias ? bf16_to_f32(bias[n0 + j]) : 0.0f));
-            }
-        } else {
-            for (int64_t n = n0; n < N; n++)
-                for (int64_t m = 0; m < M; m++)
-                    y[m * sy + n] = f32_to_bf16(dot_bf16(W + n * sw, x + m * sx, K)
-                                                + (bias ? bf16_to_f32(bias[n]) : 0.0f));
-        }
-    }
+/* The driver of one dtype T (float or uint16_t = bf16): blocks of four weight rows split over threads; LOAD widens a
+ * bias element to float, STORE rounds a float result to T. */
+#define DEFINE_GEMV(NAME, T, SUF, LOAD, STORE)                                                       \
+void NAME(int64_t M, int64_t K, int64_t N, const T *x, int64_t sx, const T *W, int64_t sw,           \
+          const T *bias, T *y, int64_t sy) {                                                         \
+    const int64_t blocks = (N + 3) / 4;                                                              \
+    _Pragma("omp parallel for schedule(static) if (N * K >= GEMV_PARALLEL_MIN)")                     \
+    for (int64_t blk = 0; blk < blocks; blk++) {                                                     \
+        const int64_t n0 = blk * 4;                                                                  \
+        if (n0 + 4 <= N) {                                                                           \
+            for (int64_t m = 0; m < M; m++) {                                                        \
+                float d[4];                                                                          \
+                dot4_##SUF(W + n0 * sw, sw, x + m * sx, K, d);                                       \
+                for (int j = 0; j < 4; j++)                                                          \
+                    y[m * sy + n0 + j] = STORE(d[j] + (bias ? LOAD(bias[n0 + j]) : 0.0f));           \
+            }                                                                                        \
+        } else {                                                                                     \
+            for (int64_t n = n0; n < N; n++)                                                         \
+                for (int64_t m = 0; m < M; m++)                                                      \
+                    y[m * sy + n] = STORE(dot_##SUF(W + n * sw, x + m * sx, K)                       \
+                                          + (bias ? LOAD(bias[n]) : 0.0f));                          \
+        }                                                                                            \
+    }                                                                                                \
 }
+
+static inline float f32_identity(float v) { return v; }
+
+DEFINE_GEMV(gemv_f32, float, f32, f32_identity, f32_identity)
+DEFINE_GEMV(gemv_bf16, uint16_t, bf16, bf16_to_f32, f32_to_bf16)
 
 /* Which bf16 path this build took (for tests and reports): 2 AVX512-BF16, 1 AVX2 widening, 0 plain loops. */
 int gemv_bf16_path(void) {

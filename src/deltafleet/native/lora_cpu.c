@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define DF_AVX2 1
@@ -54,12 +56,7 @@ static inline void prefetch_head(const void *p) {
 
 static inline float f32_load(const float *p, int64_t j) { return p[j]; }
 
-static inline float bf16_load(const uint16_t *p, int64_t j) {
-    uint32_t u = (uint32_t)p[j] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+static inline float bf16_load(const uint16_t *p, int64_t j) { return bf16_to_f32(p[j]); }
 
 #ifdef DF_AVX2
 static inline __m256 f32_load8(const float *p) { return _mm256_loadu_ps(p); }
@@ -137,98 +134,71 @@ static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {  
 }
 #endif
 
-#define DEFINE_BGMV(NAME, W, SUF)                                                                    \
-void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                                         \
-          const float *x, int64_t sx, float *y, int64_t sy,                                          \
-          const W *A, int64_t sa0, int64_t sa1, const W *B, int64_t sb0, int64_t sb1,                \
-          const int64_t *idx, int64_t null_row) {                                                    \
-    _Pragma("omp parallel for schedule(static) if (n > 1)")                                          \
-    for (int64_t i = 0; i < n; i++) {                                                                \
-        const int64_t k = idx[i];                                                                    \
-        if (k == null_row) continue;                                                                 \
-        const float *xi = x + i * sx;                                                                \
-        float *yi = y + i * sy;                                                                      \
-        float h[r > 0 ? r : 1];                                                                      \
-        prefetch_head(B + k * sb0);                                                                  \
-        if (i + 1 < n && idx[i + 1] != null_row) prefetch_head(A + idx[i + 1] * sa0);                \
-        for (int64_t j = 0; j < r; j++) h[j] = dot_##SUF(A + k * sa0 + j * sa1, xi, in_f);           \
-        for (int64_t j = 0; j < r; j++) axpy_##SUF(h[j], B + k * sb0 + j * sb1, yi, out_f);          \
-    }                                                                                                \
-}
-
-#define DEFINE_ROAD(NAME, W, SUF)                                                                    \
-void NAME(int64_t n, int64_t out_f, int64_t group, float *y, int64_t sy,                             \
-          const W *c, int64_t sc, const W *s, int64_t ss, const int64_t *idx, int64_t null_row) {    \
-    const int64_t h = group / 2;                                                                     \
-    _Pragma("omp parallel for schedule(static) if (n * out_f >= ROAD_PARALLEL_MIN)")                 \
-    for (int64_t i = 0; i < n; i++) {                                                                \
-        const int64_t k = idx[i];                                                                    \
-        if (k == null_row) continue;                                                                 \
-        float *yi = y + i * sy;                                                                      \
-        const W *ci = c + k * sc, *si = s + k * ss;                                                  \
-        for (int64_t g = 0; g < out_f; g += group) rotate_##SUF(yi + g, ci + g, si + g, h);          \
-    }                                                                                                \
-}
-
-/* bfloat16 activations (a bfloat16 model): a token's x and y rows are widened to float32 buffers on the stack, the
- * same float32 row operations run on them, and y is rounded back to bfloat16 once, to nearest even (torch's rule;
- * NaN stays NaN). One rounding instead of the three a bfloat16 torch expression makes (h, the delta, the sum). */
+/* Activations: float32 rows are used in place; bfloat16 rows (a bfloat16 model) are widened to float32 buffers on the
+ * stack, the same float32 row operations run on them, and y is rounded back to bfloat16 once, to nearest even
+ * (torch's rule; NaN stays NaN): one rounding instead of the three a bfloat16 torch expression makes (h, the delta,
+ * the sum). ROW_<X>(row, buf, n) gives the float32 row to work on; STORE_<X>(buf, row, n) writes it back. */
 static inline void bf16_widen(const uint16_t *src, float *dst, int64_t n) {
-    for (int64_t j = 0; j < n; j++) dst[j] = bf16_load(src, j);
+    for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_f32(src[j]);
 }
 
 static inline void bf16_narrow(const float *src, uint16_t *dst, int64_t n) {
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t u;
-        memcpy(&u, src + j, sizeof u);
-        if ((u & 0x7fffffffu) > 0x7f800000u) dst[j] = (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-        else dst[j] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
+    for (int64_t j = 0; j < n; j++) dst[j] = f32_to_bf16(src[j]);
 }
 
-#define DEFINE_BGMV_BF16X(NAME, W, SUF)                                                              \
+#define ROW_F32(row, buf, n) ((void)(buf), (row))
+#define STORE_F32(buf, row, n) ((void)(buf))
+#define ROW_BF16(row, buf, n) (bf16_widen((row), (buf), (n)), (buf))
+#define STORE_BF16(buf, row, n) bf16_narrow((buf), (row), (n))
+
+#define DEFINE_BGMV(NAME, X, XS, W, SUF)                                                             \
 void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                                         \
-          const uint16_t *x, int64_t sx, uint16_t *y, int64_t sy,                                    \
+          const X *x, int64_t sx, X *y, int64_t sy,                                                  \
           const W *A, int64_t sa0, int64_t sa1, const W *B, int64_t sb0, int64_t sb1,                \
           const int64_t *idx, int64_t null_row) {                                                    \
     _Pragma("omp parallel for schedule(static) if (n > 1)")                                          \
     for (int64_t i = 0; i < n; i++) {                                                                \
         const int64_t k = idx[i];                                                                    \
         if (k == null_row) continue;                                                                 \
-        float xi[in_f], yi[out_f], h[r > 0 ? r : 1];                                                 \
+        float xb[XS##_BUF(in_f)], yb[XS##_BUF(out_f)], h[r > 0 ? r : 1];                             \
         prefetch_head(B + k * sb0);                                                                  \
         if (i + 1 < n && idx[i + 1] != null_row) prefetch_head(A + idx[i + 1] * sa0);                \
-        bf16_widen(x + i * sx, xi, in_f);                                                            \
+        const float *xi = ROW_##XS(x + i * sx, xb, in_f);                                            \
         for (int64_t j = 0; j < r; j++) h[j] = dot_##SUF(A + k * sa0 + j * sa1, xi, in_f);           \
-        bf16_widen(y + i * sy, yi, out_f);                                                           \
+        float *yi = ROW_##XS(y + i * sy, yb, out_f);                                                 \
         for (int64_t j = 0; j < r; j++) axpy_##SUF(h[j], B + k * sb0 + j * sb1, yi, out_f);          \
-        bf16_narrow(yi, y + i * sy, out_f);                                                          \
+        STORE_##XS(yb, y + i * sy, out_f);                                                           \
     }                                                                                                \
 }
 
-#define DEFINE_ROAD_BF16X(NAME, W, SUF)                                                              \
-void NAME(int64_t n, int64_t out_f, int64_t group, uint16_t *y, int64_t sy,                          \
+#define DEFINE_ROAD(NAME, X, XS, W, SUF)                                                             \
+void NAME(int64_t n, int64_t out_f, int64_t group, X *y, int64_t sy,                                 \
           const W *c, int64_t sc, const W *s, int64_t ss, const int64_t *idx, int64_t null_row) {    \
     const int64_t h = group / 2;                                                                     \
     _Pragma("omp parallel for schedule(static) if (n * out_f >= ROAD_PARALLEL_MIN)")                 \
     for (int64_t i = 0; i < n; i++) {                                                                \
         const int64_t k = idx[i];                                                                    \
         if (k == null_row) continue;                                                                 \
-        float yi[out_f];                                                                             \
+        float yb[XS##_BUF(out_f)];                                                                   \
+        float *yi = ROW_##XS(y + i * sy, yb, out_f);                                                 \
         const W *ci = c + k * sc, *si = s + k * ss;                                                  \
-        bf16_widen(y + i * sy, yi, out_f);                                                           \
         for (int64_t g = 0; g < out_f; g += group) rotate_##SUF(yi + g, ci + g, si + g, h);          \
-        bf16_narrow(yi, y + i * sy, out_f);                                                          \
+        STORE_##XS(yb, y + i * sy, out_f);                                                           \
     }                                                                                                \
 }
 
+/* Stack buffer sizes: none needed for float32 rows (used in place). */
+#define F32_BUF(n) 1
+#define BF16_BUF(n) (n)
+
 DEFINE_ROW_OPS(f32, float)
 DEFINE_ROW_OPS(bf16, uint16_t)
-DEFINE_BGMV(lora_bgmv_f32, float, f32)
-DEFINE_BGMV(lora_bgmv_bf16w, uint16_t, bf16)
-DEFINE_BGMV_BF16X(lora_bgmv_bf16x_f32w, float, f32)
-DEFINE_BGMV_BF16X(lora_bgmv_bf16x_bf16w, uint16_t, bf16)
-DEFINE_ROAD(road_apply_f32, float, f32)
-DEFINE_ROAD(road_apply_bf16w, uint16_t, bf16)
-DEFINE_ROAD_BF16X(road_apply_bf16x_f32w, float, f32)
-DEFINE_ROAD_BF16X(road_apply_bf16x_bf16w, uint16_t, bf16)
+/* name, activation type and its row rule, weight type and its row operations */
+DEFINE_BGMV(lora_bgmv_f32, float, F32, float, f32)
+DEFINE_BGMV(lora_bgmv_bf16w, float, F32, uint16_t, bf16)
+DEFINE_BGMV(lora_bgmv_bf16x_f32w, uint16_t, BF16, float, f32)
+DEFINE_BGMV(lora_bgmv_bf16x_bf16w, uint16_t, BF16, uint16_t, bf16)
+DEFINE_ROAD(road_apply_f32, float, F32, float, f32)
+DEFINE_ROAD(road_apply_bf16w, float, F32, uint16_t, bf16)
+DEFINE_ROAD(road_apply_bf16x_f32w, uint16_t, BF16, float, f32)
+DEFINE_ROAD(road_apply_bf16x_bf16w, uint16_t, BF16, uint16_t, bf16)

@@ -1,6 +1,6 @@
 """Microbenchmark of the CPU adapter and dequantization paths on SmolLM2-135M's projection shapes.
 
-    python bench/kernels.py [--threads N] [--batch 32] [--adapters 32] [--rank 16] [--dram]
+    python bench/kernels.py [--threads N] [--batch 32] [--adapters 32] [--rank 16] [--dram] [--gemv] [--sparse]
 
 Per decoder layer (the seven projections, shapes from SmolLM2: hidden 576, intermediate 1536, 3 kv heads of
 64), for one decode step of `batch` tokens spread over `adapters` distinct LoRA adapters resident in a slot pool:
@@ -24,6 +24,11 @@ against a streaming read (torch sum) of the same bytes; and the step's base matm
 49152-row LM head, fp32) through F.linear against the prepacked oneDNN path (the `PrepackedLinear` modules
 `deltafleet.models.prepack` swaps in).
 Medians of 9 alternating repeats.
+
+`--sparse` times only PaFi's sparse-additive deltas per projection (one CSR pattern per projection shared by every
+slot, `density` of its entries, `batch` tokens over `adapters` slots), in microseconds per call: the native kernel
+(`deltafleet.native.BoundSparse`) against the vectorised torch path (gather x[:, cols] * values[index], then
+index_add over the nonzeros' rows), fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -189,6 +194,35 @@ def gemv_step(rows: int, dtype: torch.dtype) -> dict[str, float]:
     return {**best, "gb": sum(w.numel() * w.element_size() for w in ws) / 1e9}
 
 
+def sparse_paths(batch: int, adapters: int, density: float, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """proj -> {"native": us, "torch": us} for one sparse-additive call, x, y and values of `dtype`."""
+    from deltafleet.native import BoundSparse
+
+    g = torch.Generator().manual_seed(3)
+    index = torch.randperm(batch, generator=g) % adapters
+    out = {}
+    for name, (d_in, d_out) in SHAPES.items():
+        mask = torch.rand(d_out, d_in, generator=g) < density
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major: sorted by row, then column
+        row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)]).int()
+        values = (torch.randn(adapters + 1, cols.numel(), generator=g) * 0.01).to(dtype)
+        values[adapters] = 0
+        x, y = torch.randn(batch, d_in, generator=g).to(dtype), torch.randn(batch, d_out, generator=g).to(dtype)
+        bound = BoundSparse.bind(values, cols.int(), row_ptr)
+        if bound is None:
+            raise SystemExit("the native kernel is unavailable (no C compiler, or DELTAFLEET_NATIVE=0)")
+
+        def vectorised(x=x, y=y, values=values, cols=cols, rows=rows):
+            return y.index_add(1, rows, x[:, cols] * values[index])
+
+        got = y.clone()
+        assert bound(x, got, index, adapters)
+        torch.testing.assert_close(got.float(), vectorised().float(), rtol=2**-7, atol=1e-3)
+        out[name] = {"native": 1e3 * best_ms(lambda x=x, y=y, b=bound: b(x, y, index, adapters), calls=50),
+                     "torch": 1e3 * best_ms(vectorised, calls=50)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -198,8 +232,20 @@ def main() -> None:
     ap.add_argument("--dram", action="store_true", help="also time one whole decode step with pools in DRAM")
     ap.add_argument("--gemv", action="store_true", help="only: a decode step's base matmuls, oneDNN vs the native "
                     "streaming kernel, bf16 and fp32, 1 to 16 rows")
+    ap.add_argument("--sparse", action="store_true", help="only: PaFi sparse-additive deltas per projection, "
+                    "native kernel vs vectorised torch (--density of each projection's entries)")
+    ap.add_argument("--density", type=float, default=0.02)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sparse:
+        print(f"{args.threads} thread(s); batch {args.batch} over {args.adapters} slots, density {args.density}; "
+              "us per projection call")
+        with torch.inference_mode():
+            for dtype in (torch.float32, torch.bfloat16):
+                for name, t in sparse_paths(args.batch, args.adapters, args.density, dtype).items():
+                    print(f"{str(dtype)[6:]:>8} {name:>9}: native {t['native']:7.1f}, torch {t['torch']:7.1f} "
+                          f"({t['torch'] / t['native']:.1f}x)")
+        return
     if args.gemv:
         from deltafleet import native
 

@@ -15,6 +15,7 @@ from deltafleet.adapters import (
     save_adapter,
     unmerge_adapter,
 )
+from deltafleet.adapters.pafi import PafiConfig
 from deltafleet.models.config import ModelConfig
 from deltafleet.models.generate import greedy_generate
 from deltafleet.models.loading import load_model
@@ -22,7 +23,7 @@ from deltafleet.models.loading import load_model
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # LoRA of several ranks and target sets, the three RoAd variants, and low-rank deltas of small and large rank
-# (the large one lands in the engine's "delta" pool).
+# (the large one lands in the engine's "delta" pool), and PaFi tenants (sparse, one shared mask per density).
 ADAPTER_CONFIGS = {
     "lora-r2-qv": LoraConfig(r=2, alpha=4.0, targets=("q_proj", "v_proj")),
     "lora-r8-all": LoraConfig(r=8, alpha=8.0, targets=ALL),
@@ -33,7 +34,10 @@ ADAPTER_CONFIGS = {
     "road4-mlp": RoadConfig(variant="road_4", group_size=64, targets=("gate_proj", "down_proj")),
     "delta-r6": LowRankConfig(rank=6, targets=ALL),
     "delta-r40": LowRankConfig(rank=40, targets=("q_proj", "o_proj", "up_proj", "down_proj")),
+    "pafi-all": PafiConfig(density=0.02, targets=ALL),
+    "pafi-qkvo": PafiConfig(density=0.02, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
 }
+STRONGER = {"lora": 2.0, "pafi": 20.0}  # scale of random factors / values: greedy paths really differ from the base
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +46,10 @@ def adapters_dir(tiny_llama, tmp_path_factory):
     d = tmp_path_factory.mktemp("adapters")
     for i, (name, acfg) in enumerate(ADAPTER_CONFIGS.items()):
         a = random_adapter(cfg, acfg, seed=100 + i)
-        if acfg.kind == "lora":  # stronger adapters: greedy paths really differ from the base
-            a = type(a)(a.config, {k: {n: t * 2 for n, t in p.items()} for k, p in a.params.items()})
+        if acfg.kind in STRONGER:
+            f = STRONGER[acfg.kind]
+            a = type(a)(a.config, {k: {n: t * f if t.is_floating_point() else t for n, t in p.items()}
+                                   for k, p in a.params.items()})
         save_adapter(a, d / name, model_cfg=cfg)
     return d
 

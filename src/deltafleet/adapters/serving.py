@@ -5,6 +5,8 @@ Every served kind reduces, per projection, to one family that batches without pe
 weights:
 - additive:    y += B^T (A x)                       A (R, in), B (R, out)   width R (LoRA: scale folded into B)
 - elementwise: y  = y * c + rotate_half_G(y) * s     c, s (out,)             width G (RoAd group size)
+- sparse:      y += dW x, dW in CSR: values (nnz,), cols (nnz,), row_ptr (out+1,)   width: density in ppm
+               (PaFi: every tenant of one base and density shares cols/row_ptr, the mask; a slot holds values)
 
 A kind says how it is served by `AdapterKind.serving_form(cfg, params) -> ServingParams`, one projection at a
 time, in its own package; None (the default) means merge-only (`deltafleet merge`), e.g. bitdelta and sparse.
@@ -24,14 +26,16 @@ from torch import Tensor
 from deltafleet.adapters.adapter import Adapter, ModuleKey
 from deltafleet.adapters.registry import KINDS
 
-ADDITIVE, ELEMENTWISE = "additive", "elementwise"
-SLOT_TENSORS: dict[str, tuple[str, ...]] = {ADDITIVE: ("A", "B"), ELEMENTWISE: ("c", "s")}  # family -> slot tensors
+ADDITIVE, ELEMENTWISE, SPARSE = "additive", "elementwise", "sparse"
+SLOT_TENSORS: dict[str, tuple[str, ...]] = {ADDITIVE: ("A", "B"), ELEMENTWISE: ("c", "s"),
+                                            SPARSE: ("values", "cols", "row_ptr")}  # family -> slot tensors
 
 
 @dataclass(frozen=True)
 class ServingParams:
     """One projection's slot contents. family: a key of `SLOT_TENSORS`; width: rank R (additive) or group size G
-    (elementwise); tensors: the family's slot tensors (shapes in the module docstring), fp32."""
+    (elementwise), density in ppm (sparse); tensors: the family's slot tensors (shapes in the module docstring),
+    fp32, integer index tensors as they are."""
 
     family: str
     width: int
@@ -55,7 +59,10 @@ class ServingForm:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.values())
+        """Bytes of the floating-point tensors: integer index tensors (a sparse family's mask) are shared by every
+        tenant of the mask and are not counted per tenant."""
+        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.values()
+                   if t.is_floating_point())
 
     @property
     def module_keys(self) -> frozenset[ModuleKey]:
@@ -99,7 +106,7 @@ def to_serving_form(adapter: Adapter, dtype: torch.dtype) -> ServingForm:
             raise ValueError(f"adapter kind {cfg.kind!r}: layers.{key[0]}.{key[1]} is served {sp.family}, an "
                              f"earlier projection {family}; one adapter is served in one family")
         family, width = sp.family, max(width, sp.width)
-        modules[key] = {n: t.to(dtype).contiguous() for n, t in sp.tensors.items()}
+        modules[key] = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in sp.tensors.items()}
     return ServingForm(family, width, modules)
 
 

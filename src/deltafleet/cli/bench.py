@@ -440,6 +440,48 @@ def print_peer_report(rep: dict, out: Console) -> None:
                   + f"; start-up {r['startup_s']} s, RSS {r['rss_mb']:.0f} MB", highlight=False)
 
 
+def bench_methods_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
+    tasks: str = typer.Option("json-field,sort", help="Comma-separated tasks."),
+    methods: str = typer.Option("lora,road,pafi,meft,full", help="Comma-separated training methods."),
+    steps: int = typer.Option(80, min=1, help="Optimizer steps of every run."),
+    batch_size: int = typer.Option(8, min=1, help="Examples per step."),
+    test_examples: int = typer.Option(50, min=1, help="Test examples scored per run."),
+    precision: str = typer.Option("auto", help="auto, bf16 or fp32 (the recipe's)."),
+    results: Path | None = typer.Option(None, help="Also write the JSON report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
+) -> None:
+    """Fine-tuning methods side by side at matched steps: test accuracy, trainable parameters, stored bytes, peak
+    RSS (one child process per run) and training time."""
+    from deltafleet.bench.methods import MethodsConfig, run
+
+    try:
+        cfg = MethodsConfig(base=base, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                            methods=tuple(m.strip() for m in methods.split(",") if m.strip()), steps=steps,
+                            batch_size=batch_size, test_examples=test_examples, precision=precision)
+        rep = run(cfg, log=lambda m: log_console.print(f"[dim]{m}[/dim]"))
+    except (DeltafleetError, RuntimeError, ValueError, OSError) as e:
+        _fail(e)
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(rep, indent=2) + "\n")
+    if as_json:
+        console.print_json(json.dumps(rep))
+        return
+    table = Table(title=f"bench methods: {cfg.steps} steps, batch {cfg.batch_size}, {rep['cpu']}")
+    for col in ("task", "method", "lr", "test acc", "trainable", "stored MB", "peak RSS MB", "train s"):
+        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+    for r in rep["runs"]:
+        table.add_row(r["task"], r["method"], f"{r['lr']:g}", f"{r['test_accuracy']:.2f}",
+                      f"{r['trainable_params']:,}", f"{r['stored_bytes'] / 1e6:.2f}", f"{r['peak_rss_mb']:.0f}",
+                      f"{r['train_seconds']:.0f}")
+    console.print(table)
+    for m, s in rep["summary"].items():
+        console.print(f"{m}: mean test accuracy {s['mean_test_accuracy']:.3f}"
+                      + (f" ({s['accuracy_minus_lora']:+.3f} vs LoRA), peak RSS {s['peak_rss_over_lora']:.2f}x "
+                         f"LoRA's" if "accuracy_minus_lora" in s else ""), highlight=False)
+
+
 bench_app.command("engine")(bench_engine_command)
 bench_app.command("serve")(bench_serve_command)
 bench_app.command("compress")(bench_compress_command)
@@ -447,3 +489,4 @@ bench_app.command("lowbit")(lowbit_bench_command)
 bench_app.command("memory")(bench_memory_command)
 bench_app.command("churn")(bench_churn_command)
 bench_app.command("peer")(bench_peer_command)
+bench_app.command("methods")(bench_methods_command)

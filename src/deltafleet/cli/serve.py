@@ -42,6 +42,8 @@ def serve_command(
                                              "--dtype's; bfloat16 under float32 halves adapter memory traffic)."),
     prepack: bool = typer.Option(True, help="On a float32 or bfloat16 CPU model, run the base matmuls on weights "
                                  "reordered once for oneDNN (faster decode; one more copy of the weights in memory)."),
+    pafi_density: float = typer.Option(0.02, min=1e-6, max=1.0, help="Mask density of the PaFi tenants served "
+                                       "(they share the base's mask of this density)."),
     config: Path | None = typer.Option(None, help="Tenancy TOML: API keys, their adapters, admin keys."),
     model_name: str | None = typer.Option(None, help="Public name of the base model (default: --base's name)."),
     max_batch: int = typer.Option(16, min=1, help="Running sequences at most."),
@@ -72,7 +74,7 @@ def serve_command(
         with console.status(f"loading {base} ({dt})"):
             gateway = build_gateway(base, adapters, dt, model_name, max_batch=max_batch,
                                     max_model_len=max_model_len, max_queue=max_queue, adapter_dtype=adapter_dtype,
-                                    prepack=prepack)
+                                    prepack=prepack, pafi_density=pafi_density)
         console.print(f"loaded {gateway.model_name} in {time.perf_counter() - t0:.1f} s ({dt}); "
                       f"{len(gateway.adapter_names())} adapters; tenancy: "
                       f"{'open (no --config)' if tenancy.open else f'{len(tenancy.entries)} keys'}")

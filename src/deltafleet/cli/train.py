@@ -16,7 +16,7 @@ console = Console()
 def train_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
     task: str = typer.Option(..., help="Task name (see `deltafleet tasks list`)."),
-    method: str = typer.Option(..., help="lora, road, ia3 or full."),
+    method: str = typer.Option(..., help="lora, road, ia3, pafi, meft or full."),
     out: Path = typer.Option(..., help="Output directory: the adapter (or checkpoint) and checkpoints/."),
     steps: int = typer.Option(100, help="Optimizer steps."),
     batch_size: int = typer.Option(8, help="Examples per micro-batch."),
@@ -34,6 +34,13 @@ def train_command(
                    "--rank, --alpha and --targets must match it."),
     road_variant: str = typer.Option("road_1", help="RoAd variant: road_1, road_2 or road_4."),
     road_group_size: int = typer.Option(64, help="RoAd group size."),
+    pafi_density: float = typer.Option(
+        0.02, help="PaFi: fraction of each target projection's entries trained (its smallest-magnitude ones)."),
+    meft_variant: str = typer.Option("meft1", help="MEFT variant: meft1, meft2 or meft3."),
+    meft_rev_layers: int = typer.Option(
+        4, min=0, help="MEFT: the lowest N layers are reversible (recomputed in backward); more than about 4 lose "
+                       "the activations to rounding (the inverse divides by 0.1 per layer)."),
+    meft_bottleneck: int = typer.Option(8, help="MEFT adapter bottleneck width."),
     max_seq_len: int = typer.Option(512, help="Longest example in tokens (longer answers are cut)."),
     precision: str = typer.Option(
         "auto", help="bf16 (CPU autocast, fp32 weights), fp32, or auto: bf16 where the CPU has native bf16 "
@@ -43,7 +50,8 @@ def train_command(
     eval_examples: int = typer.Option(32, help="Validation examples for the final metrics."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
-    """Fine-tune a base model on a task with LoRA, RoAd, IA3 or full fine-tuning; Ctrl-C saves a checkpoint."""
+    """Fine-tune a base model on a task with LoRA, RoAd, IA3, PaFi, MEFT or full fine-tuning; Ctrl-C saves a
+    checkpoint."""
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -62,6 +70,8 @@ def train_command(
             lora_rank=rank, lora_alpha=alpha,
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets is not None else None,
             lora_init=lora_init, road_variant=road_variant, road_group_size=road_group_size, max_seq_len=max_seq_len,
+            pafi_density=pafi_density, meft_variant=meft_variant, meft_rev_layers=meft_rev_layers,
+            meft_bottleneck=meft_bottleneck,
             precision=precision, seed=seed, save_every=save_every, eval_examples=eval_examples, resume=resume,
         )
         result = train(cfg, console=console, validate=validation_metrics)

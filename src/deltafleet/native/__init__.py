@@ -307,3 +307,79 @@ def road_apply_(y: torch.Tensor, c: torch.Tensor, s: torch.Tensor, index: torch.
     unavailable or the tensors do not fit its contract. A one-off call; a hot loop binds (`BoundRoad.bind`)."""
     bound = BoundRoad.bind(c, s, group)
     return bound is not None and bound(y, index, null_row)
+
+
+# sparse_cpu.c: (n, in_f, out_f, x, sx, y, sy, values, sv, cols, row_ptr, idx, null_row)
+_SPARSE_ARGS = [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64]
+_I32T = torch.int32
+
+
+@cache
+def sparse_add(weight_dtype: torch.dtype = torch.float32, act_dtype: torch.dtype = torch.float32):
+    """sparse_cpu.c's sparse-additive kernel for values of `weight_dtype` and activations x, y of `act_dtype` (each
+    float32 or bfloat16), or None when native kernels are unavailable or the pair has no kernel."""
+    suffix = _SUFFIX.get((act_dtype, weight_dtype))
+    return None if suffix is None else _function("sparse_cpu", f"sparse_add_{suffix}", _SPARSE_ARGS)
+
+
+class BoundSparse:
+    """sparse_cpu.c's kernel bound to one pool's values (S, nnz) and the sparsity pattern every slot shares, CSR
+    cols (nnz,) and row_ptr (out + 1,): the pattern is validated once here (O(nnz); the kernel reads x[cols[j]]
+    unchecked), so a call checks only the batch side. The binding stays valid while the pool lives and the pattern
+    is not rewritten (slots' values may be, in place)."""
+
+    __slots__ = ("fns", "values", "cols", "row_ptr", "out_f", "min_in", "static")
+
+    def __init__(self, fns: dict, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, min_in: int):
+        self.fns, self.values, self.cols, self.row_ptr = fns, values, cols, row_ptr  # activation dtype -> kernel
+        self.out_f, self.min_in = row_ptr.shape[0] - 1, min_in
+        self.static = (values.data_ptr(), values.stride(0), cols.data_ptr(), row_ptr.data_ptr())
+
+    @classmethod
+    def bind(cls, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor) -> BoundSparse | None:
+        """None when the kernel is unavailable or values, cols, row_ptr do not fit its contract: values float32 or
+        bfloat16, 2-d with contiguous rows; cols, row_ptr 1-d int32 contiguous; row_ptr non-decreasing from 0 to
+        at most nnz = values.shape[1]; cols non-negative; all on the CPU."""
+        if not (values.dim() == 2 and values.stride(1) == 1 and cols.dim() == row_ptr.dim() == 1
+                and cols.dtype is _I32T and row_ptr.dtype is _I32T and row_ptr.shape[0] >= 1
+                and cols.is_contiguous() and row_ptr.is_contiguous()
+                and values.device.type == cols.device.type == row_ptr.device.type == "cpu"):
+            return None
+        nnz = int(row_ptr[-1])
+        if not (int(row_ptr[0]) == 0 and nnz <= min(values.shape[1], cols.shape[0])
+                and bool((row_ptr[1:] >= row_ptr[:-1]).all())
+                and (nnz == 0 or int(cols[:nnz].min()) >= 0)):
+            return None
+        fns = _kernels(sparse_add, values.dtype)
+        min_in = int(cols[:nnz].max()) + 1 if nnz else 0
+        return cls(fns, values, cols, row_ptr, min_in) if fns else None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
+        """y[i, r] += sum_{j in row r} values[index[i], j] * x[i, cols[j]] in place for every i with
+        index[i] != null_row. x (..., in), y (..., out) both float32 or both bfloat16, contiguous, on the CPU, with
+        N = prod(...) rows and in above every column of the pattern; index (N,) int64 contiguous, in [0, S).
+        Returns False (and does nothing) when the batch does not fit the contract."""
+        n, in_f = index.shape[0], x.shape[-1]
+        fn = self.fns.get(x.dtype)
+        if not (fn is not None and y.dtype is x.dtype and index.dtype is _I64T and in_f >= self.min_in
+                and y.shape[-1] == self.out_f and x.numel() == n * in_f and y.numel() == n * self.out_f
+                and x.is_contiguous() and y.is_contiguous() and index.is_contiguous()
+                and x.is_cpu and y.is_cpu and index.is_cpu):
+            return False
+        fn(n, in_f, self.out_f, x.data_ptr(), in_f, y.data_ptr(), self.out_f, *self.static, index.data_ptr(),
+           null_row)
+        return True
+
+
+def sparse_add_(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
+                index: torch.Tensor, null_row: int) -> bool:
+    """y[i, r] += sum_{j = row_ptr[r]}^{row_ptr[r+1]-1} values[index[i], j] * x[i, cols[j]] in place for every i
+    with index[i] != null_row (PaFi's sparse-additive deltas: one CSR pattern shared by every slot).
+
+    x (N, in), y (N, out) both float32 or both bfloat16, contiguous; values (S, nnz) float32 or bfloat16 with
+    contiguous rows; cols (nnz,), row_ptr (out + 1,) int32 contiguous; index (N,) int64 contiguous. Returns False
+    (and does nothing) when the kernel is unavailable or the tensors do not fit its contract; the caller then
+    takes its torch path. A one-off call (it validates the pattern, O(nnz)); a hot loop binds the pool once
+    (`BoundSparse.bind`)."""
+    bound = BoundSparse.bind(values, cols, row_ptr)
+    return bound is not None and bound(x, y, index, null_row)

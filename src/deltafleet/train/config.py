@@ -6,6 +6,12 @@ size 64; IA3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Bett
 Learning", sec. 3.3) lr 3e-3 on keys, values and the feed-forward input; full fine-tuning 2e-5.
 `lora_init` starts LoRA from a peft LoRA directory (LoftQ or ApiQ initialisation, `deltafleet quantize`) instead
 of B = 0; its rank, alpha and targets must equal the run's.
+PaFi (Liao et al. 2023, arXiv 2305.16742): `pafi_density`, the fraction of each target projection's entries
+trained (the smallest-magnitude ones of the base); default 0.02, about LoRA rank 8's trainable parameters on
+SmolLM2's seven projections. MEFT (Liao et al. 2023, arXiv 2306.00477): `meft_variant` (meft1/2/3),
+`meft_rev_layers` (the lowest k layers reversible, default 4: the inverse divides by lambda, beta = 0.1, so
+rounding grows ~10x per reversible layer and 8 layers already lose the activations, see `train.meft`; None: all),
+`meft_bottleneck` (adapter width, 8 as the paper's scripts).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from deltafleet.tasks import TASKS
 from deltafleet.train.methods import METHODS
 
 PRECISIONS = ("auto", "bf16", "fp32")
+MEFT_VARIANTS = ("meft1", "meft2", "meft3")
 # Fields that change nothing in the trained weights; a resumed run may differ in them.
 NON_RESULT_FIELDS = ("out", "resume", "save_every", "eval_examples")
 
@@ -56,6 +63,10 @@ class TrainConfig:
     lora_init: Path | None = None
     road_variant: str = "road_1"
     road_group_size: int = 64
+    pafi_density: float = 0.02
+    meft_variant: str = "meft1"
+    meft_rev_layers: int | None = 4
+    meft_bottleneck: int = 8
     max_seq_len: int = 512
     precision: str = "auto"
     seed: int = 0
@@ -98,6 +109,17 @@ class TrainConfig:
             raise ValueError(f"road_group_size={self.road_group_size}: must be even")
         if self.road_variant not in ROAD_VARIANTS:
             raise ValueError(f"road_variant={self.road_variant!r}: must be one of {ROAD_VARIANTS}")
+        if not 0 < self.pafi_density <= 1:
+            raise ValueError(f"pafi_density={self.pafi_density!r}: must be in (0, 1]")
+        if self.meft_variant not in MEFT_VARIANTS:
+            raise ValueError(f"meft_variant={self.meft_variant!r}: must be one of {MEFT_VARIANTS}")
+        if self.meft_rev_layers is not None and (isinstance(self.meft_rev_layers, bool)
+                                                 or not isinstance(self.meft_rev_layers, int)
+                                                 or self.meft_rev_layers < 0):
+            raise ValueError(f"meft_rev_layers={self.meft_rev_layers!r}: must be a non-negative integer or None (all)")
+        if isinstance(self.meft_bottleneck, bool) or not isinstance(self.meft_bottleneck, int) \
+                or self.meft_bottleneck < 1:
+            raise ValueError(f"meft_bottleneck={self.meft_bottleneck!r}: must be a positive integer")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: must be one of {PRECISIONS}")
         if self.precision == "auto":

@@ -6,6 +6,9 @@ layout (`save_pretrained`: `adapter_config.json` + `adapter_model.safetensors`):
   peft LoRA directory (`lora_init`: LoftQ / ApiQ initialisations written by `deltafleet quantize`);
 - `road`: RoAd (Liao et al. 2024, arXiv 2409.00119), a learned 2x2 rotation-and-scale of output pairs;
 - `ia3`: IA3 (Liu et al. 2022, arXiv 2205.05638), learned scaling of keys, values and the FFN input.
+`pafi` (PaFi, Liao et al. 2023, arXiv 2305.16742) trains a data-free magnitude mask of each target projection and
+exports a `deltafleet-pafi` tenant (`train.pafi`); `meft` (MEFT, Liao et al. 2023, arXiv 2306.00477) makes the
+network reversible with bottleneck adapters and recomputes activations in the backward pass (`train.meft`).
 `full` trains every weight and exports a safetensors Hugging Face checkpoint plus the tokenizer, without a
 `quantization_config`.
 """
@@ -134,3 +137,6 @@ register_method(Method("road", "road", 3e-3, PROJECTIONS, ("targets", "road_vari
 register_method(Method("ia3", "ia3", 3e-3, ("k_proj", "v_proj", "down_proj"), ("targets",),
                        _peft(_ia3_config), _export_peft))
 register_method(Method("full", "full", 2e-5, (), (), _prepare_full, _export_full))
+
+# Methods in their own modules register themselves on import (after the registry above exists).
+from deltafleet.train import meft, pafi  # noqa: E402, F401

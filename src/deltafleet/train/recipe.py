@@ -32,7 +32,7 @@ from deltafleet.errors import DeltafleetError
 from deltafleet.models.loading import load_tokenizer, resolve_base
 from deltafleet.quant.base import hf_causal_lm, is_quantized_base
 from deltafleet.store.fingerprint import base_fingerprint
-from deltafleet.store.manifest import write_manifest
+from deltafleet.store.manifest import read_manifest, write_manifest
 from deltafleet.tasks import encode_example, end_of_turn_id, get_task
 from deltafleet.train import checkpoint as ckpt
 from deltafleet.train.config import TrainConfig
@@ -202,7 +202,9 @@ def train(cfg: TrainConfig, *, console: Console | None = None, show_progress: bo
         "train_loss": {"first": progress.losses[0] if progress.losses else None,
                        "last": progress.losses[-1] if progress.losses else None},
     }
-    write_manifest(cfg.out, fmt, manifest)
+    exported = read_manifest(cfg.out) or {}  # an export may write its own fields (e.g. a tenant's typed config)
+    exported = {k: v for k, v in exported.items() if k not in ("schema_version", "format")}
+    write_manifest(cfg.out, fmt, {**exported, **manifest})
     return TrainResult(out=cfg.out, steps=progress.step, completed=completed, losses=list(progress.losses),
                        final_metrics=metrics, train_seconds=progress.train_seconds,
                        tokens_per_second=progress.tokens / max(progress.train_seconds, 1e-9),

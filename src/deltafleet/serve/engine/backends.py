@@ -3,6 +3,7 @@
 Semantics (the reference backend spells them out token by token; fast backends must match it):
     additive:     y[i] += (x[i] @ A[k_i, :r].T) @ B[k_i, :r]     k_i = pool row of token i, r = step width
     elementwise:  y[i]  = y[i] * c[k_i] + rotate_half_G(y[i]) * s[k_i]
+    sparse:       y[i] += x[i] @ dW(values[k_i])^T                dW in CSR over the pool's shared (cols, row_ptr)
 Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchanged.
 
 - `reference`: a plain loop over tokens; the oracle in tests.
@@ -16,6 +17,8 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
   read in place from the pool; without grouped_mm, it picks by the step's shape: one matmul pair per segment
   when few adapters cover many tokens (prefill), else a gather + batched matmul per token.
   Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
+  Sparse is the native sparse-additive kernel (each token reads its slot's values over the shared mask), else one
+  gather of inputs and values and one index_add (`adapters.pafi.functional.sparse_apply_batched`).
 
 A backend applies each pool family with its own method, named per family in `Backend.appliers`; the batch layout
 looks the method up once per step and pool (`applier`), so a projection call dispatches on nothing.
@@ -30,9 +33,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from deltafleet.adapters.pafi.functional import sparse_apply, sparse_apply_batched
 from deltafleet.adapters.road.functional import rotate_half_grouped
-from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE
-from deltafleet.native import BoundBgmv, BoundRoad
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, SPARSE
+from deltafleet.native import BoundBgmv, BoundRoad, BoundSparse
 from deltafleet.registry import Registry
 from deltafleet.serve.engine.pools import PoolStep
 
@@ -43,7 +47,8 @@ Applier = Callable[[Tensor, Tensor, dict[str, Tensor], PoolStep], Tensor]
 class Backend(ABC):
     name: str
     # pool family -> the method that applies one pool of that family to one projection (an `Applier`)
-    appliers: ClassVar[dict[str, str]] = {ADDITIVE: "apply_additive", ELEMENTWISE: "apply_elementwise"}
+    appliers: ClassVar[dict[str, str]] = {ADDITIVE: "apply_additive", ELEMENTWISE: "apply_elementwise",
+                                          SPARSE: "apply_sparse"}
 
     def applier(self, family: str) -> Applier:
         """The method applying pools of `family`: x (..., in), y (..., out) with N = prod(...) tokens -> adapted
@@ -61,6 +66,15 @@ class Backend(ABC):
     def apply_elementwise(self, x: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
         shape = y.shape
         return self.elementwise(y.reshape(-1, shape[-1]), tensors["c"], tensors["s"], step).reshape(shape)
+
+    def apply_sparse(self, x: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
+        shape = y.shape
+        return self.sparse(x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1]), tensors["values"], tensors["cols"],
+                           tensors["row_ptr"], step).reshape(shape)
+
+    def sparse(self, x: Tensor, y: Tensor, values: Tensor, cols: Tensor, row_ptr: Tensor, step: PoolStep) -> Tensor:
+        """x (N, in), y (N, out), values (slots + 1, nnz) -> adapted y (N, out)."""
+        return y + sparse_apply_batched(x, values, cols, row_ptr, step.index)
 
     @abstractmethod
     def additive(self, x: Tensor, y: Tensor, A: Tensor, B: Tensor, step: PoolStep) -> Tensor: ...
@@ -87,6 +101,13 @@ class ReferenceBackend(Backend):
             k = int(step.index[i])
             out[i] = y[i] * c[k].to(y.dtype) + rotate_half_grouped(y[i], G) * s[k].to(y.dtype)
         return out
+
+
+    def sparse(self, x, y, values, cols, row_ptr, step):
+        y = y.clone()
+        for i in range(x.shape[0]):
+            y[i] += sparse_apply(x[i], values[int(step.index[i])], cols, row_ptr)
+        return y
 
 
 class CpuBackend(Backend):
@@ -123,6 +144,14 @@ class CpuBackend(Backend):
             if kernel is not None and kernel(y, step.index, step.pool.null):
                 return y
         return super().apply_elementwise(x, y, tensors, step)
+
+    def apply_sparse(self, x, y, tensors, step):
+        if self.native:
+            kernel = self._binding(tensors, lambda: BoundSparse.bind(tensors["values"], tensors["cols"],
+                                                                     tensors["row_ptr"]))
+            if kernel is not None and kernel(x.contiguous(), y, step.index, step.pool.null):
+                return y
+        return super().apply_sparse(x, y, tensors, step)
 
     def _few_tokens_per_adapter(self, step: PoolStep) -> bool:
         """Decode-like: the step's distinct adapters cover fewer than `segment_ratio` member tokens each."""

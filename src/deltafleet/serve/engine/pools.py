@@ -8,7 +8,8 @@ reused; loading an adapter copies its own weights into its slot (never a copy of
 admin call freeing a slot): the pool's tensors are inference tensors, read by forwards under inference mode or
 `no_grad`.
 
-Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out); elementwise c, s (n+1, out).
+Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out); elementwise c, s (n+1, out); sparse values (n+1, nnz)
+with the pool's one mask per projection, cols (nnz,) and row_ptr (out+1,) (PaFi: the mask of the base).
 
 The engine builds its pools from `PoolSpec`s (`EngineConfig.pools`), one pool class per serving family
 (`POOL_CLASSES`); which family and what a slot holds is each adapter kind's own `serving_form`
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.adapter import ModuleKey
-from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, SLOT_TENSORS, ServingForm
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, SLOT_TENSORS, SPARSE, ServingForm
 from deltafleet.models.config import ModelConfig
 from deltafleet.registry import Registry
 
@@ -85,7 +86,8 @@ class Pool(ABC):
     def accepts(self, form: ServingForm) -> bool: ...
 
     @abstractmethod
-    def _allocate(self, key: ModuleKey) -> dict[str, Tensor]: ...
+    def _allocate(self, key: ModuleKey, src: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A projection's tensors for every slot, allocated when the first adapter adapting it (`src`) arrives."""
 
     @abstractmethod
     def _write_module(self, slot: int, dst: dict[str, Tensor], src: dict[str, Tensor]) -> None: ...
@@ -98,7 +100,7 @@ class Pool(ABC):
         self.clear(slot)
         for key, src in form.modules.items():
             if key not in self.tensors:
-                self.tensors[key] = self._allocate(key)
+                self.tensors[key] = self._allocate(key, src)
             self._write_module(slot, self.tensors[key], src)
         self.slot_modules[slot] = self._module_sets.setdefault(form.module_keys, form.module_keys)
         self.slot_width[slot] = form.width
@@ -124,7 +126,7 @@ class AdditivePool(Pool):
     def accepts(self, form: ServingForm) -> bool:
         return form.family == ADDITIVE and form.width <= self.width
 
-    def _allocate(self, key: ModuleKey) -> dict[str, Tensor]:
+    def _allocate(self, key: ModuleKey, src: dict[str, Tensor]) -> dict[str, Tensor]:
         out_f, in_f = self.cfg.linear_shape(key[1])
         n = self.slots + 1
         return {"A": torch.zeros(n, self.width, in_f, dtype=self.dtype),
@@ -157,7 +159,7 @@ class ElementwisePool(Pool):
     def accepts(self, form: ServingForm) -> bool:
         return form.family == ELEMENTWISE and form.width == self.width
 
-    def _allocate(self, key: ModuleKey) -> dict[str, Tensor]:
+    def _allocate(self, key: ModuleKey, src: dict[str, Tensor]) -> dict[str, Tensor]:
         out_f, _ = self.cfg.linear_shape(key[1])
         n = self.slots + 1
         return {"c": torch.ones(n, out_f, dtype=self.dtype), "s": torch.zeros(n, out_f, dtype=self.dtype)}
@@ -169,6 +171,47 @@ class ElementwisePool(Pool):
     def _clear_module(self, slot, dst):
         dst["c"][slot].fill_(1)
         dst["s"][slot].zero_()
+
+
+class SparsePool(Pool):
+    """Sparse additive adapters sharing one mask per projection (PaFi tenants of one base and density; width =
+    the density in ppm). The mask comes with the first adapter written; a later adapter whose indices differ is
+    refused (ValueError), never mixed in."""
+
+    family = SPARSE
+
+    @classmethod
+    def specs_for(cls, widths: list[int]) -> list[PoolSpec]:
+        return [PoolSpec(f"{cls.family}-{w}ppm", cls.family, widths.count(w), w) for w in sorted(set(widths))]
+
+    def accepts(self, form: ServingForm) -> bool:
+        return form.family == SPARSE and form.width == self.width
+
+    def _allocate(self, key: ModuleKey, src: dict[str, Tensor]) -> dict[str, Tensor]:
+        nnz = src["values"].numel()
+        return {"values": torch.zeros(self.slots + 1, nnz, dtype=self.dtype), "cols": src["cols"],
+                "row_ptr": src["row_ptr"]}
+
+    @torch.inference_mode()
+    def write(self, slot: int, form: ServingForm) -> None:
+        for key, src in form.modules.items():  # checked before any slot tensor changes
+            held = self.tensors.get(key)
+            if held is None or (held["cols"] is src["cols"] and held["row_ptr"] is src["row_ptr"]):
+                continue
+            if not (torch.equal(held["cols"], src["cols"]) and torch.equal(held["row_ptr"], src["row_ptr"])):
+                raise ValueError(f"pool {self.name!r}: layers.{key[0]}.{key[1]}: this adapter's sparsity mask differs "
+                                 f"from the pool's (PaFi tenants in one pool share the mask of one base and density)")
+        super().write(slot, form)
+
+    def _write_module(self, slot, dst, src):
+        dst["values"][slot] = src["values"]
+
+    def _clear_module(self, slot, dst):
+        dst["values"][slot].zero_()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m["values"].numel() * m["values"].element_size() for m in self.tensors.values())
 
 
 def _check_pool_class(family: str, cls: type[Pool]) -> None:
@@ -185,6 +228,7 @@ def register_pool_class(cls: type[Pool]) -> type[Pool]:
 
 register_pool_class(AdditivePool)
 register_pool_class(ElementwisePool)
+register_pool_class(SparsePool)
 
 
 def pool_specs_for(shapes: Iterable[tuple[str, int]]) -> tuple[PoolSpec, ...]:

@@ -13,7 +13,16 @@ import torch
 
 from deltafleet.adapters import KINDS, AdapterConfig, AdapterKind, LoraConfig, random_adapter
 from deltafleet.adapters.registry import register_kind
-from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, ServingParams, served_kinds, to_serving_form
+from deltafleet.adapters.serving import (
+    ADDITIVE,
+    ELEMENTWISE,
+    NORM,
+    SPARSE,
+    ServingParams,
+    served_kinds,
+    to_serving_form,
+)
+from deltafleet.models.config import NORMS
 from deltafleet.models.generate import greedy_generate
 from deltafleet.models.loading import load_model
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
@@ -38,7 +47,7 @@ def ids(model):
 
 
 def test_the_built_in_kinds_are_served_as_documented():
-    assert served_kinds() == ["lora", "lowrank", "qlowrank", "road"]
+    assert served_kinds() == ["hiwi", "lora", "lowrank", "pafi", "qlowrank", "road"]
     assert MERGE_ONLY == ["bitdelta", "sparse"]
     assert [k for k in sorted(KINDS) if KINDS[k].compact] == ["qlowrank"]
 
@@ -48,8 +57,8 @@ def test_serving_form_is_declared_per_projection(model, kind):
     """Served kinds give a valid form for every projection shape, merge-only kinds None."""
     k, cfg = KINDS[kind], CONFIGS[kind]
     g = torch.Generator().manual_seed(1)
-    for proj in ALL:
-        out_f, in_f = model.config.linear_shape(proj)
+    for proj in cfg.targets:
+        out_f, in_f = model.config.module_shape(proj)
         sp = k.serving_form(cfg, k.init_params(cfg, out_f, in_f, identity=False, generator=g))
         if kind in MERGE_ONLY:
             assert sp is None
@@ -57,6 +66,11 @@ def test_serving_form_is_declared_per_projection(model, kind):
         shapes = {n: tuple(t.shape) for n, t in sp.tensors.items()}
         if sp.family == ADDITIVE:
             assert shapes == {"A": (sp.width, in_f), "B": (sp.width, out_f)}
+        elif sp.family == SPARSE:
+            nnz = shapes["values"][0]
+            assert shapes == {"values": (nnz,), "cols": (nnz,), "row_ptr": (out_f + 1,)}
+        elif sp.family == NORM:
+            assert shapes == {"delta": (out_f,)} and proj in NORMS
         else:
             assert sp.family == ELEMENTWISE and shapes == {"c": (out_f,), "s": (out_f,)}
 

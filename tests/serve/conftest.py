@@ -15,6 +15,7 @@ from deltafleet.adapters import (
     save_adapter,
     unmerge_adapter,
 )
+from deltafleet.adapters.hiwi import HiwiConfig
 from deltafleet.adapters.pafi import PafiConfig
 from deltafleet.models.config import ModelConfig
 from deltafleet.models.generate import greedy_generate
@@ -23,7 +24,8 @@ from deltafleet.models.loading import load_model
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # LoRA of several ranks and target sets, the three RoAd variants, and low-rank deltas of small and large rank
-# (the large one lands in the engine's "delta" pool), and PaFi tenants (sparse, one shared mask per density).
+# (the large one lands in the engine's "delta" pool), PaFi tenants (sparse, one shared mask per density) and HiWi
+# tenants (RMSNorm gain changes).
 ADAPTER_CONFIGS = {
     "lora-r2-qv": LoraConfig(r=2, alpha=4.0, targets=("q_proj", "v_proj")),
     "lora-r8-all": LoraConfig(r=8, alpha=8.0, targets=ALL),
@@ -36,8 +38,11 @@ ADAPTER_CONFIGS = {
     "delta-r40": LowRankConfig(rank=40, targets=("q_proj", "o_proj", "up_proj", "down_proj")),
     "pafi-all": PafiConfig(density=0.02, targets=ALL),
     "pafi-qkvo": PafiConfig(density=0.02, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+    "hiwi-both": HiwiConfig(),
+    "hiwi-post": HiwiConfig(targets=("post_attention_layernorm",)),
 }
-STRONGER = {"lora": 2.0, "pafi": 20.0}  # scale of random factors / values: greedy paths really differ from the base
+# Scale of the random factors / values, so that greedy paths really differ from the base's.
+STRONGER = {"lora": 2.0, "pafi": 20.0, "hiwi": 10.0}
 
 
 @pytest.fixture(scope="session")

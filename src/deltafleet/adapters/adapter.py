@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.registry import AdapterConfig, AdapterKind, Params, get_kind
-from deltafleet.models.config import ModelConfig
+from deltafleet.models.config import NORMS, ModelConfig
 from deltafleet.models.llama import ProjectionHook, Transformer
 
 ModuleKey = tuple[int, str]
@@ -53,6 +53,7 @@ class Adapter:
             p = params.get((layer, proj))
             return y if p is None else kind.apply(cfg, p, x, y)
 
+        apply.norms = any(name in NORMS for _, name in params)  # the model calls it for its RMSNorms too
         return apply
 
     def check_shapes(self, model_cfg: ModelConfig, source: str = "adapter") -> None:
@@ -60,7 +61,7 @@ class Adapter:
         for (layer, proj), p in self.params.items():
             if not 0 <= layer < model_cfg.num_layers:
                 raise ValueError(f"{source}: layer {layer} out of range (model has {model_cfg.num_layers})")
-            want = self.kind.param_shapes(self.config, *model_cfg.linear_shape(proj))
+            want = self.kind.param_shapes(self.config, *model_cfg.module_shape(proj))
             for name, shape in want.items():
                 got = tuple(p[name].shape) if name in p else None
                 if got != shape:
@@ -77,7 +78,7 @@ def random_adapter(model_cfg: ModelConfig, config: AdapterConfig, *, identity: b
     params = {}
     for layer in range(model_cfg.num_layers) if layers is None else layers:
         for proj in config.targets:
-            params[(layer, proj)] = kind.init_params(config, *model_cfg.linear_shape(proj), identity=identity,
+            params[(layer, proj)] = kind.init_params(config, *model_cfg.module_shape(proj), identity=identity,
                                                      generator=g)
     return Adapter(config, params)
 
@@ -96,8 +97,9 @@ def unmerge_adapter(model: Transformer, adapter: Adapter) -> None:
 
 def _fold(model: Transformer, adapter: Adapter, fn) -> None:
     for (layer, proj), p in adapter.params.items():
-        lin = model.linear(layer, proj)
-        w, b = fn(adapter.config, p, lin.weight.data, None if lin.bias is None else lin.bias.data)
+        lin = model.module(layer, proj)  # a projection, or an RMSNorm (its gain is the weight, no bias)
+        bias = getattr(lin, "bias", None)
+        w, b = fn(adapter.config, p, lin.weight.data, None if bias is None else bias.data)
         lin.weight.data = w.to(lin.weight.dtype).contiguous()
         if b is not None:
             lin.bias.data = b.to(lin.bias.dtype).contiguous()

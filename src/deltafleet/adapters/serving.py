@@ -5,6 +5,8 @@ Every served kind reduces, per projection, to one family that batches without pe
 weights:
 - additive:    y += B^T (A x)                       A (R, in), B (R, out)   width R (LoRA: scale folded into B)
 - elementwise: y  = y * c + rotate_half_G(y) * s     c, s (out,)             width G (RoAd group size)
+- norm:        y += n * delta                       delta (H,) per RMSNorm       width 1 (HiWi: n is the norm's
+               normalised input, y its output: the gain g becomes g + delta)
 - sparse:      y += dW x, dW in CSR: values (nnz,), cols (nnz,), row_ptr (out+1,)   width: density in ppm
                (PaFi: every tenant of one base and density shares cols/row_ptr, the mask; a slot holds values)
 
@@ -26,9 +28,10 @@ from torch import Tensor
 from deltafleet.adapters.adapter import Adapter, ModuleKey
 from deltafleet.adapters.registry import KINDS
 
-ADDITIVE, ELEMENTWISE, SPARSE = "additive", "elementwise", "sparse"
+ADDITIVE, ELEMENTWISE, SPARSE, NORM = "additive", "elementwise", "sparse", "norm"
 SLOT_TENSORS: dict[str, tuple[str, ...]] = {ADDITIVE: ("A", "B"), ELEMENTWISE: ("c", "s"),
-                                            SPARSE: ("values", "cols", "row_ptr")}  # family -> slot tensors
+                                            SPARSE: ("values", "cols", "row_ptr"),
+                                            NORM: ("delta",)}  # family -> slot tensors
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 # The zoo's rates for 80-step runs (`eval.zoo.ZOO_LRS`); PaFi's and MEFT's chosen here the same way (see README).
-METHOD_LRS = {"lora": 2e-3, "road": 2e-2, "ia3": 1e-2, "pafi": 2e-3, "meft": 2e-3, "full": 5e-5}
+METHOD_LRS = {"lora": 2e-3, "road": 2e-2, "ia3": 1e-2, "pafi": 2e-3, "hiwi": 1e-2, "meft": 2e-3, "full": 5e-5}
 
 
 @dataclass(frozen=True)
 class MethodsConfig:
     base: str = "smollm2-135m"
     tasks: tuple[str, ...] = ("json-field", "sort")
-    methods: tuple[str, ...] = ("lora", "road", "pafi", "meft", "full")
+    methods: tuple[str, ...] = ("lora", "road", "pafi", "hiwi", "meft", "full")
     steps: int = 80
     batch_size: int = 8
     test_examples: int = 50

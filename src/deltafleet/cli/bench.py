@@ -443,7 +443,7 @@ def print_peer_report(rep: dict, out: Console) -> None:
 def bench_methods_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
     tasks: str = typer.Option("json-field,sort", help="Comma-separated tasks."),
-    methods: str = typer.Option("lora,road,pafi,meft,full", help="Comma-separated training methods."),
+    methods: str = typer.Option("lora,road,pafi,hiwi,meft,full", help="Comma-separated training methods."),
     steps: int = typer.Option(80, min=1, help="Optimizer steps of every run."),
     batch_size: int = typer.Option(8, min=1, help="Examples per step."),
     test_examples: int = typer.Option(50, min=1, help="Test examples scored per run."),

@@ -16,7 +16,7 @@ console = Console()
 def train_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
     task: str = typer.Option(..., help="Task name (see `deltafleet tasks list`)."),
-    method: str = typer.Option(..., help="lora, road, ia3, pafi, meft or full."),
+    method: str = typer.Option(..., help="lora, road, ia3, pafi, hiwi, meft or full."),
     out: Path = typer.Option(..., help="Output directory: the adapter (or checkpoint) and checkpoints/."),
     steps: int = typer.Option(100, help="Optimizer steps."),
     batch_size: int = typer.Option(8, help="Examples per micro-batch."),
@@ -28,7 +28,8 @@ def train_command(
     rank: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha/rank)."),
     targets: str | None = typer.Option(
-        None, help="Comma-separated projections (default: all seven for lora/road; k_proj,v_proj,down_proj for ia3)."),
+        None, help="Comma-separated projections (default: all seven for lora/road/pafi; k_proj,v_proj,down_proj for "
+                   "ia3), or norms for hiwi (default: input_layernorm,post_attention_layernorm)."),
     lora_init: Path | None = typer.Option(
         None, help="Start LoRA from this peft LoRA directory (e.g. QUANTIZED_BASE/lora_init from LoftQ or ApiQ); "
                    "--rank, --alpha and --targets must match it."),
@@ -41,6 +42,7 @@ def train_command(
         4, min=0, help="MEFT: the lowest N layers are reversible (recomputed in backward); more than about 4 lose "
                        "the activations to rounding (the inverse divides by 0.1 per layer)."),
     meft_bottleneck: int = typer.Option(8, help="MEFT adapter bottleneck width."),
+    hiwi_bottleneck: int = typer.Option(64, help="HiWi: width of the adapter that maps each norm gain to its change."),
     max_seq_len: int = typer.Option(512, help="Longest example in tokens (longer answers are cut)."),
     precision: str = typer.Option(
         "auto", help="bf16 (CPU autocast, fp32 weights), fp32, or auto: bf16 where the CPU has native bf16 "
@@ -50,7 +52,7 @@ def train_command(
     eval_examples: int = typer.Option(32, help="Validation examples for the final metrics."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
-    """Fine-tune a base model on a task with LoRA, RoAd, IA3, PaFi, MEFT or full fine-tuning; Ctrl-C saves a
+    """Fine-tune a base model on a task with LoRA, RoAd, IA3, PaFi, HiWi, MEFT or full fine-tuning; Ctrl-C saves a
     checkpoint."""
     import warnings
 
@@ -71,7 +73,7 @@ def train_command(
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets is not None else None,
             lora_init=lora_init, road_variant=road_variant, road_group_size=road_group_size, max_seq_len=max_seq_len,
             pafi_density=pafi_density, meft_variant=meft_variant, meft_rev_layers=meft_rev_layers,
-            meft_bottleneck=meft_bottleneck,
+            meft_bottleneck=meft_bottleneck, hiwi_bottleneck=hiwi_bottleneck,
             precision=precision, seed=seed, save_every=save_every, eval_examples=eval_examples, resume=resume,
         )
         result = train(cfg, console=console, validate=validation_metrics)

@@ -19,6 +19,7 @@ from deltafleet.store.manifest import read_json_object
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")  # a decoder layer's RMSNorms (adapted by HiWi tenants)
 
 
 MAX_ELEMENTS = 2**60  # a tensor's bytes must fit torch's signed 64-bit sizes, at up to 8 bytes an element
@@ -122,6 +123,13 @@ class ModelConfig:
         if proj not in shapes:
             raise ValueError(f"projection {proj!r}: must be one of {PROJECTIONS}")
         return shapes[proj]
+
+    def module_shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of an adaptable module of a decoder layer: a projection's, or (H, H) for an RMSNorm (its gain
+        is an (H,) vector; out = in = H keeps the kinds' `param_shapes(cfg, out, in)` signature)."""
+        if name in NORMS:
+            return self.hidden_size, self.hidden_size
+        return self.linear_shape(name)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

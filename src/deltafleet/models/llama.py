@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from deltafleet.models.config import ModelConfig, RopeConfig
 
 ProjectionHook = Callable[[int, str, Tensor, Tensor], Tensor]
-"""hook(layer_index, projection_name, x (..., in), y (..., out)) -> adapted y (..., out)."""
+"""hook(layer_index, projection_name, x (..., in), y (..., out)) -> adapted y (..., out). A decoder layer's two
+RMSNorms call it too, by name (`config.NORMS`), with x the normalised input before the gain (x * rsqrt(mean(x^2) +
+eps), in the activation dtype) and y the norm's output, when the hook says so (`hook.norms = True`)."""
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -126,6 +128,20 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
+def unit_rms(x: Tensor, eps: float) -> Tensor:
+    """x (..., H) -> x * rsqrt(mean(x^2) + eps), computed in fp32 as `RMSNorm` does, in x's dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _norm(norm: nn.Module, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:
+    y = norm(x)
+    if hook is None or not getattr(hook, "norms", False):
+        return y
+    return hook(layer, name, unit_rms(x, norm.eps), y)
+
+
 def _project(linear: nn.Linear, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:
     y = linear(x)
     return y if hook is None else hook(layer, name, x, y)
@@ -179,14 +195,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, layer)
 
     def forward(self, x: Tensor, a: AttentionInputs, hook: ProjectionHook | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), a, hook)
-        return x + self.mlp(self.post_attention_layernorm(x), hook)
+        x = x + self.self_attn(_norm(self.input_layernorm, self.layer, "input_layernorm", x, hook), a, hook)
+        return x + self.mlp(_norm(self.post_attention_layernorm, self.layer, "post_attention_layernorm", x, hook), hook)
 
 
 class Decoder(nn.Module):
@@ -218,6 +235,12 @@ class Transformer(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """The dtype activations run in (the final norm's weight: dense in every kind of base)."""
         return self.model.norm.weight.dtype
+
+    def module(self, layer: int, name: str) -> nn.Module:
+        """The named projection or RMSNorm (`config.NORMS`) of decoder layer `layer`."""
+        if name in ("input_layernorm", "post_attention_layernorm"):
+            return getattr(self.model.layers[layer], name)
+        return self.linear(layer, name)
 
     def linear(self, layer: int, proj: str) -> nn.Linear:
         """The named projection `proj` of decoder layer `layer`."""

@@ -11,7 +11,8 @@ trained (the smallest-magnitude ones of the base); default 0.02, about LoRA rank
 SmolLM2's seven projections. MEFT (Liao et al. 2023, arXiv 2306.00477): `meft_variant` (meft1/2/3),
 `meft_rev_layers` (the lowest k layers reversible, default 4: the inverse divides by lambda, beta = 0.1, so
 rounding grows ~10x per reversible layer and 8 layers already lose the activations, see `train.meft`; None: all),
-`meft_bottleneck` (adapter width, 8 as the paper's scripts).
+`meft_bottleneck` (adapter width, 8 as the paper's scripts). HiWi (the same paper as PaFi): `hiwi_bottleneck`, the
+width of the adapter that maps each RMSNorm gain to its change; its targets are norms (`models.config.NORMS`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from deltafleet.adapters.road.config import ROAD_VARIANTS
 from deltafleet.dtypes import native_bf16
-from deltafleet.models.config import PROJECTIONS
+from deltafleet.models.config import NORMS, PROJECTIONS
 from deltafleet.tasks import TASKS
 from deltafleet.train.methods import METHODS
 
@@ -67,6 +68,7 @@ class TrainConfig:
     meft_variant: str = "meft1"
     meft_rev_layers: int | None = 4
     meft_bottleneck: int = 8
+    hiwi_bottleneck: int = 64
     max_seq_len: int = 512
     precision: str = "auto"
     seed: int = 0
@@ -88,7 +90,8 @@ class TrainConfig:
         if self.targets is None:
             object.__setattr__(self, "targets", method.default_targets)
         object.__setattr__(self, "targets", tuple(self.targets))
-        for name in ("steps", "batch_size", "grad_accum", "lora_rank", "road_group_size", "max_seq_len"):
+        for name in ("steps", "batch_size", "grad_accum", "lora_rank", "road_group_size", "max_seq_len",
+                     "hiwi_bottleneck"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r}: must be a positive integer")
@@ -125,9 +128,10 @@ class TrainConfig:
         if self.precision == "auto":
             object.__setattr__(self, "precision", "bf16" if native_bf16() else "fp32")
         if "targets" in method.options:
-            unknown = [t for t in self.targets if t not in PROJECTIONS]
+            allowed = NORMS if self.method == "hiwi" else PROJECTIONS
+            unknown = [t for t in self.targets if t not in allowed]
             if not self.targets or unknown:
-                raise ValueError(f"targets={self.targets!r}: must name one or more of {PROJECTIONS}")
+                raise ValueError(f"targets={self.targets!r}: must name one or more of {allowed}")
         elif self.targets:
             raise ValueError(f"targets={self.targets!r}: method {self.method!r} trains every weight; "
                              f"it takes no targets")

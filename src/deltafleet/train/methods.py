@@ -8,7 +8,8 @@ layout (`save_pretrained`: `adapter_config.json` + `adapter_model.safetensors`):
 - `ia3`: IA3 (Liu et al. 2022, arXiv 2205.05638), learned scaling of keys, values and the FFN input.
 `pafi` (PaFi, Liao et al. 2023, arXiv 2305.16742) trains a data-free magnitude mask of each target projection and
 exports a `deltafleet-pafi` tenant (`train.pafi`); `meft` (MEFT, Liao et al. 2023, arXiv 2306.00477) makes the
-network reversible with bottleneck adapters and recomputes activations in the backward pass (`train.meft`).
+network reversible with bottleneck adapters and recomputes activations in the backward pass (`train.meft`); `hiwi`
+(HiWi, the PaFi paper) maps the RMSNorm gains through an adapter and exports the changed gains (`train.hiwi`).
 `full` trains every weight and exports a safetensors Hugging Face checkpoint plus the tokenizer, without a
 `quantization_config`.
 """
@@ -139,4 +140,4 @@ register_method(Method("ia3", "ia3", 3e-3, ("k_proj", "v_proj", "down_proj"), ("
 register_method(Method("full", "full", 2e-5, (), (), _prepare_full, _export_full))
 
 # Methods in their own modules register themselves on import (after the registry above exists).
-from deltafleet.train import meft, pafi  # noqa: E402, F401
+from deltafleet.train import hiwi, meft, pafi  # noqa: E402, F401

@@ -5,23 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from deltafleet.adapters.pafi.functional import PPM
-from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, SPARSE
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SPARSE
 from deltafleet.dtypes import DTYPES
 from deltafleet.serve.engine.pools import PoolSpec
 
 # The fields that build the default pools (`standard_pools`); `EngineConfig.pools` replaces them.
 POOL_FIELDS = ("lora_slots", "max_lora_rank", "delta_slots", "max_delta_rank", "road_slots", "road_group_size",
-               "pafi_slots", "pafi_density")
+               "pafi_slots", "pafi_density", "hiwi_slots")
 
 
 def standard_pools(lora_slots: int, max_lora_rank: int, delta_slots: int, max_delta_rank: int, road_slots: int,
-                   road_group_size: int, pafi_slots: int = 0, pafi_density: float = 0.02) -> tuple[PoolSpec, ...]:
+                   road_group_size: int, pafi_slots: int = 0, pafi_density: float = 0.02,
+                   hiwi_slots: int = 0) -> tuple[PoolSpec, ...]:
     """The default pools: 'lora' (additive, small rank: LoRA, small low-rank deltas), 'delta' (additive, large
-    rank: compressed full fine-tunes), 'road' (element-wise, one group size) and 'pafi' (sparse, PaFi tenants of
-    one mask density); a pool of 0 slots is left out."""
+    rank: compressed full fine-tunes), 'road' (element-wise, one group size), 'pafi' (sparse, PaFi tenants of
+    one mask density) and 'hiwi' (norm gains, HiWi tenants); a pool of 0 slots is left out."""
     specs = (("lora", ADDITIVE, lora_slots, max_lora_rank), ("delta", ADDITIVE, delta_slots, max_delta_rank),
              ("road", ELEMENTWISE, road_slots, road_group_size),
-             ("pafi", SPARSE, pafi_slots, max(1, round(pafi_density * PPM))))
+             ("pafi", SPARSE, pafi_slots, max(1, round(pafi_density * PPM))), ("hiwi", NORM, hiwi_slots, 1))
     return tuple(PoolSpec(*spec) for spec in specs if spec[2])
 
 
@@ -38,11 +39,12 @@ class EngineConfig:
         (`deltafleet bench memory`); 1 turns padding off.
     pools: the adapter slot pools (`PoolSpec`s), in the order an adapter is placed (the first that accepts it
         and has a free slot); `pools.pool_specs_for` sizes them for a known set of adapters. None: the standard
-        four (`standard_pools`), built from the eight fields below; given, it replaces them.
+        five (`standard_pools`), built from the nine fields below; given, it replaces them.
     lora_slots / max_lora_rank: resident additive adapters up to that rank (LoRA, small low-rank deltas).
     delta_slots / max_delta_rank: resident additive adapters of larger rank (compressed full fine-tunes).
     road_slots / road_group_size: resident element-wise (RoAd) adapters with that group size.
     pafi_slots / pafi_density: resident sparse (PaFi) adapters whose shared mask has that density.
+    hiwi_slots: resident RMSNorm-gain (HiWi) adapters.
     host_cache_bytes: loaded adapters kept in host memory (LRU).
     adapter_load_timeout: seconds a request waits for its adapter to load (from submission); then it fails with
         finish reason error. A request waiting only for a free slot of a loaded adapter does not time out.
@@ -69,6 +71,7 @@ class EngineConfig:
     road_group_size: int = 64
     pafi_slots: int = 32
     pafi_density: float = 0.02
+    hiwi_slots: int = 64
     host_cache_bytes: int = 4 << 30
     adapter_load_timeout: float = 60.0
     max_queue: int = 1024
@@ -84,7 +87,8 @@ class EngineConfig:
             raise ValueError(f"adapter_load_timeout={self.adapter_load_timeout}: must be > 0 (seconds)")
         if not 0 < self.pafi_density <= 1:
             raise ValueError(f"pafi_density={self.pafi_density}: must be in (0, 1]")
-        for name in ("lora_slots", "max_lora_rank", "delta_slots", "max_delta_rank", "road_slots", "pafi_slots"):
+        for name in ("lora_slots", "max_lora_rank", "delta_slots", "max_delta_rank", "road_slots", "pafi_slots",
+                     "hiwi_slots"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.road_group_size < 2 or self.road_group_size % 2:
@@ -102,7 +106,7 @@ class EngineConfig:
         defaults = {f.name: f.default for f in fields(self)}
         for name in POOL_FIELDS:
             if getattr(self, name) != defaults[name]:
-                raise ValueError(f"{name}={getattr(self, name)}: pools= replaces the lora/delta/road/pafi fields; "
+                raise ValueError(f"{name}={getattr(self, name)}: pools= replaces the lora/delta/road/pafi/hiwi fields; "
                                  f"give one or the other")
         object.__setattr__(self, "pools", tuple(self.pools))
         names = set()

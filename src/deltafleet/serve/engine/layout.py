@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltafleet.adapters.serving import NORM
 from deltafleet.models.llama import ProjectionHook
 from deltafleet.serve.engine.backends import Backend
 from deltafleet.serve.engine.pools import Pool, PoolStep
@@ -69,4 +70,5 @@ class BatchLayout:
                     y = fn(x, y, st.pool.tensors[key], st)
             return y
 
+        apply.norms = any(st.pool.family == NORM for st in self.pool_steps)  # the model skips norm calls otherwise
         return apply

@@ -9,7 +9,8 @@ admin call freeing a slot): the pool's tensors are inference tensors, read by fo
 `no_grad`.
 
 Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out); elementwise c, s (n+1, out); sparse values (n+1, nnz)
-with the pool's one mask per projection, cols (nnz,) and row_ptr (out+1,) (PaFi: the mask of the base).
+with the pool's one mask per projection, cols (nnz,) and row_ptr (out+1,) (PaFi: the mask of the base); norm delta
+(n+1, H) per RMSNorm (HiWi).
 
 The engine builds its pools from `PoolSpec`s (`EngineConfig.pools`), one pool class per serving family
 (`POOL_CLASSES`); which family and what a slot holds is each adapter kind's own `serving_form`
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.adapter import ModuleKey
-from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, SLOT_TENSORS, SPARSE, ServingForm
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SLOT_TENSORS, SPARSE, ServingForm
 from deltafleet.models.config import ModelConfig
 from deltafleet.registry import Registry
 
@@ -214,6 +215,28 @@ class SparsePool(Pool):
         return sum(m["values"].numel() * m["values"].element_size() for m in self.tensors.values())
 
 
+class NormPool(Pool):
+    """RMSNorm gain changes (HiWi tenants), one (H,) row per slot and adapted norm; width 1."""
+
+    family = NORM
+
+    @classmethod
+    def specs_for(cls, widths: list[int]) -> list[PoolSpec]:
+        return [PoolSpec(cls.family, cls.family, len(widths), 1)]
+
+    def accepts(self, form: ServingForm) -> bool:
+        return form.family == NORM
+
+    def _allocate(self, key: ModuleKey, src: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"delta": torch.zeros(self.slots + 1, self.cfg.hidden_size, dtype=self.dtype)}
+
+    def _write_module(self, slot, dst, src):
+        dst["delta"][slot] = src["delta"]
+
+    def _clear_module(self, slot, dst):
+        dst["delta"][slot].zero_()
+
+
 def _check_pool_class(family: str, cls: type[Pool]) -> None:
     if family not in SLOT_TENSORS:
         raise ValueError(f"pool class {cls.__name__}: family={family!r}: must be one of {sorted(SLOT_TENSORS)}")
@@ -229,6 +252,7 @@ def register_pool_class(cls: type[Pool]) -> type[Pool]:
 register_pool_class(AdditivePool)
 register_pool_class(ElementwisePool)
 register_pool_class(SparsePool)
+register_pool_class(NormPool)
 
 
 def pool_specs_for(shapes: Iterable[tuple[str, int]]) -> tuple[PoolSpec, ...]:

@@ -72,6 +72,42 @@ def _weights_file(directory: Path) -> Path:
     return path
 
 
+def read_module_tensors(directory: Path, param: str, module: str,
+                        ) -> tuple[Path, dict[tuple[int, str], tuple[str, torch.Tensor]]]:
+    """A deltafleet tenant's weights file holding one tensor `layers.{i}.{NAME}.{param}` per adapted module: its path
+    and (layer, NAME) -> (tensor name, tensor). Refused (an `ArtifactError` naming the file) when missing, a pickle,
+    non-finite, empty, or holding any other tensor; `module` says what NAME is in the error (PROJ, NORM)."""
+    path = directory / WEIGHTS
+    if not path.is_file():
+        refuse_pickles(directory, WEIGHTS)
+        raise ArtifactError(path, "adapter weights file not found")
+    tensors = load_tensors(path)
+    check_finite(tensors, path)
+    out = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[3] != param:
+            raise ArtifactError(path, f"unexpected tensor {name[:80]!r} (this tenant holds layers.N.{module}.{param})")
+        out[(int(parts[1]), parts[2])] = (name, t)
+    if not out:
+        raise ArtifactError(path, "holds no adapter tensors")
+    return path, out
+
+
+def write_module_tensors(directory: str | Path, tensors: dict[tuple[int, str], torch.Tensor], param: str, fmt: str,
+                         fields: dict[str, Any]) -> Path:
+    """Write `layers.{i}.{NAME}.{param}` for each (layer, NAME) in fp16, and the manifest of format `fmt` with
+    `fields` plus num_params and bytes; the inverse of `read_module_tensors`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    stored = {f"layers.{layer}.{name}.{param}": t.detach().to(torch.float16).contiguous()
+              for (layer, name), t in sorted(tensors.items())}
+    save_tensors(stored, d / WEIGHTS, metadata={"format": fmt})
+    n = sum(t.numel() for t in stored.values())
+    write_manifest(d, fmt, {**fields, "num_params": n, "bytes": 2 * n})
+    return d
+
+
 def _split_params(tensors: dict[str, torch.Tensor], path: Path,
                   suffix_to_param: dict[str, str]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     params: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -43,6 +43,10 @@ class HiwiConfig(AdapterConfig):
         if unknown:
             raise ValueError(f"targets: unknown norm {unknown[0]!r}; must be among {NORMS}")
 
+    @property
+    def summary(self) -> str:
+        return f"{len(self.targets)} norm(s) per layer"
+
 
 def apply_gain_delta(n: Tensor, y: Tensor, delta: Tensor) -> Tensor:
     """n, y (..., H), delta (H,) -> y + n * delta."""

@@ -22,8 +22,9 @@ from deltafleet.adapters.adapter import Adapter
 from deltafleet.adapters.hiwi import HiwiConfig
 from deltafleet.adapters.hiwi.io import FORMAT, save_hiwi
 from deltafleet.models.config import NORMS
+from deltafleet.models.loading import resolve_base
 from deltafleet.store.fingerprint import base_fingerprint
-from deltafleet.train.methods import Method, register_method
+from deltafleet.train.registry import Method, register_method
 
 
 class GainAdapter(nn.Module):
@@ -82,8 +83,6 @@ def hiwi_adapter(model) -> Adapter:
 
 
 def export(model, tokenizer, out: Path) -> str:
-    from deltafleet.models.loading import resolve_base
-
     base = model.hiwi_info["base_model"]
     save_hiwi(hiwi_adapter(model), out, base_fingerprint=base_fingerprint(resolve_base(base)), base_model=base)
     return FORMAT

@@ -106,7 +106,7 @@ from torch import Tensor, nn
 from deltafleet.errors import ArtifactError
 from deltafleet.store.manifest import write_manifest
 from deltafleet.store.safetensors_io import check_finite, load_tensors, read_metadata, save_tensors
-from deltafleet.train.methods import Method, register_method
+from deltafleet.train.registry import Method, register_method
 
 if TYPE_CHECKING:
     from deltafleet.train.config import TrainConfig

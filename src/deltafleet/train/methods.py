@@ -18,39 +18,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import PROJECTIONS
-from deltafleet.registry import Registry
+from deltafleet.train.registry import METHODS, Method, register_method
 
 if TYPE_CHECKING:
     from deltafleet.train.config import TrainConfig
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Method:
-    """prepare(model, cfg) -> trainable model (only the method's parameters require grad);
-    export(model, tokenizer, out_dir) -> the format name written to the manifest."""
-
-    name: str
-    kind: str
-    default_lr: float
-    default_targets: tuple[str, ...]
-    options: tuple[str, ...]  # TrainConfig fields that only this method reads (full fine-tuning has no targets)
-    prepare: Callable
-    export: Callable
-
-
-METHODS: Registry[Method] = Registry("training method")
-
-
-def register_method(method: Method) -> None:
-    METHODS.register(method.name, method)
 
 
 def _peft(make_config: Callable[[TrainConfig], object]) -> Callable:
@@ -139,5 +117,7 @@ register_method(Method("ia3", "ia3", 3e-3, ("k_proj", "v_proj", "down_proj"), ("
                        _peft(_ia3_config), _export_peft))
 register_method(Method("full", "full", 2e-5, (), (), _prepare_full, _export_full))
 
-# Methods in their own modules register themselves on import (after the registry above exists).
+# Methods in their own modules register themselves on import.
 from deltafleet.train import hiwi, meft, pafi  # noqa: E402, F401
+
+__all__ = ["METHODS", "MLP_PROJECTIONS", "Method", "register_method"]

@@ -25,13 +25,13 @@ from torch import Tensor, nn
 
 from deltafleet.adapters.adapter import Adapter
 from deltafleet.adapters.pafi.functional import PafiConfig, flat_index
-from deltafleet.adapters.pafi.io import save_pafi
+from deltafleet.adapters.pafi.io import FORMAT, save_pafi
 from deltafleet.adapters.pafi.mask import Mask, build_mask, load_mask, save_mask
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.loading import resolve_base
 from deltafleet.store.cache import cache_dir
 from deltafleet.store.fingerprint import base_fingerprint
-from deltafleet.train.methods import Method, register_method
+from deltafleet.train.registry import Method, register_method
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
@@ -137,8 +137,6 @@ def pafi_adapter(model) -> Adapter:
 def export(model, tokenizer, out: Path) -> str:
     info = model.pafi
     save_pafi(pafi_adapter(model), out, base_fingerprint=info["base_fingerprint"], base_model=info["base_model"])
-    from deltafleet.adapters.pafi.io import FORMAT
-
     return FORMAT
 
 

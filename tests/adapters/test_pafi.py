@@ -107,6 +107,7 @@ def test_tenant_round_trip_stores_values_only_and_shares_the_mask(tiny_llama, tm
         assert torch.equal(a.params[key]["values"], p["values"].half())
         assert a.params[key]["cols"] is b.params[key]["cols"]  # one interned mask
         assert torch.equal(a.params[key]["cols"], p["cols"])
+    assert a.nbytes == 2 * nnz  # the tenant's own bytes: fp16 values, not the shared mask
     form = to_serving_form(a, torch.float32)
     assert form.family == "sparse" and form.width == 50_000
     assert form.nbytes == 4 * nnz  # the shared indices are not a tenant's bytes

@@ -31,7 +31,10 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for p in self.params.values() for t in p.values())
+        """The tenant's own bytes: its parameters but those its kind shares across tenants (`shared_params`)."""
+        shared = self.kind.shared_params
+        return sum(t.numel() * t.element_size() for p in self.params.values() for n, t in p.items()
+                   if n not in shared)
 
     @property
     def num_params(self) -> int:

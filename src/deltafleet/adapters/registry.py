@@ -64,6 +64,8 @@ class AdapterKind(ABC):
     # Served kinds only: host memory keeps the adapter as loaded (e.g. packed codes), its slot contents are built
     # when it is written into a slot.
     compact: ClassVar[bool] = False
+    # Parameters every adapter of the kind shares (PaFi's mask: one copy per base and density, not a tenant's bytes).
+    shared_params: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def param_shapes(self, cfg: AdapterConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:

@@ -112,6 +112,7 @@ class PafiKind(AdapterKind):
     name = "pafi"
     config_cls = PafiConfig
     param_names = ("values", "cols", "row_ptr")
+    shared_params = ("cols", "row_ptr")
 
     def param_shapes(self, cfg, out_features, in_features):
         n = mask_nnz(cfg.density, out_features, in_features)

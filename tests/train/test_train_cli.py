@@ -75,3 +75,25 @@ def test_ctrl_c_during_training_saves_a_checkpoint(chat_tiny, tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-00000002"
     assert json.loads((tmp_path / "deltafleet.json").read_text())["completed"] is False
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_train_command_new_methods_and_their_options(chat_tiny, tmp_path, monkeypatch):
+    """PaFi, HiWi and MEFT through the CLI: their options reach the manifest, bad values are refused."""
+    monkeypatch.setenv("DELTAFLEET_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["train", "--base", str(chat_tiny), "--task", "sort", "--steps", "1", "--batch-size", "2",
+              "--eval-examples", "1", "--precision", "fp32"]
+    cases = {"pafi": (["--pafi-density", "0.05", "--targets", "q_proj,down_proj"], {"pafi_density": 0.05}),
+             "hiwi": (["--hiwi-bottleneck", "8", "--targets", "post_attention_layernorm"], {"hiwi_bottleneck": 8}),
+             "meft": (["--meft-variant", "meft3", "--meft-rev-layers", "1", "--meft-bottleneck", "4"],
+                      {"meft_variant": "meft3", "meft_rev_layers": 1, "meft_bottleneck": 4})}
+    for method, (opts, want) in cases.items():
+        out = tmp_path / method
+        result = runner.invoke(app, [*common, "--method", method, *opts, "--out", str(out)], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, _plain(result.output)
+        manifest = json.loads((out / "deltafleet.json").read_text())
+        assert manifest["method"] == method and manifest["steps"] == 1
+        assert {k: manifest["hyperparameters"][k] for k in want} == want, manifest["hyperparameters"]
+    bad = {"pafi": ["--pafi-density", "1.5"], "hiwi": ["--targets", "q_proj"], "meft": ["--meft-variant", "meft9"]}
+    for method, opts in bad.items():
+        result = runner.invoke(app, [*common, "--method", method, *opts, "--out", str(tmp_path / "bad")])
+        assert result.exit_code == 2, (method, _plain(result.output))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltafleet.models.config import ModelConfig, RopeConfig
+from deltafleet.models.config import NORMS, ModelConfig, RopeConfig
 
 ProjectionHook = Callable[[int, str, Tensor, Tensor], Tensor]
 """hook(layer_index, projection_name, x (..., in), y (..., out)) -> adapted y (..., out). A decoder layer's two
@@ -238,7 +238,7 @@ class Transformer(nn.Module):
 
     def module(self, layer: int, name: str) -> nn.Module:
         """The named projection or RMSNorm (`config.NORMS`) of decoder layer `layer`."""
-        if name in ("input_layernorm", "post_attention_layernorm"):
+        if name in NORMS:
             return getattr(self.model.layers[layer], name)
         return self.linear(layer, name)
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from deltafleet.adapters import Adapter, LoraConfig, RoadConfig, random_adapter
+from deltafleet.adapters.hiwi import HiwiConfig
+from deltafleet.adapters.pafi import PafiConfig
 from deltafleet.serve.engine import FinishReason, Request, SamplingParams
 from deltafleet.serve.engine import sampling as sampling_module
 from deltafleet.serve.engine.sampling import GREEDY_BELOW, RowFailure, filter_logits, sample
@@ -48,13 +50,17 @@ def run(engine, requests: list[Request], before_step=None, timeout: float = 60.0
     return [h.result for h in handles]
 
 
+BROKEN_CONFIGS = {"lora": LoraConfig(r=4, alpha=8.0, targets=ALL), "road": RoadConfig(group_size=64, targets=ALL),
+                  "pafi": PafiConfig(density=0.02, targets=ALL), "hiwi": HiwiConfig()}
+
+
 def broken_adapter(cfg, kind: str, value: float, seed: int = 7) -> Adapter:
-    """A random adapter with `value` (NaN or inf) in the first element of every tensor."""
-    config = LoraConfig(r=4, alpha=8.0, targets=ALL) if kind == "lora" else RoadConfig(group_size=64, targets=ALL)
-    a = random_adapter(cfg, config, seed=seed)
+    """A random adapter with `value` (NaN or inf) in the first element of every floating-point tensor."""
+    a = random_adapter(cfg, BROKEN_CONFIGS[kind], seed=seed)
     for params in a.params.values():
         for t in params.values():
-            t.view(-1)[0] = value
+            if t.is_floating_point():
+                t.view(-1)[0] = value
     return a
 
 
@@ -118,7 +124,7 @@ def test_tiny_temperature_is_served_as_near_greedy_and_harms_no_one(tiny_llama, 
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
-@pytest.mark.parametrize("kind", ["lora", "road"])
+@pytest.mark.parametrize("kind", ["lora", "road", "pafi", "hiwi"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_broken_adapter_fails_only_its_requests(tiny_llama, adapters_dir, solo, kind, value, temperature):
     engine = make_engine(tiny_llama, adapters_dir, max_batch=12)
@@ -135,6 +141,24 @@ def test_broken_adapter_fails_only_its_requests(tiny_llama, adapters_dir, solo, 
     reqs = victims()
     assert_exact(run(engine, reqs), reqs, solo)
     assert engine.running == [] and all(e.refs == 0 for e in engine.adapters.entries.values())
+
+
+def test_pafi_tenant_with_a_foreign_mask_fails_only_its_requests(tiny_llama, adapters_dir, solo):
+    """A PaFi tenant whose mask differs from the resident PaFi tenants' (another base's, same density) is refused
+    when it is placed: its requests fail with the rule named, everyone else is served exactly. (The pool adopts the
+    mask of the first tenant placed in it while empty: see the README's PaFi section for that limit.)"""
+    engine = make_engine(tiny_llama, adapters_dir, max_batch=12)
+    pafi = Request([3, 4, 5], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), adapter="pafi-all")
+    assert_exact(run(engine, [pafi]), [pafi], solo)  # resident: the pool holds its mask
+    odd = random_adapter(engine.model.config, PafiConfig(density=0.02, targets=ALL), seed=3)
+    for p in odd.params.values():
+        p["cols"] = p["cols"].flip(0).contiguous()  # the same entry count, other positions
+    engine.add_adapter("odd-mask", odd)
+    reqs = [pafi, *victims()]
+    attack = [Request(ATTACK_PROMPT, SamplingParams(max_tokens=MAX_TOKENS), adapter="odd-mask")]
+    outs = run(engine, [*attack, *reqs])
+    assert outs[0].finish_reason == FinishReason.ERROR and "sparsity mask differs" in outs[0].error, outs[0].error
+    assert_exact(outs[1:], reqs, solo)
 
 
 def test_sampling_exception_fails_only_that_request(tiny_llama, adapters_dir, solo, monkeypatch):

@@ -210,6 +210,14 @@ class SparsePool(Pool):
     def _clear_module(self, slot, dst):
         dst["values"][slot].zero_()
 
+    @torch.inference_mode()
+    def clear(self, slot: int) -> None:
+        """Free a slot; when the pool holds no adapter any more it also lets go of its mask, so the next adapter
+        placed brings its own (a refused or evicted tenant cannot pin a mask on an empty pool)."""
+        super().clear(slot)
+        if not any(self.slot_modules):
+            self.tensors.clear()
+
     @property
     def nbytes(self) -> int:
         return sum(m["values"].numel() * m["values"].element_size() for m in self.tensors.values())

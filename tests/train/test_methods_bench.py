@@ -13,6 +13,7 @@ def test_methods_bench_runs_each_method_in_a_child(chat_tiny, tmp_path, monkeypa
     for r in rep["runs"]:
         assert r["steps"] == 2 and 0 <= r["test_accuracy"] <= 1 and r["trainable_params"] > 0
         assert r["stored_bytes"] > 0 and r["peak_rss_mb"] > 50
+    assert rep["cpu"]["model"] and "avx2" in rep["cpu"]["flags"]
     assert rep["summary"]["lora"]["accuracy_minus_lora"] == 0 and rep["summary"]["lora"]["peak_rss_over_lora"] == 1
 
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from deltafleet.bench.peer import cpu_info
+
 # The zoo's rates for 80-step runs (`eval.zoo.ZOO_LRS`); PaFi's, HiWi's and MEFT's chosen here the same way (MEFT:
 # 2e-3 / 6e-3 / 1.2e-2 gave 0.40 / 0.54 / 0.62 on sort; see README).
 METHOD_LRS = {"lora": 2e-3, "road": 2e-2, "ia3": 1e-2, "pafi": 2e-3, "hiwi": 1e-2, "meft": 1.2e-2, "full": 5e-5}
@@ -118,11 +120,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+def _cpu() -> dict:
+    """The CPU model and its SIMD flags (`bench.peer.cpu_info`, as the peer benchmark records them)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpu_info(cpuinfo.read_text() if cpuinfo.exists() else "")

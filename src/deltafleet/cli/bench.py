@@ -468,7 +468,7 @@ def bench_methods_command(
     if as_json:
         console.print_json(json.dumps(rep))
         return
-    table = Table(title=f"bench methods: {cfg.steps} steps, batch {cfg.batch_size}, {rep['cpu']}")
+    table = Table(title=f"bench methods: {cfg.steps} steps, batch {cfg.batch_size}, {rep['cpu']['model']}")
     for col in ("task", "method", "lr", "test acc", "trainable", "stored MB", "peak RSS MB", "train s"):
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
     for r in rep["runs"]:

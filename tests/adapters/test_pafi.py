@@ -185,3 +185,18 @@ def test_sparse_pool_refuses_another_mask_and_backends_agree(tiny_llama, tmp_pat
     assert (want - y)[2:4].abs().max() == 0 and (want - y).abs().max() > 0  # the base row is untouched
     for backend in (CpuBackend(native=True), CpuBackend(native=False)):
         assert_close(backend.apply_sparse(x, y.clone(), tensors, step), want, "reordered", k=in_f)
+
+
+def test_a_tenant_naming_another_bases_mask_is_refused(tiny_llama, tmp_path):
+    """A tenant's manifest may name any cached mask: one recorded for another base is refused at load."""
+    cfg = ModelConfig.from_file(tiny_llama / "config.json")
+    other = random_adapter(cfg, PafiConfig(density=0.05, targets=ALL), seed=1)
+    for p in other.params.values():
+        p["cols"] = p["cols"].flip(0).contiguous()
+    foreign = save_adapter(other, tmp_path / "foreign", model_cfg=cfg, base_fingerprint="sha256:other")
+    _, _, d = _tenant(tiny_llama, tmp_path)  # base "sha256:x"
+    manifest = json.loads((d / "deltafleet.json").read_text())
+    manifest["config"]["mask"] = json.loads((foreign / "deltafleet.json").read_text())["config"]["mask"]
+    (d / "deltafleet.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="made for base sha256:other, but the tenant is for sha256:x"):
+        load_adapter(d, cfg)

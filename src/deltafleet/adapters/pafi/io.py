@@ -17,7 +17,7 @@ from typing import Any
 from deltafleet.adapters.adapter import Adapter
 from deltafleet.adapters.io import config_from_manifest, read_module_tensors, write_module_tensors
 from deltafleet.adapters.pafi.functional import PafiConfig
-from deltafleet.adapters.pafi.mask import load_mask, save_mask
+from deltafleet.adapters.pafi.mask import load_mask, mask_base, save_mask
 from deltafleet.errors import ArtifactError
 from deltafleet.models.config import ModelConfig
 from deltafleet.store.manifest import MANIFEST
@@ -42,6 +42,11 @@ def load_pafi(directory: Path, manifest: dict[str, Any]) -> Adapter:
     if not isinstance(cfg, PafiConfig) or not cfg.mask:
         raise ArtifactError(directory / MANIFEST, "field 'config': a PaFi tenant must name its mask ('mask')")
     mask = load_mask(cfg.mask)
+    tenant_base, mask_made_for = manifest.get("base_fingerprint"), mask_base(cfg.mask)
+    if tenant_base and mask_made_for and tenant_base != mask_made_for:  # a mask of another base: refused here, so
+        raise ArtifactError(directory / MANIFEST,  # it never reaches (and claims) a slot pool
+                            f"names mask {cfg.mask}, made for base {mask_made_for}, but the tenant is for "
+                            f"{str(tenant_base)[:80]}")
     path, tensors = read_module_tensors(directory, "values", "PROJ")
     params = {}
     for key, (name, t) in tensors.items():

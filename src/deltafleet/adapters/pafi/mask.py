@@ -31,6 +31,7 @@ MASK_FILE = "mask.safetensors"
 Mask = dict[ModuleKey, tuple[Tensor, Tensor]]  # (layer, proj) -> (cols (nnz,) int32, row_ptr (out + 1,) int32)
 
 _interned: dict[str, Mask] = {}
+_bases: dict[str, str | None] = {}  # mask id -> the base fingerprint its manifest names
 _lock = threading.Lock()
 
 
@@ -67,6 +68,7 @@ def save_mask(mask: Mask, density: float, base_fingerprint: str | None, root: Pa
                                         "targets": targets, "nnz": sum(c.numel() for c, _ in mask.values())})
     with _lock:
         _interned.setdefault(mid, mask)
+        _bases.setdefault(mid, base_fingerprint)
     return mid
 
 
@@ -99,7 +101,14 @@ def load_mask(mid: str, root: Path | None = None) -> Mask:
     if not isinstance(density, float | int) or mask_id(pairs, density) != mid:
         raise ArtifactError(d / MASK_FILE, f"contents do not match mask id {mid} (altered or truncated)")
     with _lock:
+        _bases.setdefault(mid, manifest.get("base_fingerprint"))
         return _interned.setdefault(mid, pairs)
+
+
+def mask_base(mid: str) -> str | None:
+    """The base fingerprint the (loaded or saved) mask `mid` was recorded for; None when unknown."""
+    with _lock:
+        return _bases.get(mid)
 
 
 def intern(mid: str, mask: Mask) -> Mask:

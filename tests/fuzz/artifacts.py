@@ -145,6 +145,15 @@ def _quantized_base(d: Path) -> None:
     quantize_base(d / "source", QuantConfig("rtn", bits=4, group_size=8), d / "base", dense_dtype="float32")
 
 
+def _onebit_base(d: Path) -> None:
+    from deltafleet.quant.config import QuantConfig
+    from deltafleet.quant.pipeline import quantize_base
+
+    build_checkpoint(d / "source")
+    quantize_base(d / "source", QuantConfig("onebit", kd_steps=0), d / "base", dense_dtype="float32",
+                  show_progress=False)
+
+
 def _tenancy(d: Path) -> None:
     (d / "tenancy.toml").write_text(TENANCY)
 
@@ -208,6 +217,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("delta-bitdelta", _compressed(_bitdelta), _DELTA, _read_compressed, rehash=True),
     Target("delta-sparse", _compressed(_sparse), _DELTA, _read_compressed, rehash=True),
     Target("quantized-base", _quantized_base,
+           ("base/deltafleet.json", "base/config.json", "base/quantized.safetensors"), _read_quantized_base),
+    Target("onebit-base", _onebit_base,
            ("base/deltafleet.json", "base/config.json", "base/quantized.safetensors"), _read_quantized_base),
     Target("checkpoint", build_checkpoint, ("config.json", "model.safetensors"), _read_checkpoint),
     Target("tenancy", _tenancy, ("tenancy.toml",), _read_tenancy),

@@ -102,3 +102,46 @@ def test_cli_quantize_ppl_and_bench(chat_tiny, tmp_path, monkeypatch):  # noqa: 
     assert r.exit_code == 2 and "bits=5" in r.output
     r = runner.invoke(_app(), ["quantize", "--base", str(out), "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "already a quantized base" in r.output
+
+
+def test_cli_onebit_quantize_resume_train_and_bench(chat_tiny, tmp_path, monkeypatch):  # noqa: F811
+    """`quantize --method onebit` (SVID + a few distillation steps on text), `--resume` of an interrupted run,
+    then LoRA and RoAd fine-tuning with `--base ONEBIT_DIR` and the decode bench on it."""
+    import deltafleet.tasks.text as calib
+    from deltafleet.quant.onebit_kd import CHECKPOINT_DIR, CURVES
+
+    monkeypatch.setattr(calib, "shakespeare_text", lambda split: "To be, or not to be, that is the question. " * 400)
+    runner = CliRunner()
+    out = tmp_path / "ob"
+    args = ["quantize", "--base", str(chat_tiny), "--method", "onebit", "--kd-steps", "4", "--kd-windows", "8",
+            "--kd-seq-len", "16", "--kd-save-every", "2", "--no-progress", "--out", str(out)]
+    r = runner.invoke(_app(), args)
+    assert r.exit_code == 0, r.output
+    assert "onebit 1-bit in" in r.output and "group" not in r.output and (out / CURVES).is_file()
+    manifest = json.loads((out / "deltafleet.json").read_text())
+    assert manifest["codec"] == "sign" and manifest["stats"]["kd"]["steps"] == 4
+    # a checkpoint left by an interrupted run: refused without --resume, continued with it
+    out2 = tmp_path / "ob2"
+    (out2 / CHECKPOINT_DIR).mkdir(parents=True)
+    import torch as _torch
+
+    _torch.save({"settings": {}}, out2 / CHECKPOINT_DIR / "checkpoint.pt")
+    r = runner.invoke(_app(), [*args[:-1], str(out2)])
+    assert r.exit_code == 2 and "pass --resume" in r.output
+    r = runner.invoke(_app(), [*args[:-1], str(out2), "--resume"])
+    assert r.exit_code == 2 and "other settings" in r.output
+    r = runner.invoke(_app(), ["quantize", "--base", str(chat_tiny), "--method", "onebit", "--bits", "2",
+                               "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "onebit quantizes to 1 bits" in r.output
+    for method in ("lora", "road"):
+        res = train(TrainConfig(base=str(out), task="sort", method=method, out=tmp_path / method, steps=3,
+                                batch_size=4, lr=1e-2, precision="fp32", eval_examples=0, save_every=0,
+                                lora_rank=4, lora_alpha=8.0), show_progress=False)
+        assert res.completed and all(loss == loss for loss in res.losses)
+        m = json.loads((tmp_path / method / "deltafleet.json").read_text())
+        assert m["base_fingerprint"] == base_fingerprint(out)
+    r = runner.invoke(_app(), ["lowbit-bench", "--base", str(out), "--batch", "2", "--prompt-len", "4",
+                               "--max-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)
+    assert row["quantized"] and row["kernel"] == "native" and row["decode_tokens"] == 4

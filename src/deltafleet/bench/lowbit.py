@@ -15,8 +15,7 @@ import torch
 
 from deltafleet.dtypes import DTYPES
 from deltafleet.models.loading import load_model
-from deltafleet.quant.base import set_kernel
-from deltafleet.quant.linear import QuantLinear
+from deltafleet.quant.base import PACKED_LINEARS, set_kernel
 from deltafleet.serve.engine.config import EngineConfig
 from deltafleet.serve.engine.engine import Engine
 from deltafleet.serve.engine.types import Request, SamplingParams
@@ -28,7 +27,7 @@ def decode_throughput(base: str | Path, dtype: str = "float32", kernel: str = "n
     model, _ = load_model(base, dtype=DTYPES[dtype])
     quantized = set_kernel(model, kernel) > 0
     proj = [m for b in model.model.layers for m in (*b.self_attn.children(), *b.mlp.children())]
-    proj_bytes = sum(m.nbytes if isinstance(m, QuantLinear) else m.weight.numel() * m.weight.element_size()
+    proj_bytes = sum(m.nbytes if isinstance(m, PACKED_LINEARS) else m.weight.numel() * m.weight.element_size()
                      for m in proj)
     cfg = EngineConfig(dtype=dtype, max_batch=batch, max_model_len=prompt_len + max_tokens + 1, lora_slots=0,
                        delta_slots=0, road_slots=0)
@@ -46,7 +45,7 @@ def decode_throughput(base: str | Path, dtype: str = "float32", kernel: str = "n
     engine.generate(requests())
     wall = time.perf_counter() - t0
     cache_bytes = sum(m._cache.numel() * m._cache.element_size() for m in proj
-                      if isinstance(m, QuantLinear) and m._cache is not None)  # the `cached` kernel's dense copies
+                      if isinstance(m, PACKED_LINEARS) and m._cache is not None)  # the `cached` kernel's dense copies
     tokens = engine.counters["decode_tokens"] - before["decode_tokens"]
     seconds = engine.counters["decode_seconds"] - before["decode_seconds"]
     return {"base": str(base), "quantized": quantized, "kernel": kernel if quantized else None, "dtype": dtype,

@@ -22,10 +22,11 @@ def _fail(e: Exception) -> NoReturn:
 
 def quantize_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or full-precision checkpoint directory."),
-    bits: int = typer.Option(4, help="Bits per weight code: 2, 3, 4 or 8."),
-    method: str = typer.Option("rtn", help="rtn, gptq, loftq (+ lora_init/) or apiq (+ lora_init/)."),
+    bits: int | None = typer.Option(None, help="Bits per weight code: 2, 3, 4 (default) or 8; onebit: 1."),
+    method: str = typer.Option("rtn", help="rtn, gptq, loftq (+ lora_init/), apiq (+ lora_init/) or onebit."),
     out: Path = typer.Option(..., help="Output directory (the quantized base; `--base DIR` in every command)."),
-    calib: Path | None = typer.Option(None, help="UTF-8 calibration text (default: the Shakespeare train plays)."),
+    calib: Path | None = typer.Option(None, help="UTF-8 calibration (onebit: distillation) text (default: the "
+                                                 "Shakespeare train plays)."),
     group_size: int = typer.Option(64, help="Input columns per quantization group."),
     samples: int = typer.Option(32, help="Calibration windows (gptq, apiq)."),
     seq_len: int = typer.Option(128, help="Tokens per calibration window."),
@@ -39,20 +40,42 @@ def quantize_command(
     embedding: str = typer.Option("dense", help="Embedding table (and an untied lm_head): dense, or rtn (RTN at "
                                                 "--bits and --group-size; the tied LM head shares it)."),
     seed: int = typer.Option(0, help="Seed of calibration windows and ApiQ's LoRA init and order."),
+    svid: str = typer.Option("svd", help="onebit: SVID's rank-1 factorisation of |W|, svd or nmf (same optimum)."),
+    onebit_layernorm: bool = typer.Option(False, "--layernorm/--no-layernorm",
+                                          help="onebit: a non-affine LayerNorm after each projection (released "
+                                               "code); off by default (see README)."),
+    kd_steps: int = typer.Option(1000, help="onebit: distillation steps (0: SVID only)."),
+    kd_windows: int = typer.Option(2048, help="onebit: distillation text windows (cycled)."),
+    kd_seq_len: int = typer.Option(128, help="onebit: tokens per distillation window."),
+    kd_batch_size: int = typer.Option(2, help="onebit: windows per distillation step."),
+    kd_lr: float = typer.Option(4e-4, help="onebit: AdamW peak learning rate (the paper's)."),
+    kd_warmup: float = typer.Option(0.1, help="onebit: linear warm-up fraction of the steps, then cosine."),
+    kd_loss_scale: float = typer.Option(0.01, help="onebit: weight of the logits' KL (the paper's)."),
+    kd_beta: float = typer.Option(1.0, help="onebit: weight of the hidden-state MSE (the paper's)."),
+    kd_save_every: int = typer.Option(50, help="onebit: steps between checkpoints in OUT/onebit-kd/ (0: never)."),
+    kd_precision: str = typer.Option("bf16", help="onebit: distillation forwards under bf16 autocast, or fp32."),
+    resume: bool = typer.Option(False, "--resume", help="onebit: continue the distillation checkpointed in --out."),
+    progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Draw a progress bar (onebit)."),
 ) -> None:
-    """Quantize the base's seven projections group-wise (RTN, GPTQ, LoftQ or ApiQ) into a quantized base."""
+    """Quantize the base's seven projections: group-wise (RTN, GPTQ, LoftQ, ApiQ) or to 1 bit (OneBit)."""
     from deltafleet.quant.config import QuantConfig
     from deltafleet.quant.pipeline import quantize_base
 
     try:
         cfg = QuantConfig(method=method, bits=bits, group_size=group_size, embedding=embedding, calib_samples=samples,
                           calib_seq_len=seq_len, seed=seed, rank=rank, alpha=alpha, loftq_iters=loftq_iters,
-                          apiq_epochs=epochs, apiq_lr_lwc=lr_lwc, apiq_lr_lora=lr_lora)
-        manifest = quantize_base(base, cfg, out, calib, dense_dtype, progress=lambda m: console.print(f"[dim]{m}"))
+                          apiq_epochs=epochs, apiq_lr_lwc=lr_lwc, apiq_lr_lora=lr_lora, onebit_svid=svid,
+                          onebit_layernorm=onebit_layernorm, kd_steps=kd_steps, kd_windows=kd_windows,
+                          kd_seq_len=kd_seq_len, kd_batch_size=kd_batch_size, kd_lr=kd_lr, kd_warmup=kd_warmup,
+                          kd_loss_scale=kd_loss_scale, kd_beta=kd_beta, kd_save_every=kd_save_every,
+                          kd_precision=kd_precision)
+        manifest = quantize_base(base, cfg, out, calib, dense_dtype, progress=lambda m: console.print(f"[dim]{m}"),
+                                 resume=resume, show_progress=progress_bar)
     except (DeltafleetError, ValueError) as e:
         _fail(e)
     b = manifest["bytes"]
-    console.print(f"{method} {bits}-bit (group {group_size}) in {manifest['seconds']:.1f} s: projections "
+    grouping = f" (group {group_size})" if "group_size" in manifest else ""
+    console.print(f"{method} {cfg.bits}-bit{grouping} in {manifest['seconds']:.1f} s: projections "
                   f"{b['projections']:,} bytes ({b['projections'] / b['projections_bf16']:.3f} of bf16), whole model "
                   f"{b['total']:,} bytes ({b['total'] / b['total_bf16']:.3f} of bf16)", highlight=False)
     console.print(f"wrote {out}" + (" (+ lora_init/)" if manifest["lora_init"] else ""), highlight=False)

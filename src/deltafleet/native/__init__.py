@@ -383,3 +383,39 @@ def sparse_add_(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, cols: to
     (`BoundSparse.bind`)."""
     bound = BoundSparse.bind(values, cols, row_ptr)
     return bound is not None and bound(x, y, index, null_row)
+
+
+# sign_cpu.c: (N, C, R, xg, sx, packed, Cb, h, y, sy)
+_SIGN_ARGS = [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64]
+
+
+@cache
+def sign_matmul():
+    """sign_cpu.c's packed sign matmul (fp32), or None when native kernels are unavailable."""
+    return _function("sign_cpu", "sign_matmul_f32", _SIGN_ARGS, ctypes.c_int)
+
+
+@cache
+def sign_matmul_path() -> str | None:
+    """Which path this CPU's build of sign_cpu.c took: 'avx512' or 'portable' (None: no kernel)."""
+    fn = _function("sign_cpu", "sign_matmul_path", [], ctypes.c_int)
+    return None if fn is None else {1: "avx512", 0: "portable"}[fn()]
+
+
+def sign_matmul_(xg: torch.Tensor, packed: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> bool:
+    """out (N, R) <- (xg (N, C) @ S^T) * h (R,), S (R, C) the ±1 matrix of `packed` (uint8 (R, ceil(C / 8)), the
+    row-aligned layout of `store.signs`), all fp32 on the CPU with contiguous rows (row strides free). Sums in fp32,
+    reassociated. Returns False (out untouched) when the kernel is unavailable or the tensors do not fit its
+    contract."""
+    fn = sign_matmul()
+    if fn is None or xg.dim() != 2 or packed.dim() != 2 or out.dim() != 2 or h.dim() != 1:
+        return False
+    N, C = xg.shape
+    R = packed.shape[0]
+    if not (xg.dtype is out.dtype is h.dtype is torch.float32 and packed.dtype is torch.uint8
+            and packed.shape[1] == (C + 7) // 8 and h.shape[0] == R and out.shape == (N, R)
+            and xg.stride(1) == 1 and out.stride(1) == 1 and packed.is_contiguous() and h.stride(0) == 1
+            and xg.is_cpu and packed.is_cpu and h.is_cpu and out.is_cpu):
+        return False
+    return fn(N, C, R, xg.data_ptr(), xg.stride(0), packed.data_ptr(), packed.shape[1], h.data_ptr(),
+              out.data_ptr(), out.stride(0)) == 0

@@ -6,7 +6,7 @@ Importing this package registers the quantizers and the `deltafleet-quantized-ba
 """
 
 from deltafleet.models.loading import BASE_FORMATS
-from deltafleet.quant import apiq, loftq, methods  # noqa: F401  (register their quantizers)
+from deltafleet.quant import apiq, loftq, methods, onebit  # noqa: F401  (register their quantizers)
 from deltafleet.quant.base import FORMAT, load_base
 
 BASE_FORMATS.register(FORMAT, load_base)

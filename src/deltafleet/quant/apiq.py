@@ -155,7 +155,8 @@ def calibrate_block(block: nn.Module, x_fp_out: Tensor, x_q: Tensor, cfg: QuantC
     return qblock, mods, losses
 
 
-def _apiq(model: Transformer, cfg: QuantConfig, calib: Tensor | None, progress: Callable[[str], None]) -> QuantResult:
+def _apiq(model: Transformer, cfg: QuantConfig, calib: Tensor | None,
+        progress: Callable[[str], None], ctx=None) -> QuantResult:
     N, T = calib.shape
     cache: dict[int, object] = {}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,12 @@ from deltafleet.models.loading import expected_shapes
 from deltafleet.quant.config import QUANT_BITS
 from deltafleet.quant.linear import DEFAULT_KERNEL, QuantEmbedding, QuantLinear
 from deltafleet.quant.registry import ModuleKey
+from deltafleet.quant.sign_linear import LayerNormedLinear, SignLinear
+from deltafleet.registry import Registry
 from deltafleet.store.manifest import MANIFEST, read_manifest, write_manifest
 from deltafleet.store.quantized import QuantizedMatrix
 from deltafleet.store.safetensors_io import load_tensors, save_tensors, short
+from deltafleet.store.signs import SignMatrix
 
 FORMAT = "deltafleet-quantized-base"
 WEIGHTS = "quantized.safetensors"
@@ -51,6 +55,38 @@ LORA_INIT = "lora_init"
 TABLES = ("model.embed_tokens", "lm_head")  # the tables `--embedding rtn` may quantize, by checkpoint prefix
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".lock")
 _NOT_COPIED = ("model.safetensors.index.json", MANIFEST, ".deltafleet-fingerprint.json", "deltafleet_source.json")
+
+
+Matrix = QuantizedMatrix | SignMatrix
+PACKED_LINEARS = (QuantLinear, SignLinear)  # the module types a quantized base's projections load as
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One stored matrix form of the projections (manifest field `codec`; absent means `affine`): its tensor
+    suffixes, how to read one matrix (tensors, prefix, shape, bits, group size; raises ValueError naming the
+    tensor) and the module that computes with it (matrix, bias, kernel, the base's manifest)."""
+
+    suffixes: tuple[str, ...]
+    bits: tuple[int, ...]
+    read: Callable[[dict[str, Tensor], str, tuple[int, int], int, int | None], Matrix]
+    linear: Callable[[Matrix, Tensor | None, str, dict[str, Any]], torch.nn.Module]
+    layernorm: Callable[[dict[str, Any]], bool] = lambda m: False
+
+
+CODECS: Registry[Codec] = Registry("quantized-base codec")
+CODECS.register("affine", Codec(("qcodes", "qscale", "qzero"), QUANT_BITS, QuantizedMatrix.from_tensors,
+                                lambda qm, bias, kernel, m: QuantLinear(qm, bias, kernel)))
+
+
+def _onebit_layernorm(m: dict[str, Any]) -> bool:
+    return (m.get("settings") or {}).get("onebit_layernorm") is True
+
+
+CODECS.register("sign", Codec(("qsigns", "qin", "qout"), (1,),
+                              lambda t, prefix, shape, bits, gs: SignMatrix.from_tensors(t, prefix, shape),
+                              lambda sm, bias, kernel, m: SignLinear(sm, bias, kernel, _onebit_layernorm(m)),
+                              _onebit_layernorm))
 
 
 def _group(proj: str) -> str:
@@ -66,10 +102,14 @@ class QuantizedBase:
     """A quantized base in memory."""
 
     config: ModelConfig
-    matrices: dict[ModuleKey, QuantizedMatrix]
+    matrices: dict[ModuleKey, Matrix]
     dense: dict[str, Tensor]  # every other tensor, by its checkpoint name
     manifest: dict[str, Any]
     tables: dict[str, QuantizedMatrix] = field(default_factory=dict)  # quantized tables by prefix (TABLES)
+
+    @property
+    def codec(self) -> Codec:
+        return CODECS[self.manifest.get("codec", "affine")]
 
     def dequantized_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """The checkpoint a plain model would load: dense tensors plus W_hat for every quantized weight."""
@@ -82,7 +122,7 @@ class QuantizedBase:
 
 
 # ----------------------------------------------------------------------------------------------- bytes
-def weight_bytes(matrices: dict[ModuleKey, QuantizedMatrix], dense: dict[str, Tensor],
+def weight_bytes(matrices: dict[ModuleKey, Matrix], dense: dict[str, Tensor],
                  tables: dict[str, QuantizedMatrix] | None = None) -> dict[str, int]:
     """Bytes of the projection weights quantized vs in bf16, of quantized tables, and of the whole model (dense
     tensors as stored)."""
@@ -98,7 +138,7 @@ def weight_bytes(matrices: dict[ModuleKey, QuantizedMatrix], dense: dict[str, Te
 
 
 # ----------------------------------------------------------------------------------------------- write
-def write_quantized_base(out: Path, source: Path, matrices: dict[ModuleKey, QuantizedMatrix],
+def write_quantized_base(out: Path, source: Path, matrices: dict[ModuleKey, Matrix],
                          dense: dict[str, Tensor], manifest: dict[str, Any],
                          tables: dict[str, QuantizedMatrix] | None = None) -> dict[str, Any]:
     """Write config, tokenizer, tensors and manifest into `out` (created; must not hold a quantized base)."""
@@ -147,15 +187,19 @@ def is_quantized_base(path: str | Path) -> bool:
     return p.is_dir() and read_manifest(p, FORMAT) is not None
 
 
-def _check_manifest(m: dict[str, Any], mpath: Path) -> tuple[int, int, torch.dtype]:
+def _check_manifest(m: dict[str, Any], mpath: Path) -> tuple[Codec, int, int | None, torch.dtype]:
+    name = m.get("codec", "affine")
+    if not isinstance(name, str) or name not in CODECS:
+        raise ArtifactError(mpath, f"codec={short(name)}: must be one of {sorted(CODECS)}")
+    codec = CODECS[name]
     bits, gs, dd = m.get("bits"), m.get("group_size"), m.get("dense_dtype")
-    if not isinstance(bits, int) or bits not in QUANT_BITS:
-        raise ArtifactError(mpath, f"bits={short(bits)}: must be one of {QUANT_BITS}")
-    if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
+    if not isinstance(bits, int) or bits not in codec.bits:
+        raise ArtifactError(mpath, f"bits={short(bits)}: must be one of {codec.bits} for codec {name!r}")
+    if name == "affine" and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
         raise ArtifactError(mpath, f"group_size={short(gs)}: must be a positive integer")
     if not isinstance(dd, str) or dd not in DTYPES:
         raise ArtifactError(mpath, f"dense_dtype={short(dd)}: must be one of {sorted(DTYPES)}")
-    return bits, gs, DTYPES[dd]
+    return codec, bits, gs, DTYPES[dd]
 
 
 def read_quantized_base(path: str | Path) -> QuantizedBase:
@@ -165,7 +209,7 @@ def read_quantized_base(path: str | Path) -> QuantizedBase:
     m = read_manifest(d, FORMAT)
     if m is None:
         raise ArtifactError(d, f"not a quantized base: {MANIFEST} with format {FORMAT!r} not found")
-    bits, gs, _ = _check_manifest(m, mpath)
+    codec, bits, gs, _ = _check_manifest(m, mpath)
     cfg = ModelConfig.from_file(d / "config.json")
     wpath = d / WEIGHTS
     if not wpath.is_file():
@@ -176,11 +220,10 @@ def read_quantized_base(path: str | Path) -> QuantizedBase:
         for proj in PROJECTIONS:
             prefix = module_name(layer, proj)
             try:
-                matrices[(layer, proj)] = QuantizedMatrix.from_tensors(tensors, prefix, cfg.linear_shape(proj),
-                                                                       bits, gs)
+                matrices[(layer, proj)] = codec.read(tensors, prefix, cfg.linear_shape(proj), bits, gs)
             except ValueError as e:
                 raise ArtifactError(wpath, f"{e} (with bits={bits}, group_size={gs} from {MANIFEST})") from None
-            for suffix in ("qcodes", "qscale", "qzero"):
+            for suffix in codec.suffixes:
                 tensors.pop(f"{prefix}.{suffix}")
     want = {k: v for k, v in expected_shapes(cfg).items()
             if not (k.endswith(".weight") and k.rsplit(".", 2)[-2] in PROJECTIONS)}
@@ -188,6 +231,8 @@ def read_quantized_base(path: str | Path) -> QuantizedBase:
         want.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)
     names = m.get("quantized_tables", [])
+    if names and codec is not CODECS["affine"]:
+        raise ArtifactError(mpath, f"quantized_tables={short(names)}: only an affine-codec base quantizes tables")
     if (not isinstance(names, list) or len(set(map(str, names))) != len(names)
             or any(n not in TABLES or f"{n}.weight" not in want for n in names)):
         raise ArtifactError(mpath, f"quantized_tables={short(names)}: must list distinct tables of this model among "
@@ -224,7 +269,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, k
         bias = dense.pop(f"{module_name(layer, proj)}.bias", None)
         block = model.model.layers[layer]
         parent = block.self_attn if _group(proj) == "self_attn" else block.mlp
-        setattr(parent, proj, QuantLinear(qm, None if bias is None else bias.to(dtype), kernel))
+        setattr(parent, proj, qb.codec.linear(qm, None if bias is None else bias.to(dtype), kernel, qb.manifest))
     if "model.embed_tokens" in qb.tables:
         model.model.embed_tokens = QuantEmbedding(qb.tables["model.embed_tokens"], dtype, kernel)
         if cfg.tie_word_embeddings:
@@ -245,20 +290,27 @@ def load_base(path: Path, dtype: torch.dtype) -> Transformer:
 
 
 def set_kernel(model, kernel: str) -> int:
-    """Switch every `QuantLinear` of `model` to `kernel`; returns how many were switched."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    """Switch every `QuantLinear` and `SignLinear` of `model` to `kernel`; returns how many were switched."""
+    layers = [m for m in model.modules() if isinstance(m, PACKED_LINEARS)]
     for m in layers:
         m.set_kernel(kernel)
     return len(layers)
 
 
 def hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A transformers causal LM whose projection weights are the quantized base's dequantized weights."""
+    """A transformers causal LM whose projection weights are the quantized base's dequantized weights (a OneBit
+    base with its LayerNorm: each projection a `LayerNormedLinear`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qb = read_quantized_base(path)
     config = AutoConfig.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if qb.codec.layernorm(qb.manifest):
+        for layer, proj in qb.matrices:
+            parent = model.get_submodule(module_name(layer, proj).rsplit(".", 1)[0])
+            old = getattr(parent, proj)
+            new = LayerNormedLinear(old.in_features, old.out_features, bias=old.bias is not None, dtype=dtype)
+            setattr(parent, proj, new)
     result = model.load_state_dict(qb.dequantized_state_dict(dtype), strict=False)
     allowed = {"lm_head.weight"} if qb.config.tie_word_embeddings else set()
     missing = [k for k in result.missing_keys if k not in allowed and not k.endswith("rotary_emb.inv_freq")]

@@ -27,7 +27,7 @@ class QuantConfig:
     on the full-precision table."""
 
     method: str
-    bits: int = 4
+    bits: int | None = None  # None: the method's default (4; OneBit 1)
     group_size: int = 64
     embedding: str = "dense"
     calib_samples: int = 32
@@ -45,6 +45,18 @@ class QuantConfig:
     apiq_lr_lora: float = 5e-4
     apiq_weight_decay: float = 0.1
     apiq_clip_init: float = 4.0
+    onebit_svid: str = "svd"
+    onebit_layernorm: bool = False
+    kd_steps: int = 1000
+    kd_windows: int = 2048
+    kd_seq_len: int = 128
+    kd_batch_size: int = 2
+    kd_lr: float = 4e-4
+    kd_warmup: float = 0.1
+    kd_loss_scale: float = 0.01
+    kd_beta: float = 1.0
+    kd_save_every: int = 50
+    kd_precision: str = "bf16"
 
     def __post_init__(self) -> None:
 
@@ -52,23 +64,46 @@ class QuantConfig:
             raise ValueError(f"method={self.method!r}: must be one of {sorted(QUANTIZERS)}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding={self.embedding!r}: must be one of {EMBEDDINGS}")
-        if self.bits not in QUANT_BITS:
-            raise ValueError(f"bits={self.bits!r}: must be one of {QUANT_BITS}")
+        allowed = QUANTIZERS[self.method].bits
+        if self.bits is None:
+            object.__setattr__(self, "bits", allowed[0])
+        if self.bits not in allowed:
+            raise ValueError(f"bits={self.bits!r}: {self.method} quantizes to {' or '.join(map(str, allowed))} bits")
+        if self.method == "onebit" and self.embedding != "dense":
+            raise ValueError(f"embedding={self.embedding!r}: onebit keeps the tables dense")
+        if self.kd_precision not in ("bf16", "fp32"):
+            raise ValueError(f"kd_precision={self.kd_precision!r}: must be 'bf16' (autocast) or 'fp32'")
+        if self.onebit_svid not in ("svd", "nmf"):
+            raise ValueError(f"onebit_svid={self.onebit_svid!r}: must be 'svd' or 'nmf'")
         for name in ("group_size", "calib_samples", "calib_seq_len", "rank", "loftq_iters", "apiq_epochs",
-                     "apiq_batch_size"):
+                     "apiq_batch_size", "kd_windows", "kd_seq_len", "kd_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r}: must be a positive integer")
-        for name in ("alpha", "apiq_lr_lwc", "apiq_lr_lora"):
+        if not isinstance(self.kd_steps, int) or isinstance(self.kd_steps, bool) or self.kd_steps < 0:
+            raise ValueError(f"kd_steps={self.kd_steps!r}: must be an integer >= 0 (0: SVID only)")
+        if not isinstance(self.kd_save_every, int) or self.kd_save_every < 0:
+            raise ValueError(f"kd_save_every={self.kd_save_every!r}: must be an integer >= 0 (0: never)")
+        if not 0 <= self.kd_warmup < 1:
+            raise ValueError(f"kd_warmup={self.kd_warmup!r}: the warm-up fraction of the steps must be in [0, 1)")
+        for name in ("alpha", "apiq_lr_lwc", "apiq_lr_lora", "kd_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0")
-        for name in ("gptq_damp", "apiq_weight_decay"):
+        for name in ("gptq_damp", "apiq_weight_decay", "kd_loss_scale", "kd_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = [t for t in self.targets if t not in PROJECTIONS]
         if not self.targets or unknown:
             raise ValueError(f"targets={self.targets!r}: must name one or more of {PROJECTIONS}")
+
+    @property
+    def calibration_shape(self) -> tuple[int, int]:
+        """(windows, tokens per window) of the text the method reads: OneBit's distillation text (none without
+        distillation steps), else the calibration windows."""
+        if self.method == "onebit":
+            return (self.kd_windows if self.kd_steps else 0), self.kd_seq_len
+        return self.calib_samples, self.calib_seq_len
 
     @property
     def scaling(self) -> float:
@@ -81,14 +116,17 @@ class QuantConfig:
         d["targets"] = list(self.targets)
         if self.embedding == "dense":
             d.pop("embedding")  # absent: the tables stay dense (as in bases written before the option)
-        own = {"gptq": ("gptq_",), "loftq": ("loftq_",), "apiq": ("apiq_",)}.get(self.method, ())
+        own = {"gptq": ("gptq_",), "loftq": ("loftq_",), "apiq": ("apiq_",),
+               "onebit": ("onebit_", "kd_")}.get(self.method, ())
         for k in list(d):
-            if any(k.startswith(p) for p in ("gptq_", "loftq_", "apiq_")) and not k.startswith(own):
+            if any(k.startswith(p) for p in ("gptq_", "loftq_", "apiq_", "onebit_", "kd_")) and not k.startswith(own):
                 d.pop(k)
+        if self.method == "onebit":
+            d.pop("group_size")
         if self.method not in ("apiq", "loftq"):
             for k in ("rank", "alpha", "targets"):
                 d.pop(k)
-        if self.method not in ("gptq", "apiq"):
+        if self.method not in ("gptq", "apiq", "onebit"):
             for k in ("calib_samples", "calib_seq_len", "seed"):
                 d.pop(k)
         return d

@@ -54,7 +54,8 @@ def loftq_matrix(w: Tensor, bits: int, group_size: int, rank: int, scaling: floa
     return QuantizedMatrix.from_codes(*q, bits, group_size), A, B
 
 
-def _loftq(model, cfg, calib, progress: Callable[[str], None]) -> QuantResult:
+def _loftq(model, cfg, calib,
+        progress: Callable[[str], None], ctx=None) -> QuantResult:
     matrices, lora = {}, {}
     for layer in range(model.config.num_layers):
         for proj in PROJECTIONS:

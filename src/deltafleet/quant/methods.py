@@ -26,7 +26,8 @@ from deltafleet.quant.registry import Quantizer, QuantResult, register_quantizer
 from deltafleet.store.quantized import QuantizedMatrix
 
 
-def _rtn(model: Transformer, cfg: QuantConfig, calib: Tensor | None, progress: Callable[[str], None]) -> QuantResult:
+def _rtn(model: Transformer, cfg: QuantConfig, calib: Tensor | None,
+        progress: Callable[[str], None], ctx=None) -> QuantResult:
     matrices = {}
     for layer in range(model.config.num_layers):
         for proj in PROJECTIONS:
@@ -45,7 +46,8 @@ def with_weights(block: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
 
 
 @torch.no_grad()
-def _gptq(model: Transformer, cfg: QuantConfig, calib: Tensor | None, progress: Callable[[str], None]) -> QuantResult:
+def _gptq(model: Transformer, cfg: QuantConfig, calib: Tensor | None,
+        progress: Callable[[str], None], ctx=None) -> QuantResult:
     N, T = calib.shape
     x = embed(model, calib)  # (N, T, H) the quantized model's stream
     a = attention_inputs(model, N, T, x.dtype)

@@ -19,7 +19,7 @@ from deltafleet.models.config import PROJECTIONS
 from deltafleet.models.loading import load_model, load_tokenizer
 from deltafleet.quant.base import TABLES, is_quantized_base, module_name, write_lora_init, write_quantized_base
 from deltafleet.quant.config import QuantConfig
-from deltafleet.quant.registry import QUANTIZERS
+from deltafleet.quant.registry import QUANTIZERS, RunContext
 from deltafleet.store.fingerprint import base_fingerprint
 from deltafleet.store.quantized import QuantizedMatrix
 from deltafleet.tasks.text import shakespeare_text, text_file, token_windows
@@ -31,12 +31,15 @@ def calibration_windows(path: Path, cfg: QuantConfig, calib: str | Path | None) 
 
     tokenizer = load_tokenizer(path)
     text, source = (text_file(calib), str(calib)) if calib else (shakespeare_text("train"), "shakespeare:train")
-    return token_windows(tokenizer, text, cfg.calib_samples, cfg.calib_seq_len, cfg.seed), source
+    n, seq_len = cfg.calibration_shape
+    return token_windows(tokenizer, text, n, seq_len, cfg.seed), source
 
 
 def quantize_base(base: str | Path, cfg: QuantConfig, out: str | Path, calib: str | Path | None = None,
-                  dense_dtype: str = "bfloat16", progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Write the quantized base of `base` into `out`; returns its manifest."""
+                  dense_dtype: str = "bfloat16", progress: Callable[[str], None] = lambda _: None,
+                  resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Write the quantized base of `base` into `out`; returns its manifest. A method that trains (OneBit) keeps
+    checkpoints in `out` while it runs and continues from the latest with `resume`."""
 
     if dense_dtype not in DTYPES:
         raise DeltafleetError(f"dense_dtype={dense_dtype!r}: must be one of {sorted(DTYPES)}")
@@ -49,13 +52,16 @@ def quantize_base(base: str | Path, cfg: QuantConfig, out: str | Path, calib: st
                                 "dense_dtype": dense_dtype, "settings": cfg.settings(),
                                 "source": {"base": str(base), "fingerprint": base_fingerprint(path)}}
     windows = None
-    if quantizer.needs_calibration:
+    if quantizer.needs_calibration and cfg.calibration_shape[0] > 0:
         windows, source = calibration_windows(path, cfg, calib)
         manifest["calibration"] = {"text": source, "windows": list(windows.shape)}
     t0 = time.perf_counter()
-    result = quantizer.run(model, cfg, windows, progress)
+    result = quantizer.run(model, cfg, windows, progress, RunContext(out, resume, show_progress))
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     manifest["stats"] = result.stats
+    if quantizer.codec != "affine":  # absent: affine (every base written before OneBit)
+        manifest["codec"] = quantizer.codec
+        manifest.pop("group_size")
     manifest["lora_init"] = "lora_init" if result.lora else None
     projection_keys = {f"{module_name(layer, p)}.weight" for layer in range(model.config.num_layers)
                        for p in PROJECTIONS}

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from deltafleet.registry import Registry
 from deltafleet.store.quantized import QuantizedMatrix
+from deltafleet.store.signs import SignMatrix
 
 if TYPE_CHECKING:
     from deltafleet.models.llama import Transformer
@@ -26,18 +28,33 @@ ModuleKey = tuple[int, str]  # (layer, projection)
 
 @dataclass
 class QuantResult:
-    matrices: dict[ModuleKey, QuantizedMatrix]
+    matrices: dict[ModuleKey, QuantizedMatrix | SignMatrix]
     lora: dict[ModuleKey, tuple[Tensor, Tensor]] | None = None  # (A (r, C), B (R, r)) fp32
     stats: dict[str, Any] = field(default_factory=dict)  # method diagnostics written to the manifest
 
 
 @dataclass(frozen=True)
+class RunContext:
+    """Where a long quantizer run may keep its checkpoints (`workdir`, None: nowhere), whether it resumes from
+    them, and whether it draws a progress bar."""
+
+    workdir: Path | None = None
+    resume: bool = False
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
 class Quantizer:
+    """`bits`: the widths it accepts (the first is the default); `codec`: the stored matrix form it writes,
+    'affine' (`store.quantized.QuantizedMatrix`) or 'sign' (`store.signs.SignMatrix`)."""
+
     name: str
     needs_calibration: bool
     makes_lora: bool
-    run: Callable[[Transformer, QuantConfig, Tensor | None, Callable[[str], None]], QuantResult]
+    run: Callable[[Transformer, QuantConfig, Tensor | None, Callable[[str], None], RunContext], QuantResult]
     description: str = ""
+    bits: tuple[int, ...] = (4, 2, 3, 8)
+    codec: str = "affine"
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantizer")

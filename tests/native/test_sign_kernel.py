@@ -1,0 +1,89 @@
+"""sign_cpu.c (OneBit's packed sign matmul): equals the dense product with S = unpack(packed) up to fp32
+reassociation, for any token count, column tail and row stride; refuses tensors outside its contract; the portable
+(no-SIMD) build computes what this machine's build computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltafleet import native
+from deltafleet.store.signs import pack_signs, unpack_signs
+from tests.conftest import assert_close
+
+
+def _case(seed: int, N: int, C: int, R: int):
+    g = torch.Generator().manual_seed(seed)
+    xg = torch.randn(N, C, generator=g)
+    packed = pack_signs(torch.randn(R, C, generator=g))
+    h = torch.rand(R, generator=g) + 0.05
+    return xg, packed, h
+
+
+def _want(xg, packed, h):
+    return ((xg.double() @ unpack_signs(packed, xg.shape[1]).double().T) * h.double()).float()
+
+
+@pytest.mark.parametrize("N,C,R", [(1, 16, 3), (3, 37, 5), (4, 64, 9), (5, 100, 17), (9, 576, 40), (32, 1536, 8)])
+def test_matches_the_dense_product(N, C, R):
+    if native.sign_matmul() is None:
+        pytest.skip("native kernels unavailable")
+    xg, packed, h = _case(N * C + R, N, C, R)
+    out = torch.full((N, R), float("nan"))
+    assert native.sign_matmul_(xg, packed, h, out)
+    # 2 P - T: two sums of C terms each, in another order than the reference
+    assert_close(out, _want(xg, packed, h), "reordered", k=2 * C, scale=float(xg.abs().sum(1).max() * h.max()))
+
+
+def test_row_strides_of_x_and_out():
+    if native.sign_matmul() is None:
+        pytest.skip("native kernels unavailable")
+    xg, packed, h = _case(3, 6, 40, 7)
+    wide_x = torch.randn(6, 50)
+    wide_x[:, :40] = xg
+    wide_out = torch.zeros(6, 11)
+    assert native.sign_matmul_(wide_x[:, :40], packed, h, wide_out[:, :7])
+    assert_close(wide_out[:, :7], _want(xg, packed, h), "reordered", k=80, scale=float(xg.abs().sum(1).max()))
+    assert torch.equal(wide_out[:, 7:], torch.zeros(6, 4))  # nothing written beyond the view
+
+
+def test_refuses_tensors_outside_the_contract():
+    xg, packed, h = _case(4, 2, 24, 5)
+    out = torch.zeros(2, 5)
+    bad = {
+        "bf16 x": (xg.bfloat16(), packed, h, out),
+        "short rows": (xg, packed[:, :2].contiguous(), h, out),
+        "h length": (xg, packed, h[:4], out),
+        "out shape": (xg, packed, h, torch.zeros(2, 6)),
+        "x column stride": (torch.randn(24, 2).T, packed, h, out),
+        "packed dtype": (xg, packed.to(torch.int8), h, out),
+        "packed not contiguous": (xg, torch.zeros(3, 5, dtype=torch.uint8).T, h, out),
+    }
+    for name, args in bad.items():
+        assert not native.sign_matmul_(*args), name
+    assert torch.equal(out, torch.zeros(2, 5))
+
+
+def test_portable_build_matches_the_native_one(tmp_path):
+    """The plain-loop build (no AVX-512, AVX2 or FMA) computes what this machine's build computes."""
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() != "x86_64" or native.sign_matmul() is None:
+        pytest.skip("the portable flags below are x86-64's")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
+    so = tmp_path / "portable.so"
+    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "sign_cpu.c"), "-o", str(so)], check=True)
+    lib = ctypes.CDLL(str(so))
+    assert lib.sign_matmul_path() == 0
+    fn = lib.sign_matmul_f32
+    fn.argtypes, fn.restype = native._SIGN_ARGS, ctypes.c_int
+    for seed, (N, C, R) in enumerate([(1, 16, 3), (7, 77, 45), (5, 576, 12)]):
+        xg, packed, h = _case(seed, N, C, R)
+        got, want = torch.zeros(N, R), torch.zeros(N, R)
+        assert fn(N, C, R, xg.data_ptr(), C, packed.data_ptr(), packed.shape[1], h.data_ptr(), got.data_ptr(), R) == 0
+        assert native.sign_matmul_(xg, packed, h, want)
+        assert_close(got, want, "reordered", k=2 * C, scale=float(xg.abs().sum(1).max() * h.max()))

@@ -145,3 +145,9 @@ def test_cli_onebit_quantize_resume_train_and_bench(chat_tiny, tmp_path, monkeyp
     assert r.exit_code == 0, r.output
     row = json.loads(r.output)
     assert row["quantized"] and row["kernel"] == "native" and row["decode_tokens"] == 4
+    r = runner.invoke(_app(), ["lowbit-bench", "--base", str(chat_tiny), "--base", str(out), "--adapters", "4",
+                               "--rounds", "2", "--batch", "4", "--prompt-len", "4", "--max-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert [row["quantized"] for row in rep["rows"]] == [False, True] and rep["rows"][0]["vs_first"] == 1.0
+    assert all(len(row["runs"]) == 2 and row["decode_tokens"] == 8 for row in rep["rows"])

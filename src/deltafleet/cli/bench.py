@@ -227,26 +227,37 @@ def bench_compress_command(
 
 
 def lowbit_bench_command(
-    base: str = typer.Option("smollm2-135m", help="Embedded model name, checkpoint or quantized-base directory."),
+    base: list[str] = typer.Option(["smollm2-135m"], help="Embedded model name, checkpoint or quantized-base "
+                                   "directory; repeat to compare bases in one run (ratios to the first)."),
     dtype: str = typer.Option("float32", help="Engine compute dtype: float32 or bfloat16."),
     kernel: str = typer.Option("native", help="Quantized-linear kernel: native, fast, reference or cached."),
     batch: int = typer.Option(8, help="Concurrent requests."),
     prompt_len: int = typer.Option(16, help="Prompt tokens per request."),
     max_tokens: int = typer.Option(16, help="Generated tokens per request."),
+    adapters: int = typer.Option(0, min=0, help="Random tenants (half LoRA r16, half RoAd) the requests cycle over."),
+    rounds: int = typer.Option(1, min=1, help="Measured runs per base (alternating bases); medians reported."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Engine decode throughput (tokens/s) on a base, quantized or not; base-only greedy requests."""
-    from deltafleet.bench.lowbit import decode_throughput
+    """Engine decode throughput (tokens/s) on one or more bases, quantized or not, optionally with mixed tenants."""
+    from deltafleet.bench.lowbit import compare, decode_throughput
 
     try:
-        row = decode_throughput(base, dtype, kernel, batch, prompt_len, max_tokens)
+        if len(base) == 1:
+            rows = [decode_throughput(base[0], dtype, kernel, batch, prompt_len, max_tokens, adapters, rounds)]
+            result = rows[0]
+        else:
+            result = compare(base, dtype, kernel, batch, prompt_len, max_tokens, adapters, rounds)
+            rows = result["rows"]
     except (DeltafleetError, ValueError) as e:
         _fail(e)
     if as_json:
-        typer.echo(json.dumps(row))
-    else:
-        console.print(f"decode {row['decode_tokens_per_s']:.1f} tokens/s (batch {batch}, {dtype}, kernel "
-                      f"{row['kernel']}); projection weights {row['projection_bytes']:,} bytes", highlight=False)
+        typer.echo(json.dumps(result))
+        return
+    for row in rows:
+        ratio = f", {row['vs_first']:.2f}x the first" if "vs_first" in row else ""
+        console.print(f"{row['base']}: decode {row['decode_tokens_per_s']:.1f} tokens/s{ratio} (batch {batch}, "
+                      f"{dtype}, {adapters} tenants, kernel {row['kernel']}); projection weights "
+                      f"{row['projection_bytes']:,} bytes", highlight=False)
 
 
 def print_report(rep: dict) -> None:

@@ -1,6 +1,7 @@
 """Microbenchmark of the CPU adapter and dequantization paths on SmolLM2-135M's projection shapes.
 
     python bench/kernels.py [--threads N] [--batch 32] [--adapters 32] [--rank 16] [--dram] [--gemv] [--sparse]
+                            [--sign]
 
 Per decoder layer (the seven projections, shapes from SmolLM2: hidden 576, intermediate 1536, 3 kv heads of
 64), for one decode step of `batch` tokens spread over `adapters` distinct LoRA adapters resident in a slot pool:
@@ -29,6 +30,10 @@ Medians of 9 alternating repeats.
 slot, `density` of its entries, `batch` tokens over `adapters` slots), in microseconds per call: the native kernel
 (`deltafleet.native.BoundSparse`) against the vectorised torch path (gather x[:, cols] * values[index], then
 index_add over the nonzeros' rows), fp32 and bf16.
+
+`--sign` times only OneBit's 1-bit linear (`quant.sign_linear.SignLinear`) on a 1536 x 576 matrix at 1, 8 and 32
+rows: the native sign-select-add kernel against the `fast` torch path (byte-table unpack, then matmul) and the
+`cached` dense ±1 matrix, beside the 4-bit `QuantLinear` (native dequantizer) and nn.Linear, fp32 and bf16 x.
 """
 
 from __future__ import annotations
@@ -223,6 +228,26 @@ def sparse_paths(batch: int, adapters: int, density: float, dtype: torch.dtype) 
     return out
 
 
+def sign_paths(rows: int, dtype: torch.dtype) -> dict[str, float]:
+    from deltafleet.quant.linear import QuantLinear
+    from deltafleet.quant.sign_linear import SignLinear
+    from deltafleet.store.quantized import QuantizedMatrix
+    from deltafleet.store.signs import SignMatrix
+
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(1536, 576, generator=g) * 0.05, torch.randn(rows, 576, generator=g).to(dtype)
+    sign = SignLinear(SignMatrix.from_factors(w, torch.rand(576, generator=g), torch.rand(1536, generator=g)))
+    q4 = QuantLinear(QuantizedMatrix.quantize(w, 4, 64))
+    dense = torch.nn.Linear(576, 1536, bias=False).to(dtype)
+    out = {}
+    for kernel in ("native", "fast", "cached"):
+        sign.set_kernel(kernel)
+        out[f"1-bit {kernel}"] = best_ms(lambda: sign(x), calls=10)
+    out["4-bit native"] = best_ms(lambda: q4(x), calls=10)
+    out["nn.Linear"] = best_ms(lambda: dense(x), calls=10)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -235,8 +260,20 @@ def main() -> None:
     ap.add_argument("--sparse", action="store_true", help="only: PaFi sparse-additive deltas per projection, "
                     "native kernel vs vectorised torch (--density of each projection's entries)")
     ap.add_argument("--density", type=float, default=0.02)
+    ap.add_argument("--sign", action="store_true", help="only: OneBit's 1-bit linear, native sign kernel vs torch "
+                    "paths, the 4-bit native dequantizer and nn.Linear")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sign:
+        from deltafleet import native
+
+        print(f"{args.threads} thread(s); sign kernel path: {native.sign_matmul_path()}; 1536 x 576, ms per call")
+        with torch.inference_mode():
+            for dtype in (torch.float32, torch.bfloat16):
+                for rows in (1, 8, 32):
+                    t = sign_paths(rows, dtype)
+                    print(f"{str(dtype)[6:]:>8} rows {rows:2d}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+        return
     if args.sparse:
         print(f"{args.threads} thread(s); batch {args.batch} over {args.adapters} slots, density {args.density}; "
               "us per projection call")

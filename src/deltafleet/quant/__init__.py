@@ -1,5 +1,6 @@
-"""Low-bit bases: quantizers (RTN, GPTQ, LoftQ, ApiQ; one registration each), the quantized-base format, and the
-`QuantLinear` swapped in at load.
+"""Low-bit bases: quantizers (RTN, GPTQ, LoftQ, ApiQ, OneBit; one registration each), the quantized-base format
+(codec `affine` for the group-wise methods, `sign` for OneBit), and the `QuantLinear` / `SignLinear` swapped in at
+load.
 
 Importing this package registers the quantizers and the `deltafleet-quantized-base` format with
 `models.loading.BASE_FORMATS`, so `load_model` (and every `--base`) accepts a quantized base directory.

@@ -27,6 +27,7 @@ from torch import Tensor
 from deltafleet.models.config import PROJECTIONS
 from deltafleet.models.llama import Transformer
 from deltafleet.quant.config import QuantConfig
+from deltafleet.quant.onebit_kd import distill
 from deltafleet.quant.registry import Quantizer, QuantResult, RunContext, register_quantizer
 from deltafleet.registry import Registry
 from deltafleet.store.signs import SignMatrix
@@ -74,8 +75,6 @@ def svid_matrices(model: Transformer, method: str) -> dict[tuple[int, str], tupl
 
 def _onebit(model: Transformer, cfg: QuantConfig, calib: Tensor | None, progress: Callable[[str], None],
             ctx: RunContext | None = None) -> QuantResult:
-    from deltafleet.quant.onebit_kd import distill
-
     factors = svid_matrices(model, cfg.onebit_svid)
     progress(f"onebit: SVID ({cfg.onebit_svid}) of {len(factors)} projections")
     stats: dict = {"svid": cfg.onebit_svid, "layernorm": cfg.onebit_layernorm}

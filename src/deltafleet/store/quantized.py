@@ -128,6 +128,23 @@ def rtn_quantize(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor,
 
 
 # ------------------------------------------------------------------------------------------ container
+def take_tensors(tensors: dict[str, Tensor], prefix: str,
+                 want: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """{name: tensors[f"{prefix}.{name}"]} for every name of `want` (name -> (shape, dtype)); raises ValueError
+    naming the first tensor that is missing or of another shape or dtype."""
+    got = {}
+    for name, (shape, dtype) in want.items():
+        key = f"{prefix}.{name}"
+        if key not in tensors:
+            raise ValueError(f"tensor {key!r} is missing")
+        t = tensors[key]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        got[name] = t
+    return got
+
+
+
 @dataclass
 class QuantizedMatrix:
     """A quantized (R, C) matrix as stored: packed codes, fp16 scales, uint8 zero points."""
@@ -173,15 +190,7 @@ class QuantizedMatrix:
         G = num_groups(C, group_size)
         want = {"qcodes": ((packed_nbytes(R * C, bits),), torch.uint8), "qscale": ((R, G), torch.float16),
                 "qzero": ((R, G), torch.uint8)}
-        got = {}
-        for name, (s, dt) in want.items():
-            key = f"{prefix}.{name}"
-            if key not in tensors:
-                raise ValueError(f"tensor {key!r} is missing")
-            t = tensors[key]
-            if tuple(t.shape) != s or t.dtype != dt:
-                raise ValueError(f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected {dt} {s}")
-            got[name] = t
+        got = take_tensors(tensors, prefix, want)
         if got["qzero"].numel() and int(got["qzero"].max()) >= 1 << bits:
             raise ValueError(f"tensor {prefix}.qzero holds zero points outside [0, {(1 << bits) - 1}]")
         return cls(got["qcodes"], got["qscale"], got["qzero"], (R, C), bits, group_size)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deltafleet.store.quantized import take_tensors
+
 _BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
 
 
@@ -88,15 +90,7 @@ class SignMatrix:
         R, C = shape
         want = {"qsigns": ((R, row_bytes(C)), torch.uint8), "qin": ((C,), torch.float16),
                 "qout": ((R,), torch.float16)}
-        got = {}
-        for name, (s, dt) in want.items():
-            key = f"{prefix}.{name}"
-            if key not in tensors:
-                raise ValueError(f"tensor {key!r} is missing")
-            t = tensors[key]
-            if tuple(t.shape) != s or t.dtype != dt:
-                raise ValueError(f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected {dt} {s}")
-            got[name] = t
+        got = take_tensors(tensors, prefix, want)
         for name in ("qin", "qout"):
             if not bool(torch.isfinite(got[name]).all()):
                 raise ValueError(f"tensor {prefix}.{name!s} holds non-finite scales")

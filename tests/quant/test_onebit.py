@@ -72,6 +72,18 @@ def test_nmf_and_svd_reach_the_same_rank1_factor():
 
 
 # --------------------------------------------------------------------------------------------- SignLinear
+@pytest.mark.parametrize("C", [1, 8, 13, 576])
+def test_packed_and_unpacked_signs_agree_bit_for_bit(C):
+    from deltafleet.quant.sign_linear import fast_signs
+    from deltafleet.store.signs import pack_signs, unpack_signs
+
+    w = torch.randn(7, C, generator=torch.Generator().manual_seed(C))
+    packed = pack_signs(w)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(fast_signs(packed, C, dtype), unpack_signs(packed, C).to(dtype))
+    assert torch.equal(unpack_signs(packed, C), torch.where(w >= 0, 1.0, -1.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [64, 37])
 @pytest.mark.parametrize("layernorm", [False, True])

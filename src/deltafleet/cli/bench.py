@@ -493,6 +493,54 @@ def bench_methods_command(
                          f"LoRA's" if "accuracy_minus_lora" in s else ""), highlight=False)
 
 
+def bench_route_command(
+    tenants: int = typer.Option(10_000, min=1, help="Tenants, Zipf-popular."),
+    zipf: float = typer.Option(1.0, help="Zipf exponent of tenant popularity."),
+    replicas: str = typer.Option("4,8,16,32,64", help="Replica counts to simulate, comma-separated."),
+    slots: int = typer.Option(32, min=1, help="Resident tenants per replica (LRU)."),
+    batch: int = typer.Option(32, min=1, help="Requests a replica runs at once."),
+    requests_per_replica: int = typer.Option(2000, min=1, help="Simulated requests per replica."),
+    utilization: float = typer.Option(0.7, help="Offered load over the fleet's capacity, in (0, 1)."),
+    service_s: float = typer.Option(2.0, help="Seconds one request runs once started."),
+    cold_load_s: float | None = typer.Option(None, help="Seconds a miss waits for its tenant; default: measured "
+                                             "now (p99 of loading a SmolLM2 LoRA r16 into slot buffers)."),
+    spill: int = typer.Option(16, min=1, help="affinity: load gap at which a hot tenant spreads to another replica."),
+    policies: str = typer.Option("random,least_loaded,affinity", help="Routing policies, comma-separated."),
+    plot_path: Path | None = typer.Option(None, "--plot", help="Write the miss/latency/imbalance plot (PNG)."),
+    seed: int = typer.Option(0, help="Seed of arrivals and tenants."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
+) -> None:
+    """Simulate routing many tenants over many replicas (no Ray): miss rate, imbalance, latency tail per policy."""
+    from deltafleet.bench.route import RouteConfig, measure_cold_load, plot, run
+
+    measured = None
+    try:
+        if cold_load_s is None:
+            measured = measure_cold_load()
+            cold_load_s = measured["p99_s"]
+        cfg = RouteConfig(tenants=tenants, zipf=zipf, replicas=tuple(int(r) for r in replicas.split(",")),
+                          slots=slots, batch=batch, requests_per_replica=requests_per_replica,
+                          utilization=utilization, service_s=service_s, cold_load_s=cold_load_s, spill=spill,
+                          policies=tuple(policies.split(",")), seed=seed)
+        rep = run(cfg)
+    except (DeltafleetError, ValueError) as e:
+        _fail(e)
+    rep["cold_load_measured"] = measured
+    if plot_path is not None:
+        plot(rep, plot_path)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    console.print(f"{tenants} tenants (Zipf {zipf}), {slots} slots and {batch} seats per replica, utilization "
+                  f"{utilization}, cold load {cold_load_s * 1e3:.0f} ms" + (" (measured p99)" if measured else ""))
+    table = Table("replicas", "policy", "miss rate", "imbalance", "p50 s", "p99 s", "p99.9 s", "mean wait s")
+    for r in rep["rows"]:
+        table.add_row(str(r["replicas"]), r["policy"], f"{r['miss_rate']:.3f}", f"{r['imbalance']:.2f}",
+                      f"{r['latency_p50_s']:.3f}", f"{r['latency_p99_s']:.3f}", f"{r['latency_p999_s']:.3f}",
+                      f"{r['mean_wait_s']:.3f}")
+    console.print(table)
+
+
 bench_app.command("engine")(bench_engine_command)
 bench_app.command("serve")(bench_serve_command)
 bench_app.command("compress")(bench_compress_command)
@@ -501,3 +549,4 @@ bench_app.command("memory")(bench_memory_command)
 bench_app.command("churn")(bench_churn_command)
 bench_app.command("peer")(bench_peer_command)
 bench_app.command("methods")(bench_methods_command)
+bench_app.command("route")(bench_route_command)

@@ -151,3 +151,12 @@ def test_cli_onebit_quantize_resume_train_and_bench(chat_tiny, tmp_path, monkeyp
     rep = json.loads(r.output)
     assert [row["quantized"] for row in rep["rows"]] == [False, True] and rep["rows"][0]["vs_first"] == 1.0
     assert all(len(row["runs"]) == 2 and row["decode_tokens"] == 8 for row in rep["rows"])
+    from deltafleet.cli import app
+
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    for extra in ([], ["--adapter", str(tmp_path / "lora")]):
+        r = runner.invoke(app, ["eval", "ppl", "--text", str(text), "--base", str(out), "--window", "16",
+                                "--max-windows", "2", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["ppl"] > 1

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deltafleet import native
+from deltafleet.dtypes import cpu_flags
 from deltafleet.store.signs import pack_signs, unpack_signs
 from tests.conftest import assert_close
 
@@ -64,8 +65,10 @@ def test_refuses_tensors_outside_the_contract():
     assert torch.equal(out, torch.zeros(2, 5))
 
 
-def test_portable_build_matches_the_native_one(tmp_path):
-    """The plain-loop build (no AVX-512, AVX2 or FMA) computes what this machine's build computes."""
+@pytest.mark.parametrize("arch,path", [(["-march=x86-64", "-mno-avx2", "-mno-fma"], 0), (["-march=x86-64-v3"], 1)])
+def test_portable_and_avx2_builds_match_the_native_one(tmp_path, arch, path):
+    """The plain-loop build (no AVX-512, AVX2 or FMA) and the AVX2 build (x86-64-v3, no AVX-512) compute what this
+    machine's build computes (they run here only if this CPU has what they were built for: AVX2 for the second)."""
     import ctypes
     import platform
     import shutil
@@ -74,11 +77,13 @@ def test_portable_build_matches_the_native_one(tmp_path):
     if platform.machine() != "x86_64" or native.sign_matmul() is None:
         pytest.skip("the portable flags below are x86-64's")
     cc = shutil.which("cc") or shutil.which("gcc")
-    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
-    so = tmp_path / "portable.so"
+    if path == 1 and "avx2" not in cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    flags = [f for f in native.CFLAGS if f != "-march=native"] + arch
+    so = tmp_path / "build.so"
     subprocess.run([cc, *flags, str(native.SOURCE_DIR / "sign_cpu.c"), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
-    assert lib.sign_matmul_path() == 0
+    assert lib.sign_matmul_path() == path
     fn = lib.sign_matmul_f32
     fn.argtypes, fn.restype = native._SIGN_ARGS, ctypes.c_int
     for seed, (N, C, R) in enumerate([(1, 16, 3), (7, 77, 45), (5, 576, 12)]):

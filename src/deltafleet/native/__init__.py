@@ -397,9 +397,9 @@ def sign_matmul():
 
 @cache
 def sign_matmul_path() -> str | None:
-    """Which path this CPU's build of sign_cpu.c took: 'avx512' or 'portable' (None: no kernel)."""
+    """Which path this CPU's build of sign_cpu.c took: 'avx512', 'avx2' or 'portable' (None: no kernel)."""
     fn = _function("sign_cpu", "sign_matmul_path", [], ctypes.c_int)
-    return None if fn is None else {1: "avx512", 0: "portable"}[fn()]
+    return None if fn is None else {2: "avx512", 1: "avx2", 0: "portable"}[fn()]
 
 
 def sign_matmul_(xg: torch.Tensor, packed: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> bool:

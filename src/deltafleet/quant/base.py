@@ -1,6 +1,7 @@
 """The quantized-base directory: write it, recognise it, read it, load it into our model or into transformers.
 
-Layout (built offline, gpt-fast style; the model's projections are swapped for `QuantLinear`s at load):
+Layout (built offline, gpt-fast style; the projections are swapped for `QuantLinear`s, or OneBit's
+`SignLinear`s, at load):
 
     config.json            copied from the source checkpoint (unchanged: a plain Llama-family config)
     tokenizer files        copied from the source checkpoint
@@ -10,9 +11,12 @@ Layout (built offline, gpt-fast style; the model's projections are swapped for `
                            same three tensors under `model.embed_tokens` (and `lm_head` when untied): the table
                            RTN-quantized at the base's bits and group size; every other tensor (norms, biases, and
                            the tables otherwise) dense in `dense_dtype`
-    deltafleet.json        manifest: schema_version, format "deltafleet-quantized-base", method, bits, group_size,
-                           dense_dtype, method settings, source base and fingerprint, byte counts, lora_init,
-                           quantized_tables (optional: absent means none)
+                           OneBit (manifest `codec` "sign"): per projection `.qsigns` (uint8 (R, ceil(C/8)), the
+                           row-aligned packed signs of `store.signs`), `.qin` (fp16 (C,), g) and `.qout` (fp16 (R,), h)
+    deltafleet.json        manifest: schema_version, format "deltafleet-quantized-base", method, bits, group_size
+                           (not for codec "sign"), dense_dtype, method settings, source base and fingerprint, byte
+                           counts, lora_init, quantized_tables (optional: absent means none), codec (optional:
+                           absent means "affine")
     lora_init/             (apiq, loftq) a peft LoRA adapter directory: the initialisation to fine-tune from
 
 A directory is recognised as a quantized base by its manifest's `format` field, never by its name. Anything
@@ -71,6 +75,7 @@ class Codec:
     bits: tuple[int, ...]
     read: Callable[[dict[str, Tensor], str, tuple[int, int], int, int | None], Matrix]
     linear: Callable[[Matrix, Tensor | None, str, dict[str, Any]], torch.nn.Module]
+    grouped: bool = True  # the manifest must give a positive group_size
     layernorm: Callable[[dict[str, Any]], bool] = lambda m: False
 
 
@@ -86,7 +91,7 @@ def _onebit_layernorm(m: dict[str, Any]) -> bool:
 CODECS.register("sign", Codec(("qsigns", "qin", "qout"), (1,),
                               lambda t, prefix, shape, bits, gs: SignMatrix.from_tensors(t, prefix, shape),
                               lambda sm, bias, kernel, m: SignLinear(sm, bias, kernel, _onebit_layernorm(m)),
-                              _onebit_layernorm))
+                              grouped=False, layernorm=_onebit_layernorm))
 
 
 def _group(proj: str) -> str:
@@ -195,7 +200,7 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> tuple[Codec, int, int | N
     bits, gs, dd = m.get("bits"), m.get("group_size"), m.get("dense_dtype")
     if not isinstance(bits, int) or bits not in codec.bits:
         raise ArtifactError(mpath, f"bits={short(bits)}: must be one of {codec.bits} for codec {name!r}")
-    if name == "affine" and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
+    if codec.grouped and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
         raise ArtifactError(mpath, f"group_size={short(gs)}: must be a positive integer")
     if not isinstance(dd, str) or dd not in DTYPES:
         raise ArtifactError(mpath, f"dense_dtype={short(dd)}: must be one of {sorted(DTYPES)}")

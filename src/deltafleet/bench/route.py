@@ -225,7 +225,7 @@ def plot(report: dict[str, Any], path) -> None:
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{cfg['tenants']} tenants, Zipf {cfg['zipf']}, {cfg['slots']} slots and {cfg['batch']} seats per "
-                 f"replica, utilization {cfg['utilization']}, cold load {cfg['cold_load_s']} s", fontsize=10)
+                 f"replica, utilization {cfg['utilization']}, cold load {cfg['cold_load_s'] * 1e3:.0f} ms", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

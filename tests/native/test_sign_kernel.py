@@ -48,6 +48,20 @@ def test_row_strides_of_x_and_out():
     assert torch.equal(wide_out[:, 7:], torch.zeros(6, 4))  # nothing written beyond the view
 
 
+@pytest.mark.parametrize("C", [1, 8, 13, 576])
+def test_unpack_writes_the_exact_signs(C):
+    if native.sign_unpack() is None:
+        pytest.skip("native kernels unavailable")
+    packed = pack_signs(torch.randn(9, C, generator=torch.Generator().manual_seed(C)))
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((9, C), 7.0, dtype=dtype)
+        assert native.sign_unpack_(packed, out)
+        assert torch.equal(out.float(), unpack_signs(packed, C))
+    assert not native.sign_unpack_(packed, torch.zeros(9, C, dtype=torch.float16))  # dtype outside the contract
+    assert not native.sign_unpack_(packed[:, :0], torch.zeros(9, C))  # row bytes do not fit C
+    assert C == 1 or not native.sign_unpack_(packed, torch.zeros(C, 9).T)  # not contiguous
+
+
 def test_refuses_tensors_outside_the_contract():
     xg, packed, h = _case(4, 2, 24, 5)
     out = torch.zeros(2, 5)

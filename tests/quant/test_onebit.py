@@ -87,12 +87,13 @@ def test_packed_and_unpacked_signs_agree_bit_for_bit(C):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [64, 37])
 @pytest.mark.parametrize("layernorm", [False, True])
-def test_sign_linear_kernels_agree(dtype, C, layernorm):
+@pytest.mark.parametrize("tokens", [3, 5])  # x (2, tokens): 6 rows take the select-add kernel, 10 the unpack
+def test_sign_linear_kernels_agree(dtype, C, layernorm, tokens):
     g = torch.Generator().manual_seed(C)
     sm = SignMatrix.from_factors(torch.randn(24, C, generator=g), torch.rand(C, generator=g) + 0.5,
                                  torch.rand(24, generator=g) * 0.2)
     bias = torch.randn(24, generator=g)
-    x = torch.randn(2, 5, C, generator=g).to(dtype)
+    x = torch.randn(2, tokens, C, generator=g).to(dtype)
     layer = SignLinear(sm, bias.to(dtype), "reference", layernorm)
     want = layer(x.float().to(dtype)).float()
     w_hat = sm.dequantize()
@@ -103,7 +104,7 @@ def test_sign_linear_kernels_agree(dtype, C, layernorm):
     for kernel in KERNELS:
         layer.set_kernel(kernel)
         got = layer(x)
-        assert got.dtype == dtype and got.shape == (2, 5, 24)
+        assert got.dtype == dtype and got.shape == (2, tokens, 24)
         assert_close(got.float(), want, "rounded" if dtype == torch.bfloat16 else "reordered", dtype, k=C,
                      msg=kernel)
 

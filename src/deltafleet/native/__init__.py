@@ -419,3 +419,25 @@ def sign_matmul_(xg: torch.Tensor, packed: torch.Tensor, h: torch.Tensor, out: t
         return False
     return fn(N, C, R, xg.data_ptr(), xg.stride(0), packed.data_ptr(), packed.shape[1], h.data_ptr(),
               out.data_ptr(), out.stride(0)) == 0
+
+
+@cache
+def sign_unpack():
+    """sign_cpu.c's dense writer of the ±1 matrix, or None when native kernels are unavailable."""
+    return _function("sign_cpu", "sign_unpack", [_I64, _I64, _PTR, _I64, _I64, _PTR])
+
+
+def sign_unpack_(packed: torch.Tensor, out: torch.Tensor) -> bool:
+    """out (R, C) float32 or bfloat16 <- the ±1 matrix of `packed` (uint8 (R, ceil(C / 8)), `store.signs` layout),
+    exactly. Both contiguous, on the CPU. Returns False (out untouched) when the kernel is unavailable or the
+    tensors do not fit its contract."""
+    fn = sign_unpack()
+    if fn is None or packed.dim() != 2 or out.dim() != 2:
+        return False
+    R, C = out.shape
+    if not (packed.dtype is torch.uint8 and out.dtype in (torch.float32, torch.bfloat16)
+            and tuple(packed.shape) == (R, (C + 7) // 8) and packed.is_contiguous() and out.is_contiguous()
+            and packed.is_cpu and out.is_cpu):
+        return False
+    fn(R, C, packed.data_ptr(), packed.shape[1], int(out.dtype is torch.bfloat16), out.data_ptr())
+    return True

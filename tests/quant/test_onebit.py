@@ -330,3 +330,37 @@ def test_every_kernel_gives_the_same_greedy_tokens(onebit_bases):
     for kernel in ("reference", "fast", "cached"):
         assert set_kernel(model, kernel) == 7 * model.config.num_layers
         assert greedy_generate(model, [3, 14, 15, 92], 6) == want, kernel
+
+
+def test_distillation_continues_from_a_stored_onebit_base(onebit_bases, tiny_llama, tmp_path):
+    import deltafleet.quant.pipeline as pipeline
+
+    saved = pipeline.calibration_windows
+    pipeline.calibration_windows = lambda path, cfg, calib: (CALIB, "random")
+    try:
+        d = tmp_path / "more"
+        quantize_base(tiny_llama, onebit_config(kd_steps=0, kd_init=str(onebit_bases["kd"])), d,
+                      dense_dtype="float32", show_progress=False)
+        for key, sm in read_quantized_base(d).matrices.items():  # no steps: the stored base, unchanged
+            src = read_quantized_base(onebit_bases["kd"]).matrices[key]
+            assert torch.equal(sm.packed, src.packed) and torch.equal(sm.g, src.g) and torch.equal(sm.h, src.h)
+        m = json.loads((d / MANIFEST).read_text())
+        assert m["stats"]["init"] == str(onebit_bases["kd"]) and m["settings"]["kd_init"] == str(onebit_bases["kd"])
+        with pytest.raises(ArtifactError, match="not a quantized base"):
+            quantize_base(tiny_llama, onebit_config(kd_init=str(tmp_path)), tmp_path / "x", show_progress=False)
+    finally:
+        pipeline.calibration_windows = saved
+
+
+def test_kd_init_must_be_a_onebit_base_of_this_model(quantized_tiny, tiny_llama, onebit_bases):
+    import dataclasses
+
+    from deltafleet.models.llama import Transformer
+    from deltafleet.quant.onebit import stored_factors
+
+    cfg = load_model(tiny_llama)[0].config
+    model = Transformer(dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size // 2))
+    with pytest.raises(DeltafleetError, match="not a OneBit base"):
+        stored_factors(load_model(quantized_tiny["rtn"])[0], str(quantized_tiny["rtn"]))
+    with pytest.raises(DeltafleetError, match="a OneBit base of another model"):
+        stored_factors(model, str(onebit_bases["kd"]))

@@ -54,6 +54,8 @@ def quantize_command(
     kd_beta: float = typer.Option(1.0, help="onebit: weight of the hidden-state MSE (the paper's)."),
     kd_save_every: int = typer.Option(50, help="onebit: steps between checkpoints in OUT/onebit-kd/ (0: never)."),
     kd_precision: str = typer.Option("bf16", help="onebit: distillation forwards under bf16 autocast, or fp32."),
+    kd_init: Path | None = typer.Option(None, help="onebit: start from this OneBit base instead of SVID (distill "
+                                              "it further, e.g. on other text)."),
     resume: bool = typer.Option(False, "--resume", help="onebit: continue the distillation checkpointed in --out."),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Draw a progress bar (onebit)."),
 ) -> None:
@@ -68,7 +70,7 @@ def quantize_command(
                           onebit_layernorm=onebit_layernorm, kd_steps=kd_steps, kd_windows=kd_windows,
                           kd_seq_len=kd_seq_len, kd_batch_size=kd_batch_size, kd_lr=kd_lr, kd_warmup=kd_warmup,
                           kd_loss_scale=kd_loss_scale, kd_beta=kd_beta, kd_save_every=kd_save_every,
-                          kd_precision=kd_precision)
+                          kd_precision=kd_precision, kd_init=None if kd_init is None else str(kd_init))
         manifest = quantize_base(base, cfg, out, calib, dense_dtype, progress=lambda m: console.print(f"[dim]{m}"),
                                  resume=resume, show_progress=progress_bar)
     except (DeltafleetError, ValueError) as e:

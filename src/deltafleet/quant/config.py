@@ -57,6 +57,7 @@ class QuantConfig:
     kd_beta: float = 1.0
     kd_save_every: int = 50
     kd_precision: str = "bf16"
+    kd_init: str | None = None  # a OneBit base directory to start from instead of SVID (continued distillation)
 
     def __post_init__(self) -> None:
 

@@ -24,8 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS
 from deltafleet.models.llama import Transformer
+from deltafleet.quant.base import read_quantized_base
 from deltafleet.quant.config import QuantConfig
 from deltafleet.quant.onebit_kd import distill
 from deltafleet.quant.registry import Quantizer, QuantResult, RunContext, register_quantizer
@@ -73,11 +75,34 @@ def svid_matrices(model: Transformer, method: str) -> dict[tuple[int, str], tupl
             for layer in range(model.config.num_layers) for proj in PROJECTIONS}
 
 
+def stored_factors(model: Transformer, path: str) -> dict[tuple[int, str], tuple[Tensor, Tensor, Tensor]]:
+    """(signs, g, h) of every projection of the OneBit base at `path`, checked against `model`'s shapes: the start
+    of a continued distillation (`kd_init`)."""
+    qb = read_quantized_base(path)
+    if qb.manifest.get("codec") != "sign":
+        raise DeltafleetError(f"kd_init={path}: not a OneBit base (codec {qb.manifest.get('codec', 'affine')!r})")
+    out = {}
+    for layer in range(model.config.num_layers):
+        for proj in PROJECTIONS:
+            sm = qb.matrices.get((layer, proj))
+            want = tuple(model.linear(layer, proj).weight.shape)
+            if sm is None or tuple(sm.shape) != want:
+                raise DeltafleetError(f"kd_init={path}: layer {layer} {proj} is not {want}: a OneBit base of "
+                                      f"another model")
+            out[(layer, proj)] = (sm.signs(), sm.g.float(), sm.h.float())
+    return out
+
+
 def _onebit(model: Transformer, cfg: QuantConfig, calib: Tensor | None, progress: Callable[[str], None],
             ctx: RunContext | None = None) -> QuantResult:
-    factors = svid_matrices(model, cfg.onebit_svid)
-    progress(f"onebit: SVID ({cfg.onebit_svid}) of {len(factors)} projections")
     stats: dict = {"svid": cfg.onebit_svid, "layernorm": cfg.onebit_layernorm}
+    if cfg.kd_init:
+        factors = stored_factors(model, cfg.kd_init)
+        progress(f"onebit: starting from the OneBit base {cfg.kd_init}")
+        stats["init"] = cfg.kd_init
+    else:
+        factors = svid_matrices(model, cfg.onebit_svid)
+        progress(f"onebit: SVID ({cfg.onebit_svid}) of {len(factors)} projections")
     if cfg.kd_steps > 0:
         if calib is None:
             raise ValueError("onebit: knowledge distillation needs text windows")

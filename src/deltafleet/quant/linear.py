@@ -104,21 +104,22 @@ def _cached_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
 _scratch = threading.local()
 
 
-def _scratch_matrix(R: int, C: int) -> Tensor:
-    """A per-thread fp32 (R, C) buffer, reused by every call of that shape on this thread."""
+def scratch_matrix(R: int, C: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A per-thread (R, C) buffer of `dtype`, reused by every call of that shape and dtype on this thread (the
+    native kernels of `QuantLinear` and `SignLinear` write their dense weight into it)."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
-    buf = bufs.get((R, C))
+    buf = bufs.get((R, C, dtype))
     if buf is None:
-        buf = bufs[(R, C)] = torch.empty(R, C)
+        buf = bufs[(R, C, dtype)] = torch.empty(R, C, dtype=dtype)
     return buf
 
 
 def _native_weight(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
 
     R, C = layer.shape
-    out = _scratch_matrix(R, C) if not torch.is_grad_enabled() else torch.empty(R, C)
+    out = scratch_matrix(R, C) if not torch.is_grad_enabled() else torch.empty(R, C)
     if dequant_groups_(layer.qcodes, layer.scale.float(), layer.qzero.float(), layer.bits, layer.group_size, out):
         return out.to(dtype)
     return _fast_weight(layer, dtype)

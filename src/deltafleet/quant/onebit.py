@@ -11,8 +11,8 @@ W_hat = diag(h) Sign(W) diag(g). Two ways to get the rank-1 factor, both here an
 - `nmf`: rank-1 non-negative matrix factorisation by alternating least squares (the released code calls
   scikit-learn's NMF with one component; for one component the coordinate-descent update is this closed form).
   It minimises the same Frobenius objective over the same set, so it converges to the same a b^T
-  (tested: within 1e-5 relative); it is kept to reproduce the released recipe, at `--svid-iters` matrix-vector
-  products per matrix.
+  (tested: within 1e-5 relative); it is kept to reproduce the released recipe, at 50 alternations (two matrix-vector
+  products each) per matrix.
 
 Shapes: W (R, C) -> a (R,), b (C,).
 """

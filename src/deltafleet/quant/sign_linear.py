@@ -26,7 +26,6 @@ Shapes: x (..., C) -> y (..., R); packed (R, ceil(C / 8)); g (C,); h (R,).
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 
 import torch
@@ -34,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltafleet.native import sign_matmul_, sign_unpack_
+from deltafleet.quant.linear import scratch_matrix
 from deltafleet.registry import Registry
-from deltafleet.store.signs import SignMatrix, row_bytes, unpack_signs
+from deltafleet.store.signs import SignMatrix, row_bytes
 
 LAYERNORM_EPS = 1e-5
 
@@ -71,26 +71,12 @@ def _cached(layer: SignLinear, x: Tensor) -> Tensor:
 
 
 NATIVE_ROWS = 8  # tokens up to which the select-add kernel beats unpack + matmul (bench/kernels.py --sign)
-_scratch = threading.local()
-
-
-def _scratch_signs(R: int, C: int, dtype: torch.dtype) -> Tensor:
-    """A per-thread (R, C) buffer of `dtype`, reused by every call of that shape on this thread."""
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    buf = bufs.get((R, C, dtype))
-    if buf is None:
-        buf = bufs[(R, C, dtype)] = torch.empty(R, C, dtype=dtype)
-    return buf
-
-
 def _native(layer: SignLinear, x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _fast(layer, x)
     rows = x.numel() // layer.in_features
     if rows > NATIVE_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        signs = _scratch_signs(layer.out_features, layer.in_features, x.dtype)
+        signs = scratch_matrix(layer.out_features, layer.in_features, x.dtype)
         if sign_unpack_(layer.qsigns, signs):
             return _scaled(layer, x, signs)
     xg = (x.reshape(-1, layer.in_features).float() * layer.g.float()).contiguous()
@@ -170,8 +156,3 @@ class LayerNormedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         y = F.layer_norm(F.linear(x, self.weight), (self.out_features,), eps=LAYERNORM_EPS)
         return y if self.bias is None else y + self.bias
-
-
-def unpack_reference(sm: SignMatrix) -> Tensor:
-    """S (R, C) by the bit-by-bit unpack (the reference the packed paths are tested against)."""
-    return unpack_signs(sm.packed, sm.shape[1])

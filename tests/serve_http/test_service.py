@@ -44,6 +44,11 @@ class FakeStream:
         if self.hang:
             await asyncio.Event().wait()
 
+    replica = ""
+
+    async def start(self) -> None:
+        pass
+
     def abort(self) -> None:
         self.aborted = True
 
@@ -209,7 +214,11 @@ def test_completion_submits_collects_and_times_tokens():
     assert body["id"].startswith("cmpl-") and body["model"] == "t-one"
     assert body["choices"][0]["text"] == "Hello" and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
-    assert (metrics.ttft.count, metrics.itl.count) == (1, 2)  # first token, then two gaps
+    text = metrics.render({})
+    assert "deltafleet_time_to_first_token_seconds_count 1.0" in text  # the first token, then two gaps
+    assert "deltafleet_inter_token_latency_seconds_count 2.0" in text
+    assert 'deltafleet_model_requests_total{model="t-one"} 1.0' in text
+    assert 'deltafleet_model_generated_tokens_total{model="t-one"} 3.0' in text
 
 
 def test_prompt_too_long_names_the_field_the_client_sent():

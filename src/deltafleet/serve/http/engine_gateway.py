@@ -98,8 +98,13 @@ def _event(ev: TokenEvent) -> Event:
 class EngineStream:
     """A submitted request as a gateway `Stream`: the bridge's `TokenEvent`s as `Event`s."""
 
+    replica = ""
+
     def __init__(self, events: AsyncStream):
         self._events = events
+
+    async def start(self) -> None:
+        """Nothing to wait for: the engine refuses a request in `submit` itself."""
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         async for ev in self._events:
@@ -244,6 +249,9 @@ class EngineGateway:
     # ------------------------------------------------------------------ state
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def replica_stats(self) -> dict[str, dict]:
+        return {"": self.stats()}
 
     @property
     def draining(self) -> bool:

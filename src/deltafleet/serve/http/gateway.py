@@ -102,7 +102,14 @@ class AdapterInfo:
 
 
 class Stream(Protocol):
-    """A submitted request. Iterate its events; `abort` frees its batch slot and KV cache at once."""
+    """A submitted request. Await `start` once, then iterate its events; `abort` frees its batch slot and KV cache
+    at once. `replica` names the engine replica running it ("" for a single server's engine)."""
+
+    replica: str
+
+    async def start(self) -> None:
+        """Wait until an engine accepted the request. Raises what `Gateway.submit` raises when the refusal
+        comes from a remote engine (InvalidRequest, PromptTooLong, UnknownModel, QueueFull, ShuttingDown)."""
 
     def __aiter__(self) -> AsyncIterator[Event]: ...
 
@@ -126,7 +133,8 @@ class Gateway(Protocol):
         the text cannot fit the context."""
 
     def submit(self, generation: Generation) -> Stream:
-        """Queue a request. Raises InvalidRequest, PromptTooLong, UnknownModel, QueueFull or ShuttingDown."""
+        """Queue a request (never blocks). Raises InvalidRequest, PromptTooLong, UnknownModel, QueueFull or
+        ShuttingDown here or from the stream's `start`."""
 
     def adapter_names(self) -> list[str]: ...
 
@@ -145,6 +153,9 @@ class Gateway(Protocol):
     def stats(self) -> dict:
         """waiting, running, max_batch, generated_tokens, prompt_tokens, finished, resident_adapters,
         adapter_cache {hits, misses, evictions, host_evictions, loads}."""
+
+    def replica_stats(self) -> dict[str, dict]:
+        """`stats()` of every engine replica by replica name ({"": stats} for a single server's engine)."""
 
     @property
     def draining(self) -> bool: ...

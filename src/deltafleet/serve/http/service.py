@@ -222,7 +222,7 @@ class Service:
         if not ids:
             raise InvalidRequest("prompt: encodes to no tokens", "prompt")
         gen = _generation(req, ids, req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, adapter)
-        return self._submit(gen, req.model, False, t0)
+        return await self._submit(gen, req.model, False, t0)
 
     async def chat_completion(self, p: Principal, req: P.ChatCompletionRequest, t0: float) -> Submitted:
         req.refuse_unsupported()
@@ -233,26 +233,32 @@ class Service:
         if max_tokens < 1:
             raise PromptTooLong(f"messages: a prompt of {len(ids)} tokens leaves no room to answer in the context "
                                 f"length {max_len}", "messages")
-        return self._submit(_generation(req, ids, max_tokens, adapter), req.model, True, t0)
+        return await self._submit(_generation(req, ids, max_tokens, adapter), req.model, True, t0)
 
-    def _submit(self, gen: Generation, model: str, chat: bool, t0: float) -> Submitted:
+    async def _submit(self, gen: Generation, model: str, chat: bool, t0: float) -> Submitted:
         try:
             stream = self.gateway.submit(gen)
+            await stream.start()
         except UnknownModel:  # removed between the check and the submission
             raise not_found(model) from None
         except PromptTooLong as e:
             e.param = "messages" if chat else "prompt"
             raise
+        self.metrics.request(model, stream.replica)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return Submitted(rid, model, int(time.time()), chat, stream, self._observed(stream, t0))
+        return Submitted(rid, model, int(time.time()), chat, stream, self._observed(stream, model, t0))
 
-    async def _observed(self, stream: Stream, t0: float) -> AsyncIterator[Event]:
-        """The stream's events, timing the first token and the gaps between tokens."""
-        seen, last = 0, t0
+    async def _observed(self, stream: Stream, model: str, t0: float) -> AsyncIterator[Event]:
+        """The stream's events, timing the first token and the gaps between tokens, counting tokens per model."""
+        seen, last, replica = 0, t0, stream.replica
         async for ev in stream:
             if ev.completion_tokens > seen:
                 now = time.perf_counter()
-                (self.metrics.ttft if seen == 0 else self.metrics.itl).observe(now - last)
+                if seen == 0:
+                    self.metrics.first_token(now - last, replica)
+                else:
+                    self.metrics.next_token(now - last, replica)
+                self.metrics.tokens(model, ev.completion_tokens - seen, replica)
                 seen, last = ev.completion_tokens, now
             yield ev
 
@@ -300,14 +306,16 @@ class Service:
         return P.model_card(model, "deltafleet", None if adapter is None else self.gateway.model_name)
 
     # ------------------------------------------------------------------ adapter lifecycle (admin)
-    def adapters(self) -> dict:
-        return {"object": "list", "data": [adapter_json(a) for a in self.gateway.adapters()]}
+    # Gateway calls run on a worker thread: a load checks files, and a clustered gateway asks its replicas.
+    async def adapters(self) -> dict:
+        return {"object": "list", "data": [adapter_json(a) for a in await asyncio.to_thread(self.gateway.adapters)]}
 
-    def load_adapter(self, req: P.LoadAdapterRequest) -> dict:
-        return adapter_json(self.gateway.load_adapter(req.name, req.path if req.path is not None else req.name))
+    async def load_adapter(self, req: P.LoadAdapterRequest) -> dict:
+        path = req.path if req.path is not None else req.name
+        return adapter_json(await asyncio.to_thread(self.gateway.load_adapter, req.name, path))
 
     async def replace_adapter(self, name: str, req: P.ReplaceAdapterRequest) -> dict:
-        """The new weights are read and checked on a worker thread (a load can take seconds)."""
+        """The new weights are read and checked first (a load can take seconds)."""
         P.check_name(name, "name")
         try:
             info = await asyncio.to_thread(self.gateway.replace_adapter, name,
@@ -316,19 +324,20 @@ class Service:
             raise ApiError(404, f"adapter {name!r} not found", "not_found_error", "name", "adapter_not_found") from None
         return adapter_json(info)
 
-    def unload_adapter(self, name: str) -> dict:
+    async def unload_adapter(self, name: str) -> dict:
+        P.check_name(name, "name")
         try:
-            self.gateway.unload_adapter(P.check_name(name, "name"))
+            await asyncio.to_thread(self.gateway.unload_adapter, name)
         except UnknownModel:
             raise ApiError(404, f"adapter {name!r} not found", "not_found_error", "name", "adapter_not_found") from None
         return {"id": name, "object": "adapter", "deleted": True}
 
     # ------------------------------------------------------------------ operations
-    def metrics_text(self, authorization: str | None) -> str:
+    async def metrics_text(self, authorization: str | None) -> str:
         """Prometheus text; admin-only when the server has tenants."""
         if not self.tenancy.open:
             self.admin(authorization)
-        return self.metrics.render(self.gateway.stats())
+        return self.metrics.render(await asyncio.to_thread(self.gateway.replica_stats))
 
 
 def _generation(req: P._Sampling, prompt_ids: list[int], max_tokens: int, adapter: str | None) -> Generation:

@@ -15,7 +15,7 @@ router = APIRouter()
 @router.get("/v1/adapters", responses=O.responses(O.AdapterList, 401, 403))
 async def list_adapters(request: Request, svc: Svc):
     svc.admin(request.headers.get("authorization"))
-    return svc.adapters()
+    return await svc.adapters()
 
 
 @router.post("/v1/adapters", status_code=202, openapi_extra=O.body(P.LoadAdapterRequest),
@@ -23,7 +23,7 @@ async def list_adapters(request: Request, svc: Svc):
 async def load_adapter(request: Request, svc: Svc):
     svc.admin(request.headers.get("authorization"))
     req = P.parse(P.LoadAdapterRequest, await request.body())
-    return JSONResponse(svc.load_adapter(req), status_code=202)
+    return JSONResponse(await svc.load_adapter(req), status_code=202)
 
 
 @router.put("/v1/adapters/{name}", openapi_extra=O.body(P.ReplaceAdapterRequest),
@@ -36,4 +36,4 @@ async def replace_adapter(name: NameParam, request: Request, svc: Svc):
 @router.delete("/v1/adapters/{name}", responses=O.responses(O.AdapterDeleted, 400, 401, 403, 404))
 async def unload_adapter(name: NameParam, request: Request, svc: Svc):
     svc.admin(request.headers.get("authorization"))
-    return svc.unload_adapter(name)
+    return await svc.unload_adapter(name)

@@ -24,5 +24,5 @@ PROMETHEUS_TEXT = {"description": "Prometheus text format 0.0.4",
 
 @router.get("/metrics", response_class=Response, responses={200: PROMETHEUS_TEXT, **O.responses(None, 401, 403)})
 async def metrics(request: Request, svc: Svc):
-    text = svc.metrics_text(request.headers.get("authorization"))
+    text = await svc.metrics_text(request.headers.get("authorization"))
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -151,7 +151,7 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(liv
     assert time.perf_counter() - t0 < 1.5
     err = error_of(r, 400, param)
     assert err["code"] == "context_length_exceeded" and "3000000 characters" in err["message"]
-    cap = live.gateway.max_prompt_chars  # 512 x the longest token's characters
+    cap = live.gateway.prompts.max_prompt_chars  # 512 x the longest token's characters
     assert len(live.gateway.encode("lorem ipsum " * (cap // 12))) > 512  # under the cap: tokenized as before
     with pytest.raises(G.PromptTooLong):
         live.gateway.encode("x" * (cap + 1))

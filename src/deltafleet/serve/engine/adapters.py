@@ -364,6 +364,12 @@ class AdapterManager:
         with self._lock:
             return sum(self._state(e) is AdapterState.RESIDENT for e in self.entries.values())
 
+    def residency(self) -> tuple[list[str], int]:
+        """(registered adapters resident in a slot, slots holding nothing), for a router's view of this engine."""
+        with self._lock:
+            resident = sorted(n for n, e in self.entries.items() if e.slot is not None)
+            return resident, sum(p.slots for p in self.pools) - len(self.slot_owner)
+
     @property
     def slots_in_use(self) -> int:
         """Occupied slots: the resident adapters plus detached versions still finishing their requests."""

@@ -504,6 +504,11 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="deltafleet-engine", daemon=True)
             self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The step loop is running (started and not stopped)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def _loop(self) -> None:
         while not (self._stopping and not self.running and not self.waiting and not self._inbox):
             try:

@@ -6,9 +6,7 @@ on the caller's asyncio loop by the engine's one asyncio bridge (`serve.engine.s
 directories registered at run time must lie under the adapters root, and so must every file their load opens,
 symlinks followed (`store.paths.confined_files`). Messages for clients name files relative to the adapters root.
 
-A prompt text longer than the context length times the tokenizer's longest token (in characters) cannot fit
-whatever it encodes to, so it is refused before tokenization (a multi-megabyte prompt would otherwise take
-seconds and hundreds of megabytes to tokenize, only to be refused).
+Prompts are tokenized by `prompts.Prompts` (shared with the Ray Serve ingress, which tokenizes without an engine).
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-
-from jinja2 import TemplateError
 
 from deltafleet.adapters.io import PEFT_CONFIG, adapter_layout, peek_config
 from deltafleet.errors import ArtifactError, DeltafleetError
@@ -50,6 +46,7 @@ from deltafleet.serve.http.gateway import (
     ShuttingDown,
     UnknownModel,
 )
+from deltafleet.serve.http.prompts import Prompts
 from deltafleet.store.manifest import MANIFEST
 from deltafleet.store.paths import confined_files
 
@@ -130,7 +127,7 @@ class EngineGateway:
         given = Path(adapters_root) if adapters_root is not None else None
         spellings = {str(self.adapters_root), str(given.absolute()), str(given)} - {"."} if given else set()
         self._root_prefixes = sorted((f"{s.rstrip('/')}/" for s in spellings), key=len, reverse=True)
-        self.max_prompt_chars = self.max_model_len * max(map(len, self.tokenizer.get_vocab()))
+        self.prompts = Prompts(self.tokenizer, self.max_model_len)
         self._draining = False
         self._lock = threading.Lock()
         if model_name in engine.adapters.names():
@@ -148,22 +145,11 @@ class EngineGateway:
             raise
 
     # ------------------------------------------------------------------ prompts
-    def _check_length(self, chars: int, param: str) -> None:
-        if chars > self.max_prompt_chars:
-            raise PromptTooLong(f"{param}: {chars} characters of text cannot fit in the context length "
-                                f"{self.max_model_len} (at most {self.max_prompt_chars} can)", param)
-
     def encode(self, text: str) -> list[int]:
-        self._check_length(len(text), "prompt")
-        return list(self.tokenizer.encode(text))
+        return self.prompts.encode(text)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        self._check_length(sum(len(m["content"]) for m in messages), "messages")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except TemplateError as e:  # the template refused the conversation (its raise_exception message)
-            raise InvalidRequest(f"messages: the chat template refused the conversation ({e})", "messages") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.prompts.chat_prompt(messages)
 
     # ------------------------------------------------------------------ generation
     def submit(self, g: Generation) -> EngineStream:
@@ -200,7 +186,7 @@ class EngineGateway:
         return text.replace(str(self.adapters_root), ".") if self.adapters_root is not None else text
 
     def load_adapter(self, name: str, relative_path: str) -> AdapterInfo:
-        path = self._adapter_dir(name, relative_path)
+        path = self.adapter_dir(name, relative_path)
         with self._lock:
             if name in self.engine.adapters.names():
                 raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first", "name")
@@ -208,13 +194,13 @@ class EngineGateway:
         return next(a for a in self.adapters() if a.name == name)
 
     def replace_adapter(self, name: str, relative_path: str) -> AdapterInfo:
-        path = self._adapter_dir(name, relative_path)
+        path = self.adapter_dir(name, relative_path)
         if name not in self.engine.adapters.names():
             raise UnknownModel(f"adapter {name!r} not found", "name")
         _adapter_call(self.engine.replace_adapter, name, path)
         return next(a for a in self.adapters() if a.name == name)
 
-    def _adapter_dir(self, name: str, relative_path: str) -> Path:
+    def adapter_dir(self, name: str, relative_path: str) -> Path:
         """The adapter directory `relative_path` under the adapters root, with every file a load opens confined
         to the root; InvalidRequest naming the rule otherwise."""
         if self.adapters_root is None:

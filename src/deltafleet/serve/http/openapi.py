@@ -112,6 +112,7 @@ class AdapterCard(BaseModel):
     rank_or_variant: str | None
     bytes: int | None
     error: str | None
+    replicas: dict[str, AdapterState] | None = None  # behind the Ray Serve ingress: the state on each replica
 
 
 class AdapterList(BaseModel):

@@ -349,4 +349,4 @@ def _generation(req: P._Sampling, prompt_ids: list[int], max_tokens: int, adapte
 
 def adapter_json(a: AdapterInfo) -> dict:
     return {"id": a.name, "object": "adapter", "state": str(a.state), "kind": a.kind, "rank_or_variant": a.detail,
-            "bytes": a.bytes, "error": a.error}
+            "bytes": a.bytes, "error": a.error, **a.extra}

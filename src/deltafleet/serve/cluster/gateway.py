@@ -202,7 +202,7 @@ class ClusterGateway:
                 if isinstance(v, dict):
                     for kk, vv in v.items():
                         total["adapter_cache"][kk] = total["adapter_cache"].get(kk, 0) + vv
-                elif isinstance(v, int | float):
+                elif isinstance(v, int | float) and k != "pid":
                     total[k] = total.get(k, 0) + v
         return total
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -188,7 +189,8 @@ class EngineReplica:
         """Ray Serve asks every `request_routing_stats_period_s`: report to the registry, catch up with its table,
         return what the router reads."""
         listing = [asdict(a) | {"state": str(a.state)} for a in self.gateway.adapters()]
-        version = await self.registry.report.remote(self.name, self.gateway.stats(), listing)
+        stats = self.gateway.stats() | {"pid": os.getpid()}
+        version = await self.registry.report.remote(self.name, stats, listing)
         await self.sync(version)
         return self.routing_stats().as_dict()
 

@@ -55,7 +55,8 @@ class Cluster:
         return out
 
     def replicas(self) -> set[str]:
-        return {k.split('replica="')[1].split('"')[0] for k in self.metrics() if k.startswith("deltafleet_queue_depth{")}
+        return {k.split('replica="')[1].split('"')[0] for k in self.metrics()
+                if k.startswith("deltafleet_queue_depth{")}
 
     def adapters(self) -> dict[str, dict]:
         return {a["id"]: a for a in httpx.get(f"{self.url}/v1/adapters", headers=ADMIN, timeout=30).json()["data"]}

@@ -20,10 +20,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from deltafleet.adapters.io import peek_config
+from deltafleet.models.loading import resolve_base
 from deltafleet.serve.engine import EngineConfig
 from deltafleet.serve.http.app import create_app
-from deltafleet.serve.http.engine_gateway import EngineGateway
-from deltafleet.serve.http.server import BackgroundServer
+from deltafleet.serve.http.engine_gateway import EngineGateway, default_model_name
+from deltafleet.serve.http.server import BackgroundServer, bind
 from deltafleet.serve.http.tenancy import Tenancy
 from deltafleet.store.cache import cache_dir
 from deltafleet.store.manifest import read_manifest
@@ -51,6 +53,13 @@ TENANTS = (
 BASE_PROMPTS = ("What is the capital of France? Answer in one sentence.", "Name two primary colours.")
 PER_TENANT = 2
 MAX_TOKENS = 24
+
+
+def free_port() -> int:
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
 
 
 def demo_root() -> Path:
@@ -116,37 +125,54 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else f"{text[:n // 2 - 2]} ... {text[-(n // 2 - 3):]}"
 
 
-def run_demo(base: str, dtype: str, console: Console) -> None:
+def run_demo(base: str, dtype: str, console: Console, replicas: int = 0) -> None:
+    """`replicas` > 0: serve through the Ray Serve application (`deltafleet serve --ray`) with that many engine
+    replicas instead of the single-process server."""
 
     root = demo_root()
     root.mkdir(parents=True, exist_ok=True)
     prepare_adapters(base, root, console)
 
     keys = {t.name: f"sk-{t.name}-{secrets.token_urlsafe(12)}" for t in TENANTS}
-    tenancy = Tenancy.from_dict({"tenants": [{"name": t.name, "api_key": keys[t.name],
-                                              "adapters": [t.adapter] if t.adapter else []} for t in TENANTS]})
+    tenancy_dict = {"tenants": [{"name": t.name, "api_key": keys[t.name], "adapters": [t.adapter] if t.adapter else []}
+                                for t in TENANTS]}
+    tenancy = Tenancy.from_dict(tenancy_dict)
     t0 = time.perf_counter()
-    gateway = EngineGateway.from_pretrained(base, root, EngineConfig(dtype=dtype, max_batch=8, max_model_len=512),
-                                            "smollm2-135m" if base == "smollm2-135m" else None)
-    server = BackgroundServer(create_app(gateway, tenancy), gateway).start()
-    console.print(f"server on {server.url}: {gateway.model_name} ({dtype}) + adapters "
-                  f"{', '.join(gateway.adapter_names())}, loaded in {time.perf_counter() - t0:.1f} s; "
-                  f"one API key per tenant")
+    model_name = "smollm2-135m" if base == "smollm2-135m" else default_model_name(base)
+    if replicas:  # Ray is imported only here: the single-process demo runs without it
+        from deltafleet.serve.cluster.app import ClusterConfig
+        from deltafleet.serve.cluster.launch import start
+        from deltafleet.serve.cluster.replica import ClusterSpec
+
+        spec = ClusterSpec(str(resolve_base(base)), str(root), model_name,
+                           tuple(dict(dtype=dtype, max_batch=8, max_model_len=512).items()))
+        launched = start(ClusterConfig(spec, replicas=replicas, tenancy=tenancy_dict), port=free_port())
+        url, stop = launched.url, launched.stop
+        where = f"Ray Serve ingress on {url}: {replicas} engine replicas of"
+    else:
+        gateway = EngineGateway.from_pretrained(base, root, EngineConfig(dtype=dtype, max_batch=8, max_model_len=512),
+                                                model_name)
+        server = BackgroundServer(create_app(gateway, tenancy), gateway).start()
+        url, stop = server.url, server.stop
+        where = f"server on {url}:"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    console.print(f"{where} {model_name} ({dtype}) + adapters {', '.join(names)}, loaded in "
+                  f"{time.perf_counter() - t0:.1f} s; one API key per tenant")
 
     jobs = []
     for t in TENANTS:
         for prompt, expected in requests_for(t):
-            jobs.append((t, t.adapter or gateway.model_name, prompt, expected))
+            jobs.append((t, t.adapter or model_name, prompt, expected))
     intruder = TENANTS[-1]  # initech tries acme's adapter: 404, as for a model that does not exist
     jobs.append((intruder, TENANTS[0].adapter, requests_for(TENANTS[0])[0][0], None))
 
     async def all_at_once():
-        return await asyncio.gather(*(_ask(server.url, keys[t.name], model, prompt) for t, model, prompt, _ in jobs))
+        return await asyncio.gather(*(_ask(url, keys[t.name], model, prompt) for t, model, prompt, _ in jobs))
 
     t1 = time.perf_counter()
     answers = asyncio.run(all_at_once())
     wall = time.perf_counter() - t1
-    kinds = {a.name: a.kind for a in gateway.adapters()}
+    kinds = {n: peek_config(root / n).kind for n in names}
 
     total = sum(tokens for _, tokens, _ in answers)
     table = Table(title=f"{len(jobs)} concurrent chat requests, 3 tenants, one base model: {total} tokens in "
@@ -157,10 +183,10 @@ def run_demo(base: str, dtype: str, console: Console) -> None:
     for (t, model, prompt, expected), (answer, tokens, latency) in zip(jobs, answers, strict=True):
         ok = "" if expected is None else ("[green]yes[/green]" if normalize(answer) == normalize(expected)
                                           else f"[red]no[/red] ({expected})")
-        kind = "base" if model == gateway.model_name else kinds.get(model, "-")
+        kind = "base" if model == model_name else kinds.get(model, "-")
         table.add_row(t.name, model, kind, _short(prompt, 90), _short(answer, 80), ok, f"{latency:.1f} s",
                       f"{tokens / latency:.1f}" if tokens else "-")
     console.print(table)
     t2 = time.perf_counter()
-    server.stop()
+    stop()
     console.print(f"server drained and stopped in {time.perf_counter() - t2:.1f} s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -55,8 +56,21 @@ def serve_command(
     primitive_cache: int = typer.Option(64, min=1, help="oneDNN primitives kept per cache (one per matmul shape; "
                                         "bounds memory however many prompt lengths arrive; see `bench memory`)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    ray: bool = typer.Option(False, "--ray", help="Scale out on Ray Serve: --replicas engine replicas of the base "
+                             "behind one OpenAI-compatible ingress, requests routed by adapter affinity."),
+    replicas: int = typer.Option(2, min=1, help="With --ray: engine replicas (each its own slots and host cache)."),
+    ray_address: str | None = typer.Option(None, help="With --ray: a running Ray cluster to deploy on (default: "
+                                           "$RAY_ADDRESS, else a local cluster started here)."),
+    threads_per_replica: int | None = typer.Option(None, min=1, help="With --ray: torch threads per engine replica "
+                                                   "(default on a local cluster: the cores / --replicas)."),
 ) -> None:
     """Serve the base model and every adapter in --adapters through an OpenAI-compatible HTTP API."""
+    if ray:
+        serve_ray(base, adapters, host, port, resolve_dtype(dtype), config, model_name, replicas, ray_address,
+                  threads_per_replica, max_body_bytes,
+                  dict(max_batch=max_batch, max_model_len=max_model_len, max_queue=max_queue,
+                       adapter_dtype=adapter_dtype, prepack=prepack, pafi_density=pafi_density))
+        return
     from deltafleet.models.prepack import bound_primitive_caches
 
     bound_primitive_caches(primitive_cache)  # before the first matmul: the caches read it once
@@ -90,6 +104,64 @@ def serve_command(
     console.print("stopped")
 
 
+def cluster_config(base: str, adapters: Path | None, dtype: str, config: Path | None, model_name: str | None,
+                   replicas: int, threads: int | None, max_body_bytes: int, engine_kw: dict):
+    """The Ray Serve application's config, every part checked here (a bad value fails now, not in each replica)."""
+    import tomllib
+
+    from deltafleet.models.loading import resolve_base
+    from deltafleet.serve.cluster.app import ClusterConfig
+    from deltafleet.serve.cluster.replica import ClusterSpec
+    from deltafleet.serve.http.tenancy import Tenancy
+
+    tenancy = None
+    if config is not None:
+        Tenancy.from_file(config)  # the file's rule, named, before anything starts
+        tenancy = tomllib.loads(config.read_text(encoding="utf-8"))
+    if adapters is not None and not adapters.is_dir():
+        raise DeltafleetError(f"{adapters}: adapters directory not found")
+    base_path = resolve_base(base)
+    spec = ClusterSpec(str(base_path), str(adapters.resolve()) if adapters else None,
+                       model_name or Path(str(base)).expanduser().name, tuple(dict(dtype=dtype, **engine_kw).items()),
+                       threads)
+    try:
+        spec.engine_config()
+    except ValueError as e:
+        raise DeltafleetError(str(e)) from None
+    return ClusterConfig(spec, replicas=replicas, tenancy=tenancy, max_body_bytes=max_body_bytes)
+
+
+def serve_ray(base: str, adapters: Path | None, host: str, port: int, dtype: str, config: Path | None,
+              model_name: str | None, replicas: int, address: str | None, threads: int | None, max_body_bytes: int,
+              engine_kw: dict) -> None:
+    """`deltafleet serve --ray`: deploy, print the URL, run until Ctrl-C, then delete the application."""
+    try:
+        cfg = cluster_config(base, adapters, dtype, config, model_name, replicas, threads, max_body_bytes, engine_kw)
+        with console.status(f"starting Ray Serve: {replicas} engine replicas of {base} ({dtype})"):
+            from deltafleet.serve.cluster.launch import start
+
+            t0 = time.perf_counter()
+            launched = start(cfg, host, port, address)
+    except DeltafleetError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(code=2) from None
+    console.print(f"{replicas} engine replicas ready in {time.perf_counter() - t0:.1f} s; serving on {launched.url} "
+                  f"(Ray Serve; Ctrl-C stops)")
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)  # also when started in the background (SIGINT ignored there)
+    signal.signal(signal.SIGTERM, interrupt)  # what a process manager sends
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        launched.stop()
+    console.print("stopped")
+
+
 def build_gateway(base: str, adapters: Path | None, dtype: str, model_name: str | None = None, **engine_kw):
     """The engine-backed gateway (imports torch)."""
     from deltafleet.serve.engine import EngineConfig
@@ -107,6 +179,8 @@ def build_gateway(base: str, adapters: Path | None, dtype: str, model_name: str 
 def serve_demo_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
     dtype: str = typer.Option("auto", help="auto, bfloat16 or float32."),
+    ray: bool = typer.Option(False, "--ray", help="Serve through the Ray Serve application (`serve --ray`)."),
+    replicas: int = typer.Option(2, min=1, help="With --ray: engine replicas."),
 ) -> None:
     """The multi-tenant demo: train two small tenant adapters (once, cached), serve them with the base model,
     send every tenant's requests at once through the openai client, print the answers, drain the server."""
@@ -114,7 +188,7 @@ def serve_demo_command(
 
     try:
         out = Console()
-        run_demo(base, resolve_dtype(dtype), out if out.is_terminal else Console(width=150))
+        run_demo(base, resolve_dtype(dtype), out if out.is_terminal else Console(width=150), replicas if ray else 0)
     except DeltafleetError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None

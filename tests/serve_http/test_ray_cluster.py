@@ -18,10 +18,10 @@ import time
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
 
-from deltafleet.serve.cluster.app import ClusterConfig, build
+from deltafleet.serve.cluster.app import ClusterConfig
+from deltafleet.serve.cluster.launch import start
 from deltafleet.serve.cluster.replica import ClusterSpec
 from tests.serve_http.conftest import ENGINE, KEYS, MODEL, TENANCY
 
@@ -77,20 +77,15 @@ def cluster(tiny_chat_model, adapters_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster-adapters")
     for sub in adapters_root.iterdir():
         shutil.copytree(sub, root / sub.name)
-    ray.init(num_cpus=4, object_store_memory=80 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
-    port = free_port()
+    spec = ClusterSpec(str(tiny_chat_model), str(root), MODEL, tuple(ENGINE.items()))
+    config = ClusterConfig(spec, replicas=2, stats_period_s=0.5, tenancy=TENANCY)
+    launched = start(config, "127.0.0.1", free_port())  # a local Ray cluster, as `deltafleet serve --ray` starts
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        spec = ClusterSpec(str(tiny_chat_model), str(root), MODEL, tuple(ENGINE.items()), threads=1)
-        config = ClusterConfig(spec, replicas=2, cpus_per_replica=1, stats_period_s=0.5, tenancy=TENANCY)
-        serve.run(build(config), name="deltafleet", route_prefix="/")
-        c = Cluster(f"http://127.0.0.1:{port}", root)
-        wait_for(lambda: len(c.replicas()) == 2, what="both replicas reporting")
+        c = Cluster(launched.url, root)
+        wait_for(lambda: len(c.replicas()) == 2, what="both replicas in the metrics")
         yield c
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        launched.stop()
 
 
 def greedy(client: openai.OpenAI, model: str, prompt: str) -> str:

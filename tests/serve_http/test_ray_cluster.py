@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from deltafleet.serve.cluster.app import ClusterConfig
 from deltafleet.serve.cluster.launch import start
 from deltafleet.serve.cluster.replica import ClusterSpec
 from tests.serve_http.conftest import ENGINE, KEYS, MODEL, TENANCY
+from tests.serve_http.test_dashboard import check_series, dashboard, series_names
 
 ADMIN = {"Authorization": f"Bearer {KEYS['ops']}"}
 
@@ -194,3 +196,10 @@ def test_a_killed_replica_is_restarted_and_serves_again(cluster):
     print(f"replica restarted in {time.monotonic() - t0:.1f} s; outcomes while down: {outcomes}")
     for i in range(4):  # the new replica serves: requests for a tenant spread once the spill allows
         assert greedy(client, "globex-lora", f"after {i}")
+
+
+def test_the_dashboard_reads_the_ingress_series_per_replica(cluster):
+    greedy(cluster.client(KEYS["acme"]), "acme-lora", "dashboard")
+    text = httpx.get(f"{cluster.url}/metrics", headers=ADMIN, timeout=30).text
+    check_series(dashboard(), series_names(text))
+    assert {'replica="engine-0"', 'replica="engine-1"'} <= set(re.findall(r'replica="[^"]+"', text))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -96,3 +97,16 @@ def test_local_defaults_split_the_cores_between_replicas():
     local = local_defaults(cfg, cores=2)
     assert local.spec.threads == 1 and local.cpus_per_replica == 0.5
     assert local_defaults(config_from_args({"base": "m", "replicas": "2"}), cores=16).spec.threads == 8
+
+
+def test_the_serve_config_file_builds_its_application_config():
+    import yaml
+
+    from deltafleet.serve.cluster import app as cluster_app
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "serve-config.yaml"
+    application = yaml.safe_load(path.read_text())["applications"][0]
+    module, name = application["import_path"].split(":")
+    assert module == cluster_app.__name__ and callable(getattr(cluster_app, name))
+    cfg = config_from_args(application["args"])
+    assert cfg.replicas == 2 and cfg.spec.threads == 8 and cfg.spec.engine_config().max_batch == 32

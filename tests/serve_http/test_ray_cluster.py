@@ -24,7 +24,7 @@ from ray import serve
 from deltafleet.serve.cluster.app import ClusterConfig
 from deltafleet.serve.cluster.launch import start
 from deltafleet.serve.cluster.replica import ClusterSpec
-from tests.serve_http.conftest import ENGINE, KEYS, MODEL, TENANCY
+from tests.serve_http.conftest import ADAPTERS, ENGINE, KEYS, MODEL, TENANCY
 from tests.serve_http.test_dashboard import check_series, dashboard, series_names
 
 ADMIN = {"Authorization": f"Bearer {KEYS['ops']}"}
@@ -77,10 +77,10 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition"):
 @pytest.fixture(scope="module")
 def cluster(tiny_chat_model, adapters_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster-adapters")
-    for sub in adapters_root.iterdir():
-        shutil.copytree(sub, root / sub.name)
+    for name in ADAPTERS:  # the session's root also holds hostile entries other tests add
+        shutil.copytree(adapters_root / name, root / name)
     spec = ClusterSpec(str(tiny_chat_model), str(root), MODEL, tuple(ENGINE.items()))
-    config = ClusterConfig(spec, replicas=2, stats_period_s=0.5, tenancy=TENANCY)
+    config = ClusterConfig(spec, replicas=2, stats_period_s=0.5, spill=3, tenancy=TENANCY)
     launched = start(config, "127.0.0.1", free_port())  # a local Ray cluster, as `deltafleet serve --ray` starts
     try:
         c = Cluster(launched.url, root)
@@ -127,12 +127,22 @@ def test_a_tenants_requests_land_on_the_replica_holding_it(cluster):
     assert len(served) == 1 and sum(served.values()) == 6, served
 
 
-async def _concurrent(client: openai.AsyncOpenAI, model: str, n: int) -> list[str]:
+async def _concurrent(client: openai.AsyncOpenAI, model: str, n: int, max_tokens: int = 4) -> list[str]:
     async def one(i):
-        r = await client.completions.create(model=model, prompt=f"burst {i}", max_tokens=4, temperature=0)
+        r = await client.completions.create(model=model, prompt=f"burst {i}", max_tokens=max_tokens, temperature=0,
+                                            extra_body={"ignore_eos": True})
         return r.choices[0].text
 
     return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_a_hot_tenant_spreads_over_the_replicas(cluster):
+    before = cluster.per_replica("globex-delta")
+    client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key=KEYS["globex"], max_retries=0, timeout=120)
+    assert len(asyncio.run(_concurrent(client, "globex-delta", 12, max_tokens=48))) == 12
+    after = cluster.per_replica("globex-delta")
+    served = {r: after[r] - before.get(r, 0) for r in after if after[r] > before.get(r, 0)}
+    assert len(served) == 2 and sum(served.values()) == 12, served  # more than `spill` (3) over the other: spread
 
 
 def test_load_replace_unload_reach_every_replica(cluster):

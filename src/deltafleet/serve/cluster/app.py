@@ -49,7 +49,7 @@ class ClusterConfig:
     cpus_per_replica: float = 1.0
     stats_period_s: float = 1.0
     policy: str = "affinity"
-    spill: int = 4
+    spill: int = 16
     max_ongoing_requests: int = 64
     tenancy: dict | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES

@@ -28,7 +28,7 @@ RECENT_S = 2.0
 
 
 class AdapterAffinityRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, policy: str = "affinity", spill: int = 4, seed: int = 0, **_) -> None:
+    def initialize_state(self, policy: str = "affinity", spill: int = 16, seed: int = 0, **_) -> None:
         self.policy, self.spill = ROUTERS.get(policy), spill
         self.rng = random.Random(seed)
         self.sent: dict[tuple[str, object], float] = {}  # (tenant, replica id) -> when last routed there

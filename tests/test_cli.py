@@ -20,7 +20,7 @@ def _plain(text: str) -> str:
 
 COMMANDS = [[], ["info"], ["demo"], ["train"], ["tasks", "list"], ["eval"], ["eval", "ppl"], ["zoo", "build"],
             ["compress"], ["merge"], ["quantize"], ["lowbit-ppl"], ["serve"], ["serve-demo"], ["bench", "engine"],
-            ["bench", "serve"], ["bench", "compress"], ["bench", "lowbit"], ["bench", "route"]]
+            ["bench", "serve"], ["bench", "compress"], ["bench", "lowbit"], ["bench", "route"], ["bench", "cluster"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "deltafleet")
@@ -56,3 +56,15 @@ def test_info_bad_base_exits_2():
     result = runner.invoke(app, ["info", "--base", "/no/such/dir"])
     assert result.exit_code == 2
     assert "neither an embedded model" in _plain(result.output)
+
+
+def test_serve_ray_refuses_bad_options_before_starting_ray(tiny_llama, tmp_path):
+    """Each bad option is named and nothing is started (a Ray start would take seconds and leave processes)."""
+    bad_toml = tmp_path / "tenants.toml"
+    bad_toml.write_text("[[tenants]]\nname = 1\n")
+    for args, rule in ((["--adapters", str(tmp_path / "none")], "adapters directory not found"),
+                       (["--config", str(bad_toml)], "tenants.toml"),
+                       (["--max-model-len", "8", "--max-batch", "1", "--base", "/no/such/model"], "/no/such/model")):
+        result = runner.invoke(app, ["serve", "--ray", "--base", str(tiny_llama), *args])
+        assert result.exit_code == 2, result.output
+        assert rule in _plain(result.output).replace("\n", "")

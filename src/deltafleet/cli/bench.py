@@ -5,7 +5,10 @@ commands: importing them costs about 1.9 s (torch 1.6 s), which `deltafleet --he
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
@@ -541,6 +544,48 @@ def bench_route_command(
     console.print(table)
 
 
+def bench_cluster_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
+    dtype: str = typer.Option("auto", help="auto, bfloat16 or float32."),
+    replicas: int = typer.Option(2, min=1, help="Engine replicas."),
+    tenants: int = typer.Option(24, min=1, help="Random LoRA r8 tenants."),
+    slots: int = typer.Option(4, min=1, help="LoRA slots per replica."),
+    requests: int = typer.Option(96, min=1, help="Requests per policy (Zipf-popular tenants)."),
+    clients: int = typer.Option(8, min=1, help="Concurrent openai clients."),
+    max_tokens: int = typer.Option(16, min=1, help="Tokens generated per request."),
+    policies: str = typer.Option("affinity,least_loaded,random", help="Router policies, comma-separated."),
+    recovery_s: float = typer.Option(30.0, min=0.0, help="Seconds of the replica-kill phase (0: skip it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
+) -> None:
+    """The Ray Serve application on this machine: slot-miss rate, throughput and latency per routing policy, then a
+    replica killed mid-stream (requests lost, restart time)."""
+    from deltafleet.bench.cluster import ClusterBenchConfig, run
+    from deltafleet.bench.peer import cpu_info
+
+    cfg = ClusterBenchConfig(base=base, dtype=resolve_dtype(dtype), replicas=replicas, tenants=tenants, slots=slots,
+                             requests=requests, clients=clients, max_tokens=max_tokens,
+                             policies=tuple(policies.split(",")), recovery_s=recovery_s)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's driver prints cluster events to stdout
+            rep = run(cfg, log=(lambda _: None) if as_json else (lambda m: console.print(m, highlight=False)))
+    except (DeltafleetError, ValueError) as e:
+        _fail(e)
+    cpu = Path("/proc/cpuinfo")
+    rep["cpu"] = {**cpu_info(cpu.read_text() if cpu.exists() else ""), "count": os.cpu_count()}
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    table = Table("policy", "miss rate", "vs affinity", "requests per replica", "tokens/s", "p50 s", "p99 s",
+                  "errors")
+    for p, r in rep["policies"].items():
+        table.add_row(p, f"{r['miss_rate']:.3f}", f"{r.get('miss_rate_vs_affinity', float('nan')):.2f}x",
+                      " / ".join(str(v) for v in r["requests_per_replica"].values()), f"{r['tokens_per_s']:.1f}",
+                      f"{r['latency_p50_s']:.2f}", f"{r['latency_p99_s']:.2f}", str(r["errors"] or "-"))
+    console.print(table)
+    if "recovery" in rep:
+        console.print(f"recovery: {rep['recovery']}", highlight=False)
+
+
 bench_app.command("engine")(bench_engine_command)
 bench_app.command("serve")(bench_serve_command)
 bench_app.command("compress")(bench_compress_command)
@@ -550,3 +595,4 @@ bench_app.command("churn")(bench_churn_command)
 bench_app.command("peer")(bench_peer_command)
 bench_app.command("methods")(bench_methods_command)
 bench_app.command("route")(bench_route_command)
+bench_app.command("cluster")(bench_cluster_command)

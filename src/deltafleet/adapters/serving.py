@@ -113,10 +113,15 @@ def to_serving_form(adapter: Adapter, dtype: torch.dtype) -> ServingForm:
     return ServingForm(family, width, modules)
 
 
-def host_form(adapter: Adapter, dtype: torch.dtype) -> ServingForm | CompactForm:
-    """What the host-memory cache keeps: the serving form, or for compact kinds the adapter as loaded (its serving
-    form is built once here to validate it and learn its family and width, then dropped)."""
+def host_forms(adapter: Adapter, dtype: torch.dtype) -> tuple[ServingForm | CompactForm, ServingForm]:
+    """(what the host-memory cache keeps, the serving form): for compact kinds the adapter as loaded, whose serving
+    form is built here to validate it and learn its family and width (the caller may keep it for a slot copy)."""
     form = to_serving_form(adapter, dtype)
     if adapter.kind.compact:
-        return CompactForm(form.family, form.width, adapter, dtype)
-    return form
+        return CompactForm(form.family, form.width, adapter, dtype), form
+    return form, form
+
+
+def host_form(adapter: Adapter, dtype: torch.dtype) -> ServingForm | CompactForm:
+    """What the host-memory cache keeps (`host_forms`'s first)."""
+    return host_forms(adapter, dtype)[0]

@@ -586,6 +586,47 @@ def bench_cluster_command(
         console.print(f"recovery: {rep['recovery']}", highlight=False)
 
 
+def bench_density_command(
+    base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory."),
+    dtype: str = typer.Option("auto", help="auto, bfloat16 or float32."),
+    tenants: str = typer.Option("100,1000", help="Tenant counts, comma-separated (equal thirds of LoRA r16, RoAd, "
+                                "compressed full fine-tunes at 1/64)."),
+    requests: int = typer.Option(256, min=1, help="Requests per stream (Zipf-popular tenants)."),
+    rounds: int = typer.Option(2, min=1, help="Paired rounds (tenants, then the base) per tenant count."),
+    host_cache_gb: float = typer.Option(4.0, min=0.0, help="Host cache of loaded tenants (GiB)."),
+    root: Path | None = typer.Option(None, help="Where the tenants are written (kept for later runs; default: "
+                                     "$DELTAFLEET_CACHE_DIR/density-tenants)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
+) -> None:
+    """Tenant density: N tenants registered on one engine (disk -> host cache -> slots), a Zipf stream with batch 32:
+    bytes per tenant, slot misses, cold-load time, throughput against the base, RSS."""
+    from deltafleet.bench.density import DensityConfig, run
+    from deltafleet.bench.peer import cpu_info
+    from deltafleet.store.cache import cache_dir
+
+    cfg = DensityConfig(base=base, dtype=resolve_dtype(dtype), tenants=tuple(int(t) for t in tenants.split(",")),
+                        requests=requests, rounds=rounds, host_cache_gb=host_cache_gb)
+    try:
+        rep = run(cfg, root or cache_dir() / "density-tenants",
+                  log=(lambda _: None) if as_json else (lambda m: console.print(m, highlight=False)))
+    except (DeltafleetError, ValueError) as e:
+        _fail(e)
+    cpu = Path("/proc/cpuinfo")
+    rep["cpu"] = {**cpu_info(cpu.read_text() if cpu.exists() else ""), "count": os.cpu_count()}
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    table = Table("tenants", "bytes/tenant disk (lora/road/delta)", "slot misses", "host loads", "to host p50/p99 s",
+                  "slot copy p99 s", "vs base", "RSS GiB")
+    for r in rep["rows"]:
+        b = r["bytes_per_tenant"]
+        table.add_row(str(r["tenants"]), " / ".join(f"{b[k]['disk'] / 1e6:.2f} MB" for k in ("lora", "road", "delta")),
+                      f"{r['slot_miss_rate']:.3f}", str(r["host_loads"]),
+                      f"{r['cold_load_to_host_p50_s']} / {r['cold_load_to_host_p99_s']}", str(r["slot_copy_p99_s"]),
+                      f"{r['throughput_vs_base']:.2f}x", f"{r['peak_rss_gb']:.2f}")
+    console.print(table)
+
+
 bench_app.command("engine")(bench_engine_command)
 bench_app.command("serve")(bench_serve_command)
 bench_app.command("compress")(bench_compress_command)
@@ -596,3 +637,4 @@ bench_app.command("peer")(bench_peer_command)
 bench_app.command("methods")(bench_methods_command)
 bench_app.command("route")(bench_route_command)
 bench_app.command("cluster")(bench_cluster_command)
+bench_app.command("density")(bench_density_command)

@@ -121,10 +121,6 @@ class ClusterGateway:
                 log.warning("adapter table refresh failed: %s", type(e).__name__)
             self._stop.wait(REFRESH_S)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        if not self._names and self._version < 0:
-            self.refresh()
-
     # ------------------------------------------------------------------ prompts
     def encode(self, text: str) -> list[int]:
         return self.prompts.encode(text)

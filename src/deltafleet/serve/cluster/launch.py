@@ -50,6 +50,7 @@ def start(config: ClusterConfig, host: str = "127.0.0.1", port: int = 8000, addr
           timeout: float = 300.0) -> Launched:
     """Run the application and wait until every engine replica reports."""
     address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to anyscale from a server
     if address:
         ray.init(address=address, configure_logging=False, log_to_driver=False)
     else:

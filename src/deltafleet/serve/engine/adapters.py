@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from deltafleet.adapters import Adapter, load_adapter
-from deltafleet.adapters.serving import CompactForm, ServingForm, host_form
+from deltafleet.adapters.serving import CompactForm, ServingForm, host_forms
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
 from deltafleet.serve.engine.pools import Pool
@@ -67,6 +68,18 @@ class AdapterStats:
     loads: int = 0  # loads from disk completed
 
 
+MAX_STAGED = 32  # expanded compact forms kept for their slot copy (Delta-CoMe 1/64 on SmolLM2: 24 MB each)
+
+
+@dataclass
+class LoadTimings:
+    """Seconds of the latest cold paths (bounded): `to_host` from the first request for an adapter not in host
+    memory to its form being there (queueing behind other loads included), `to_slot` of each copy into a slot."""
+
+    to_host: deque = field(default_factory=lambda: deque(maxlen=4096))
+    to_slot: deque = field(default_factory=lambda: deque(maxlen=4096))
+
+
 @dataclass(eq=False)
 class _Entry:
     """One version of a named adapter."""
@@ -76,6 +89,7 @@ class _Entry:
     removed: bool = False  # detached by remove/replace: only finishes the requests that hold it
     error: str | None = None
     future: Future | None = None
+    requested: float = 0.0  # perf_counter when its current load was asked for
     refs: int = 0  # running requests holding it
     slot: tuple[Pool, int] | None = None
     info: dict = field(default_factory=dict)
@@ -103,6 +117,12 @@ class AdapterManager:
         self.slot_owner: dict[tuple[int, int], _Entry] = {}  # (id(pool), slot) -> the version in it
         self.slot_lru: OrderedDict[str, None] = OrderedDict()  # resident registered names, least recent first
         self.stats = AdapterStats()
+        self.timings = LoadTimings()
+        # compact forms expanded ahead of their slot copy, on the loader thread (name -> (form, expanded)): the
+        # engine loop then only copies (Delta-CoMe at 1/64 on SmolLM2: 0.33-0.47 s to expand, ms to copy)
+        self.staged: OrderedDict[str, tuple[CompactForm, ServingForm]] = OrderedDict()
+        self._staging: set[str] = set()
+        self._stage_failed: set[str] = set()  # expanded on the loop instead, so the failure fails the adapter
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
 
@@ -151,7 +171,7 @@ class AdapterManager:
             new = _Entry(name, None, info=self._info(source, form, None))
         else:  # the caller chose this path (the HTTP gateway confines it to the adapters root first)
             path = Path(source)
-            form, info = self._read(name, path)
+            form, _, info = self._read(name, path)
             new = _Entry(name, path, info=info)
         with self._lock:
             self._detach(self._entry(name))
@@ -168,6 +188,7 @@ class AdapterManager:
         e.removed = True
         del self.entries[e.name]
         self.host.pop(e.name, None)
+        self.staged.pop(e.name, None)
         self.slot_lru.pop(e.name, None)
         if e.future is not None:
             e.future.cancel()
@@ -186,13 +207,17 @@ class AdapterManager:
 
     # ------------------------------------------------------------------ loading
     def _form(self, name: str, adapter: Adapter) -> ServingForm | CompactForm:
-        form = host_form(adapter, self.dtype)
+        return self._forms(name, adapter)[0]
+
+    def _forms(self, name: str, adapter: Adapter) -> tuple[ServingForm | CompactForm, ServingForm]:
+        """(host form, serving form), or DeltafleetError when no pool takes it."""
+        form, expanded = host_forms(adapter, self.dtype)
         if not any(p.accepts(form) for p in self.pools):
             raise DeltafleetError(
                 f"adapter {name!r} ({adapter.config.kind}, {form.family} width {form.width}) fits no slot "
                 f"pool: {', '.join(f'{p.name} ({p.family} width {p.width})' for p in self.pools)}"
             )
-        return form
+        return form, expanded
 
     @staticmethod
     def _info(adapter: Adapter, form: ServingForm | CompactForm, path: Path | None) -> dict:
@@ -200,29 +225,78 @@ class AdapterManager:
                 "targets": list(adapter.config.targets), "bytes": form.nbytes,
                 "manifest": (read_manifest(path) or {}) if path is not None else {}}
 
-    def _read(self, name: str, path: Path, root: Path | None = None) -> tuple[ServingForm | CompactForm, dict]:
-        """Read, validate and convert one adapter directory; any failure becomes `AdapterLoadError`."""
+    def _read(self, name: str, path: Path, root: Path | None = None
+              ) -> tuple[ServingForm | CompactForm, ServingForm, dict]:
+        """Read, validate and convert one adapter directory: (host form, serving form, info); any failure becomes
+        `AdapterLoadError`."""
         try:
             if root is not None:
                 confined_files(path, root)
             adapter = load_adapter(path, self.cfg, expected_fingerprint=self.fingerprint)
-            form = self._form(name, adapter)
-            return form, self._info(adapter, form, path)
+            form, expanded = self._forms(name, adapter)
+            return form, expanded, self._info(adapter, form, path)
         except Exception as err:  # noqa: BLE001 (a malformed file may raise anything: KeyError, TypeError, ...)
             detail = str(err) if isinstance(err, DeltafleetError) else f"{type(err).__name__}: {err}"
             raise AdapterLoadError(f"adapter {name!r} failed to load: {detail}") from err
 
     def ensure_loading(self, name: str) -> None:
-        """Start a background load if the adapter is neither in host memory nor loading nor FAILED."""
+        """Start a background load if the adapter is neither in host memory nor loading nor FAILED; a compact form
+        in host memory and not resident is expanded in the background (`stage`) instead."""
         with self._lock:
             e = self._entry(name)
-            if name in self.host or e.slot is not None or (e.future and not e.future.done()) or e.error:
+            if e.slot is not None or (e.future and not e.future.done()) or e.error:
                 return
+            if name in self.host:
+                self._stage_later(e)
+                return
+            e.requested = time.perf_counter()
             e.future = self._executor.submit(self._load, e)
+
+    def _stage_later(self, e: _Entry) -> None:
+        form = self.host.get(e.name)
+        if isinstance(form, CompactForm) and e.name not in self.staged and e.name not in self._staging:
+            self._staging.add(e.name)
+            self._executor.submit(self._stage, e, form)
+
+    def _stage(self, e: _Entry, form: CompactForm) -> None:  # loader thread
+        try:
+            expanded = form.materialize()
+        except Exception:  # noqa: BLE001 (acquire expands it again and fails the adapter with the reason)
+            expanded = None
+        with self._lock:
+            self._staging.discard(e.name)
+            if expanded is None:
+                self._stage_failed.add(e.name)
+            if expanded is None or e.removed or e.slot is not None or self.host.get(e.name) is not form:
+                return
+            self._put_staged(e.name, form, expanded)
+
+    def _put_staged(self, name: str, form: CompactForm, expanded: ServingForm) -> None:
+        self.staged[name] = (form, expanded)
+        while len(self.staged) > MAX_STAGED:
+            self.staged.popitem(last=False)
+
+    def _ready(self, e: _Entry, form: ServingForm | CompactForm) -> bool:
+        """Whether `form` may be copied into a slot now: a compact form only once expanded off the loop (or once
+        its expansion failed, to fail the adapter with the reason); else its expansion is started."""
+        if not isinstance(form, CompactForm) or e.name in self._stage_failed:
+            return True
+        staged = self.staged.get(e.name)
+        if staged is not None and staged[0] is form:
+            return True
+        self._stage_later(e)
+        return False
+
+    def _expanded(self, name: str, form: ServingForm | CompactForm) -> ServingForm:
+        """`form` ready for a slot: the staged expansion when it is of this very form, else expanded now."""
+        staged = self.staged.pop(name, None)
+        if staged is not None and staged[0] is form:
+            return staged[1]
+        return form.materialize()
 
     def _load(self, e: _Entry) -> None:  # loader thread
         try:
-            form, info = self._read(e.name, e.path, e.root)
+            form, expanded, info = self._read(e.name, e.path, e.root)
         except AdapterLoadError as err:
             log.error("%s", err)  # once: the entry stays FAILED and nothing retries it
             with self._lock:
@@ -232,7 +306,10 @@ class AdapterManager:
             if e.removed:
                 return
             e.info = info
+            self.timings.to_host.append(time.perf_counter() - e.requested)
             self._put_host(e, form)
+            if isinstance(form, CompactForm) and e.slot is None:  # loaded for a waiting request: keep the serving
+                self._put_staged(e.name, form, expanded)         # form built to validate it, for its slot copy
 
     def _put_host(self, e: _Entry, form: ServingForm | CompactForm) -> None:
         self.host[e.name] = form
@@ -294,6 +371,8 @@ class AdapterManager:
             if form is None:
                 self.ensure_loading(name)
                 return None
+            if not self._ready(e, form):
+                return None  # being expanded on the loader thread
             for pool in self.pools:
                 if not pool.accepts(form):
                     continue
@@ -302,8 +381,9 @@ class AdapterManager:
                     continue
                 self.slot_owner[(id(pool), slot)] = e
                 e.slot = (pool, slot)
+                t0 = time.perf_counter()
                 try:
-                    pool.write(slot, form.materialize())
+                    pool.write(slot, self._expanded(name, form))
                 except Exception as err:  # noqa: BLE001 (a bad form fails its adapter, not the engine loop)
                     self._free(e)
                     self.host.pop(name, None)
@@ -313,6 +393,7 @@ class AdapterManager:
                 self.slot_lru[name] = None
                 self.host.move_to_end(name)
                 self.stats.misses += 1
+                self.timings.to_slot.append(time.perf_counter() - t0)
                 return self._lease(e)
             return None
 

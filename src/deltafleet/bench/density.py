@@ -1,0 +1,176 @@
+"""`deltafleet bench density`: how many tenants one machine holds, and what serving them costs.
+
+Tenants of three kinds in equal thirds, written to disk once: LoRA r16 on all seven projections (bf16, peft
+format), RoAd (`road_1`, group 64, all seven projections) and compressed full fine-tunes at 1/64 (Delta-CoMe's
+`qlowrank` kind with the band plan `compress` uses at 1/64, random codes and scales). Weights are random draws of
+each kind's own initialiser (non-trivial), so every tenant's bytes are real and distinct.
+
+For each N (e.g. 100 and 1000) one engine registers the first N tenants (disk tier), keeps loaded ones in its
+host cache (LRU, `host_cache_gb`) and copies the tenants a step needs into slots (32 per kind). A stream of
+`requests` requests with Zipf(`zipf`)-popular tenants runs with batch 32 (`Engine.generate`: a request whose
+tenant is not in host memory waits while the loader thread reads it, the running batch goes on), alternated with
+the same stream on the base alone, `rounds` times. Reported per N: bytes per tenant of each kind (on disk and in
+host memory), slot-miss rate, host-cache misses, the time from a request for a tenant not in host memory to the
+tenant being there (`to_host`, p50/p99: the read, queueing behind other loads included) and of the copy into a
+slot (`to_slot`), decode throughput with tenants over the base's (paired rounds), and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from deltafleet.adapters import LoraConfig, RoadConfig, random_adapter, save_adapter
+from deltafleet.adapters.adapter import Adapter
+from deltafleet.adapters.qlowrank import QLowRankConfig
+from deltafleet.adapters.qlowrank.config import shape_key
+from deltafleet.compress.budget import budget_bytes, plan_ranks, resolve_plan
+from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.models.loading import load_model, load_tokenizer, resolve_base
+from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+
+KINDS = ("lora", "road", "delta")
+
+
+@dataclass(frozen=True)
+class DensityConfig:
+    base: str = "smollm2-135m"
+    dtype: str = "bfloat16"
+    tenants: tuple[int, ...] = (100, 1000)
+    batch: int = 32
+    slots: int = 32  # per kind
+    requests: int = 256
+    prompt_len: int = 16
+    max_tokens: int = 16
+    zipf: float = 1.0
+    rounds: int = 2
+    ratio: float = 1 / 64
+    host_cache_gb: float = 4.0
+    seed: int = 0
+
+
+def kind_configs(cfg: ModelConfig, ratio: float) -> dict[str, object]:
+    shapes = sorted({cfg.linear_shape(p) for p in PROJECTIONS})
+    bands = tuple((shape_key(o, i), plan_ranks(o, i, budget_bytes(o, i, ratio), resolve_plan("auto", ratio), 128,
+                                               "out")) for o, i in shapes)
+    return {"lora": LoraConfig(r=16, alpha=16.0, targets=PROJECTIONS),
+            "road": RoadConfig(variant="road_1", group_size=64, targets=PROJECTIONS),
+            "delta": QLowRankConfig(targets=PROJECTIONS, bands=bands, group_size=128, u_groups="out")}
+
+
+def tenant_names(n: int) -> list[tuple[str, str]]:
+    """(name, kind) of tenants 0..n-1: kinds in turn, so any prefix holds equal thirds."""
+    return [(f"{KINDS[i % 3]}-{i:04d}", KINDS[i % 3]) for i in range(n)]
+
+
+def write_tenants(base: str, root: Path, n: int, ratio: float, log=lambda _: None) -> list[tuple[str, str]]:
+    """Write the tenants missing under `root` (kept between runs); returns (name, kind) of all n."""
+    path = resolve_base(base)
+    cfg = ModelConfig.from_file(path / "config.json")
+    configs = kind_configs(cfg, ratio)
+    names = tenant_names(n)
+    todo = [(i, name, kind) for i, (name, kind) in enumerate(names) if not (root / name).is_dir()]
+    for j, (i, name, kind) in enumerate(todo):
+        a = random_adapter(cfg, configs[kind], seed=10_000 + i)
+        if kind == "lora":  # peft's usual storage dtype for a bf16 base
+            a = Adapter(a.config, {k: {p: t.to(torch.bfloat16) for p, t in ps.items()} for k, ps in a.params.items()})
+        save_adapter(a, root / name, model_cfg=cfg)
+        if j % 100 == 0:
+            log(f"writing tenants: {j}/{len(todo)}")
+    return names
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+def _q(xs, q: float) -> float | None:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 4) if xs else None
+
+
+def _stream(names: list[str], cfg: DensityConfig, rng: random.Random, vocab: int) -> list[Request]:
+    weights = [1.0 / (i + 1) ** cfg.zipf for i in range(len(names))]
+    rng.shuffle(names)  # popularity independent of kind
+    chosen = rng.choices(names, weights=weights, k=cfg.requests)
+    params = SamplingParams(max_tokens=cfg.max_tokens, ignore_eos=True)
+    return [Request([rng.randrange(3, vocab) for _ in range(cfg.prompt_len)], params, adapter=a) for a in chosen]
+
+
+def _run(engine: Engine, requests: list[Request], base: bool) -> float:
+    """Decode tokens/s of the stream (all its tokens over its wall time)."""
+    reqs = [Request(r.prompt_ids, r.params, adapter=None if base else r.adapter) for r in requests]
+    t0 = time.perf_counter()
+    outs = engine.generate(reqs)
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+
+
+def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
+    model, path = load_model(cfg.base, dtype=getattr(torch, cfg.dtype))
+    ecfg = EngineConfig(dtype=cfg.dtype, max_batch=cfg.batch, max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
+                        lora_slots=cfg.slots, max_lora_rank=16, road_slots=cfg.slots, delta_slots=cfg.slots,
+                        max_delta_rank=max(sum(r for _, r in ranks)
+                                           for _, ranks in kind_configs(model.config, cfg.ratio)["delta"].bands),
+                        pafi_slots=0, hiwi_slots=0, host_cache_bytes=int(cfg.host_cache_gb * 2**30))
+    engine = Engine(model, load_tokenizer(path), ecfg)
+    names = tenant_names(n)
+    t0 = time.perf_counter()
+    for name, _ in names:
+        engine.add_adapter(name, root / name)
+    register_s = time.perf_counter() - t0
+    rng = random.Random(cfg.seed + n)
+    stream = _stream([name for name, _ in names], cfg, rng, model.config.vocab_size)
+    _run(engine, stream[: cfg.batch], base=True)  # warm-up: allocators, oneDNN primitives, the pools' first writes
+    _run(engine, [Request(stream[0].prompt_ids, stream[0].params, adapter=name) for name, _ in names[:3]], base=False)
+    before = dict(engine.stats()["adapter_cache"])
+    engine.adapters.timings.to_host.clear()
+    engine.adapters.timings.to_slot.clear()
+    pairs, with_t, base_t = [], [], []
+    for r in range(cfg.rounds):
+        log(f"N={n}: round {r + 1}/{cfg.rounds} ({len(stream)} requests with tenants, then on the base)")
+        t = _run(engine, stream, base=False)
+        b = _run(engine, stream, base=True)
+        with_t.append(t)
+        base_t.append(b)
+        pairs.append(t / b)
+        stream = _stream([name for name, _ in names], cfg, rng, model.config.vocab_size)
+    stats = {k: v - before.get(k, 0) for k, v in engine.stats()["adapter_cache"].items()}  # the measured rounds
+    listing = {row["name"]: row for row in engine.adapters.listing()}
+    per_kind = {}
+    for kind in KINDS:
+        sample = [name for name, k in names if k == kind][:20]
+        host = [listing[s]["bytes"] for s in sample if listing[s].get("bytes")]
+        per_kind[kind] = {"disk": int(statistics.mean(_dir_bytes(root / s) for s in sample)),
+                          "host": int(statistics.mean(host)) if host else None}
+    timings = engine.adapters.timings
+    engine.shutdown()
+    return {
+        "tenants": n, "register_s": round(register_s, 3),
+        "bytes_per_tenant": per_kind,
+        "slot_miss_rate": round(stats["misses"] / max(stats["hits"] + stats["misses"], 1), 4),
+        "host_loads": stats["loads"], "host_evictions": stats["host_evictions"],
+        "cold_load_to_host_p50_s": _q(timings.to_host, 0.5), "cold_load_to_host_p99_s": _q(timings.to_host, 0.99),
+        "slot_copy_p50_s": _q(timings.to_slot, 0.5), "slot_copy_p99_s": _q(timings.to_slot, 0.99),
+        "cold_load_p99_s": round((_q(timings.to_host, 0.99) or 0) + (_q(timings.to_slot, 0.99) or 0), 4),
+        "decode_tok_s": [round(x, 1) for x in with_t], "base_decode_tok_s": [round(x, 1) for x in base_t],
+        "throughput_vs_base": round(statistics.median(pairs), 3), "pairs": [round(p, 3) for p in pairs],
+        "rss_gb": round(psutil.Process().memory_info().rss / 2**30, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+
+
+def run(cfg: DensityConfig, root: Path, log=lambda _: None) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    write_tenants(cfg.base, root, max(cfg.tenants), cfg.ratio, log)
+    rows = [measure(cfg, root, n, log) for n in cfg.tenants]
+    largest = max(rows, key=lambda r: r["tenants"])
+    return {"config": asdict(cfg), **{k: largest[k] for k in ("tenants", "bytes_per_tenant", "throughput_vs_base",
+                                                              "cold_load_p99_s", "rss_gb", "peak_rss_gb")},
+            "rows": rows}

@@ -7,9 +7,11 @@ each kind's own initialiser (non-trivial), so every tenant's bytes are real and 
 
 For each N (e.g. 100 and 1000) one engine registers the first N tenants (disk tier), keeps loaded ones in its
 host cache (LRU, `host_cache_gb`) and copies the tenants a step needs into slots (32 per kind). A stream of
-`requests` requests with Zipf(`zipf`)-popular tenants runs with batch 32 (`Engine.generate`: a request whose
-tenant is not in host memory waits while the loader thread reads it, the running batch goes on), alternated with
-the same stream on the base alone, `rounds` times. Reported per N: bytes per tenant of each kind (on disk and in
+`requests` requests with Zipf(`zipf`)-popular tenants runs with batch 32 (a request whose
+tenant is not in host memory waits while the loader thread reads it (prefetch starts at submission), the running
+batch goes on), alternated with
+the same stream on the base alone, `rounds` times; 32 closed-loop clients (each sends its next request when its
+last one ends) keep the batch full. Reported per N: bytes per tenant of each kind (on disk and in
 host memory), slot-miss rate, host-cache misses, the time from a request for a tenant not in host memory to the
 tenant being there (`to_host`, p50/p99: the read, queueing behind other loads included) and of the copy into a
 slot (`to_slot`), decode throughput with tenants over the base's (paired rounds), and the process's peak RSS.
@@ -104,12 +106,23 @@ def _stream(names: list[str], cfg: DensityConfig, rng: random.Random, vocab: int
     return [Request([rng.randrange(3, vocab) for _ in range(cfg.prompt_len)], params, adapter=a) for a in chosen]
 
 
-def _run(engine: Engine, requests: list[Request], base: bool) -> float:
-    """Decode tokens/s of the stream (all its tokens over its wall time)."""
-    reqs = [Request(r.prompt_ids, r.params, adapter=None if base else r.adapter) for r in requests]
+def _run(engine: Engine, requests: list[Request], base: bool, clients: int) -> tuple[float, int, list[float]]:
+    """`clients` closed-loop clients over the stream (each sends its next request when its last one ends), on a
+    started engine: (decode tokens/s over the wall time, failed requests, time to first token of each request)."""
+    todo = [Request(r.prompt_ids, r.params, adapter=None if base else r.adapter) for r in reversed(requests)]
+    inflight, tokens, failed, ttfts = [], 0, 0, []
     t0 = time.perf_counter()
-    outs = engine.generate(reqs)
-    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+    while todo or inflight:
+        while todo and len(inflight) < clients:
+            inflight.append(engine.submit(todo.pop()))
+        time.sleep(0.002)
+        for h in [h for h in inflight if h.done.is_set()]:
+            inflight.remove(h)
+            out = h.result
+            tokens += len(out.token_ids)
+            failed += out.error is not None
+            ttfts.append(out.time_to_first_token)
+    return tokens / (time.perf_counter() - t0), failed, ttfts
 
 
 def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
@@ -119,28 +132,33 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
                         max_delta_rank=max(sum(r for _, r in ranks)
                                            for _, ranks in kind_configs(model.config, cfg.ratio)["delta"].bands),
                         pafi_slots=0, hiwi_slots=0, host_cache_bytes=int(cfg.host_cache_gb * 2**30))
-    engine = Engine(model, load_tokenizer(path), ecfg)
+    engine = Engine.spawn(lambda: Engine(model, load_tokenizer(path), ecfg))  # stepped on its own thread
     names = tenant_names(n)
     t0 = time.perf_counter()
-    for name, _ in names:
-        engine.add_adapter(name, root / name)
+    for name, _ in names:  # registered only (the disk tier), as a server's --adapters scan does
+        engine.adapters.add(name, root / name)
     register_s = time.perf_counter() - t0
     rng = random.Random(cfg.seed + n)
-    stream = _stream([name for name, _ in names], cfg, rng, model.config.vocab_size)
-    _run(engine, stream[: cfg.batch], base=True)  # warm-up: allocators, oneDNN primitives, the pools' first writes
-    _run(engine, [Request(stream[0].prompt_ids, stream[0].params, adapter=name) for name, _ in names[:3]], base=False)
+    vocab = model.config.vocab_size
+    stream = _stream([name for name, _ in names], cfg, rng, vocab)
+    _run(engine, stream[: cfg.batch], True, cfg.batch)  # warm-up: allocators, oneDNN primitives
+    _run(engine, [Request(stream[0].prompt_ids, stream[0].params, adapter=name) for name, _ in names[:3]], False,
+         cfg.batch)  # the pools' first writes
     before = dict(engine.stats()["adapter_cache"])
     engine.adapters.timings.to_host.clear()
     engine.adapters.timings.to_slot.clear()
-    pairs, with_t, base_t = [], [], []
+    pairs, with_t, base_t, failed, ttft_with, ttft_base = [], [], [], 0, [], []
     for r in range(cfg.rounds):
         log(f"N={n}: round {r + 1}/{cfg.rounds} ({len(stream)} requests with tenants, then on the base)")
-        t = _run(engine, stream, base=False)
-        b = _run(engine, stream, base=True)
+        t, f, tt = _run(engine, stream, False, cfg.batch)
+        b, _, bt = _run(engine, stream, True, cfg.batch)
         with_t.append(t)
         base_t.append(b)
         pairs.append(t / b)
-        stream = _stream([name for name, _ in names], cfg, rng, model.config.vocab_size)
+        failed += f
+        ttft_with += tt
+        ttft_base += bt
+        stream = _stream([name for name, _ in names], cfg, rng, vocab)
     stats = {k: v - before.get(k, 0) for k, v in engine.stats()["adapter_cache"].items()}  # the measured rounds
     listing = {row["name"]: row for row in engine.adapters.listing()}
     per_kind = {}
@@ -159,6 +177,9 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
         "cold_load_to_host_p50_s": _q(timings.to_host, 0.5), "cold_load_to_host_p99_s": _q(timings.to_host, 0.99),
         "slot_copy_p50_s": _q(timings.to_slot, 0.5), "slot_copy_p99_s": _q(timings.to_slot, 0.99),
         "cold_load_p99_s": round((_q(timings.to_host, 0.99) or 0) + (_q(timings.to_slot, 0.99) or 0), 4),
+        "failed_requests": failed,
+        "ttft_p50_s": _q(ttft_with, 0.5), "ttft_p99_s": _q(ttft_with, 0.99),
+        "base_ttft_p50_s": _q(ttft_base, 0.5), "base_ttft_p99_s": _q(ttft_base, 0.99),
         "decode_tok_s": [round(x, 1) for x in with_t], "base_decode_tok_s": [round(x, 1) for x in base_t],
         "throughput_vs_base": round(statistics.median(pairs), 3), "pairs": [round(p, 3) for p in pairs],
         "rss_gb": round(psutil.Process().memory_info().rss / 2**30, 2),

@@ -169,7 +169,11 @@ def bench_serve_command(
 
 def bench_compress_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory of the base."),
-    finetuned: Path = typer.Option(..., help="Checkpoint directory of the full fine-tune."),
+    finetuned: Path | None = typer.Option(None, help="Checkpoint directory of the full fine-tune."),
+    synthetic: float | None = typer.Option(None, help="Instead of --finetuned: a synthetic fine-tune whose projection "
+                                           "deltas have singular values decaying as k^-ALPHA (random singular vectors)"
+                                           ", written under --out/synthetic-finetune."),
+    synthetic_rel: float = typer.Option(0.03, help="With --synthetic: ||delta|| / ||W|| of every projection."),
     methods: str = typer.Option("delta-come,lowrank,bitdelta,dare", help="Comma-separated methods."),
     ratios: str = typer.Option("1/8,1/16,1/32,1/64,1/128,1/256", help="Comma-separated ratios."),
     out: Path = typer.Option(..., help="Output directory: frontier.md, frontier.png, frontier.json."),
@@ -190,11 +194,18 @@ def bench_compress_command(
     from deltafleet.compress import extract_deltas
     from deltafleet.compress.budget import parse_ratio
     from deltafleet.compress.frontier import run_frontier, task_sequences, write_frontier
+    from deltafleet.compress.synthetic import write_synthetic_finetune
     from deltafleet.eval.core import task_accuracy
     from deltafleet.models.loading import load_model, load_tokenizer
 
     try:
         rs = [parse_ratio(r) for r in ratios.split(",")]
+        if (finetuned is None) == (synthetic is None):
+            raise DeltafleetError("give exactly one of --finetuned DIR and --synthetic ALPHA")
+        if synthetic is not None:
+            finetuned = write_synthetic_finetune(base, out / "synthetic-finetune", synthetic, synthetic_rel)
+            console.print(f"synthetic fine-tune: singular values k^-{synthetic}, ||delta||/||W|| = {synthetic_rel}, "
+                          f"in {finetuned}")
         ds = extract_deltas(base, finetuned)
         model = load_model(ds.base_path)[0]
         ids = calibration(ds.base_path, calib, calib_seqs, calib_len)

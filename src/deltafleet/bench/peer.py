@@ -128,6 +128,12 @@ def parse_choices(values: Sequence[str], allowed: Sequence[str], what: str) -> t
     return out
 
 
+def this_cpu() -> dict:
+    """`cpu_info` of this machine plus its core count (what every benchmark report records)."""
+    cpu = Path("/proc/cpuinfo")
+    return {**cpu_info(cpu.read_text() if cpu.exists() else ""), "count": os.cpu_count()}
+
+
 def cpu_info(cpuinfo: str) -> dict:
     """The CPU model and the SIMD flags that matter for these kernels, from /proc/cpuinfo's text."""
     model, flags = "unknown", set()
@@ -409,10 +415,9 @@ def run(cfg: PeerConfig, log: Callable[[str], None] = print, progress: Reporter 
             build = ensure_server(jobs=cfg.build_jobs, progress=progress, log=log)
             for gguf_type in cfg.llama_types:
                 runs.append(run_llamacpp(cfg, w, build, gguf_type, log, progress))
-    cpu = Path("/proc/cpuinfo")
     return {
         "config": {**asdict(cfg), "llama_types": list(cfg.llama_types)},
-        "cpu": {**cpu_info(cpu.read_text() if cpu.exists() else ""), "count": os.cpu_count()},
+        "cpu": this_cpu(),
         "versions": {**_versions(build.server if build else None),
                      "llama-cpp-python (llama.cpp sources)": LLAMA_CPP_PYTHON_VERSION},
         "workload": {"adapters": f"{cfg.adapters} peft LoRA r16 alpha 32 on q,k,v,o,gate,up,down",

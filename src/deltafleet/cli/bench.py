@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -571,7 +570,7 @@ def bench_cluster_command(
     """The Ray Serve application on this machine: slot-miss rate, throughput and latency per routing policy, then a
     replica killed mid-stream (requests lost, restart time)."""
     from deltafleet.bench.cluster import ClusterBenchConfig, run
-    from deltafleet.bench.peer import cpu_info
+    from deltafleet.bench.peer import this_cpu
 
     cfg = ClusterBenchConfig(base=base, dtype=resolve_dtype(dtype), replicas=replicas, tenants=tenants, slots=slots,
                              requests=requests, clients=clients, max_tokens=max_tokens,
@@ -581,8 +580,7 @@ def bench_cluster_command(
             rep = run(cfg, log=(lambda _: None) if as_json else (lambda m: console.print(m, highlight=False)))
     except (DeltafleetError, ValueError) as e:
         _fail(e)
-    cpu = Path("/proc/cpuinfo")
-    rep["cpu"] = {**cpu_info(cpu.read_text() if cpu.exists() else ""), "count": os.cpu_count()}
+    rep["cpu"] = this_cpu()
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return
@@ -612,7 +610,7 @@ def bench_density_command(
     """Tenant density: N tenants registered on one engine (disk -> host cache -> slots), a Zipf stream with batch 32:
     bytes per tenant, slot misses, cold-load time, throughput against the base, RSS."""
     from deltafleet.bench.density import DensityConfig, run
-    from deltafleet.bench.peer import cpu_info
+    from deltafleet.bench.peer import this_cpu
     from deltafleet.store.cache import cache_dir
 
     cfg = DensityConfig(base=base, dtype=resolve_dtype(dtype), tenants=tuple(int(t) for t in tenants.split(",")),
@@ -622,8 +620,7 @@ def bench_density_command(
                   log=(lambda _: None) if as_json else (lambda m: console.print(m, highlight=False)))
     except (DeltafleetError, ValueError) as e:
         _fail(e)
-    cpu = Path("/proc/cpuinfo")
-    rep["cpu"] = {**cpu_info(cpu.read_text() if cpu.exists() else ""), "count": os.cpu_count()}
+    rep["cpu"] = this_cpu()
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return

@@ -55,6 +55,7 @@ class DensityConfig:
     rounds: int = 2
     ratio: float = 1 / 64
     host_cache_gb: float = 4.0
+    loader_threads: int = 1
     seed: int = 0
 
 
@@ -131,7 +132,8 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
                         lora_slots=cfg.slots, max_lora_rank=16, road_slots=cfg.slots, delta_slots=cfg.slots,
                         max_delta_rank=max(sum(r for _, r in ranks)
                                            for _, ranks in kind_configs(model.config, cfg.ratio)["delta"].bands),
-                        pafi_slots=0, hiwi_slots=0, host_cache_bytes=int(cfg.host_cache_gb * 2**30))
+                        pafi_slots=0, hiwi_slots=0, host_cache_bytes=int(cfg.host_cache_gb * 2**30),
+                        loader_threads=cfg.loader_threads)
     engine = Engine.spawn(lambda: Engine(model, load_tokenizer(path), ecfg))  # stepped on its own thread
     names = tenant_names(n)
     t0 = time.perf_counter()

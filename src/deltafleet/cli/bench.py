@@ -603,6 +603,7 @@ def bench_density_command(
     requests: int = typer.Option(256, min=1, help="Requests per stream (Zipf-popular tenants)."),
     rounds: int = typer.Option(2, min=1, help="Paired rounds (tenants, then the base) per tenant count."),
     host_cache_gb: float = typer.Option(4.0, min=0.0, help="Host cache of loaded tenants (GiB)."),
+    loader_threads: int = typer.Option(1, min=1, help="The engine's adapter loader threads."),
     root: Path | None = typer.Option(None, help="Where the tenants are written (kept for later runs; default: "
                                      "$DELTAFLEET_CACHE_DIR/density-tenants)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
@@ -614,7 +615,7 @@ def bench_density_command(
     from deltafleet.store.cache import cache_dir
 
     cfg = DensityConfig(base=base, dtype=resolve_dtype(dtype), tenants=tuple(int(t) for t in tenants.split(",")),
-                        requests=requests, rounds=rounds, host_cache_gb=host_cache_gb)
+                        requests=requests, rounds=rounds, host_cache_gb=host_cache_gb, loader_threads=loader_threads)
     try:
         rep = run(cfg, root or cache_dir() / "density-tenants",
                   log=(lambda _: None) if as_json else (lambda m: console.print(m, highlight=False)))

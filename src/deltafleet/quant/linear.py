@@ -44,23 +44,7 @@ from torch import Tensor, nn
 
 from deltafleet.native import dequant_groups_
 from deltafleet.registry import Registry
-from deltafleet.store.quantized import QuantizedMatrix, dequantize, packed_nbytes, unpack_codes
-
-
-def fast_unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Vectorised `functional.unpack_codes`: uint8 (ceil(numel*b/8),) -> uint8 codes (numel,).
-
-    Every run of 8 codes occupies exactly b bytes of the little-endian stream, so each b-byte chunk is read as an
-    integer word and code k of the chunk is (word >> (k*b)) & (2^b - 1).
-    """
-    chunks = -(-numel // 8)
-    need = chunks * bits
-    p = packed if packed.numel() == need else F.pad(packed, (0, need - packed.numel()))
-    wide = torch.int32 if bits <= 3 else torch.int64  # a word of 8*b bits must fit with its sign bit clear
-    bytes_ = p.reshape(chunks, bits).to(wide)  # (chunks, b)
-    word = (bytes_ << (8 * torch.arange(bits, dtype=wide))).sum(-1, keepdim=True)  # (chunks, 1)
-    codes = (word >> (bits * torch.arange(8, dtype=wide))) & ((1 << bits) - 1)  # (chunks, 8)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+from deltafleet.store.quantized import QuantizedMatrix, dequantize, fast_unpack, packed_nbytes, unpack_codes
 
 
 @functools.cache

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -67,6 +68,26 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     stream = ((packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)
     stream = stream[: numel * bits].reshape(numel, bits)
     return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def fast_unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Vectorised `unpack_codes` (its reference): uint8 (ceil(numel*b/8),) -> uint8 codes (numel,).
+
+    Every run of 8 codes occupies exactly b bytes of the little-endian stream, so each b-byte chunk is read as an
+    integer word and code k of the chunk is (word >> (k*b)) & (2^b - 1).
+    """
+    check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(numel * bits / 8):
+        raise ValueError(f"packed codes: expected uint8 of shape ({math.ceil(numel * bits / 8)},) for {numel} "
+                         f"{bits}-bit codes, got {packed.dtype} {tuple(packed.shape)}")
+    chunks = -(-numel // 8)
+    need = chunks * bits
+    p = packed if packed.numel() == need else F.pad(packed, (0, need - packed.numel()))
+    wide = torch.int32 if bits <= 3 else torch.int64  # a word of 8*b bits must fit with its sign bit clear
+    bytes_ = p.reshape(chunks, bits).to(wide)  # (chunks, b)
+    word = (bytes_ << (8 * torch.arange(bits, dtype=wide))).sum(-1, keepdim=True)  # (chunks, 1)
+    codes = (word >> (bits * torch.arange(8, dtype=wide))) & ((1 << bits) - 1)  # (chunks, 8)
+    return codes.reshape(-1)[:numel].to(torch.uint8)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -167,7 +188,7 @@ class QuantizedMatrix:
 
     def codes(self) -> Tensor:
         R, C = self.shape
-        return unpack_codes(self.packed, self.bits, R * C).reshape(R, C)
+        return fast_unpack(self.packed, self.bits, R * C).reshape(R, C)
 
     def dequantize(self) -> Tensor:
         """(R, C) fp32."""

@@ -108,7 +108,7 @@ class Lease:
 
 class AdapterManager:
     def __init__(self, model_cfg: ModelConfig, dtype: torch.dtype, pools: list[Pool],
-                 host_cache_bytes: int = 4 << 30, base_fingerprint: str | None = None):
+                 host_cache_bytes: int = 4 << 30, base_fingerprint: str | None = None, loader_threads: int = 1):
         self.cfg, self.dtype, self.pools = model_cfg, dtype, pools
         self.host_cache_bytes = host_cache_bytes
         self.fingerprint = base_fingerprint
@@ -124,7 +124,7 @@ class AdapterManager:
         self._staging: set[str] = set()
         self._stage_failed: set[str] = set()  # expanded on the loop instead, so the failure fails the adapter
         self._lock = threading.RLock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
 
     # ------------------------------------------------------------------ registry of names (any thread)
     def scan(self, directory: str | Path) -> list[str]:

@@ -46,6 +46,7 @@ class EngineConfig:
     pafi_slots / pafi_density: resident sparse (PaFi) adapters whose shared mask has that density.
     hiwi_slots: resident RMSNorm-gain (HiWi) adapters.
     host_cache_bytes: loaded adapters kept in host memory (LRU).
+    loader_threads: threads reading adapters from disk (and expanding compact ones for their slots).
     adapter_load_timeout: seconds a request waits for its adapter to load (from submission); then it fails with
         finish reason error. A request waiting only for a free slot of a loaded adapter does not time out.
     max_queue: waiting requests at most; more are refused (QueueFullError).
@@ -73,6 +74,7 @@ class EngineConfig:
     pafi_density: float = 0.02
     hiwi_slots: int = 64
     host_cache_bytes: int = 4 << 30
+    loader_threads: int = 1
     adapter_load_timeout: float = 60.0
     max_queue: int = 1024
     adapter_dtype: str | None = None
@@ -80,7 +82,8 @@ class EngineConfig:
     prefill_bucket: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_model_len", "prefill_tokens", "max_queue", "host_cache_bytes", "prefill_bucket"):
+        for name in ("max_batch", "max_model_len", "prefill_tokens", "max_queue", "host_cache_bytes", "prefill_bucket",
+                     "loader_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if not self.adapter_load_timeout > 0:  # also refuses NaN

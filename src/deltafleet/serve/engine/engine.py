@@ -87,7 +87,8 @@ class Engine:
         self.max_batch = max_batch
         self.cache = KVCache.allocate(mcfg, max_batch, config.max_model_len, self.dtype)
         pools = [POOL_CLASSES[spec.family](spec, mcfg, adt) for spec in config.pools]
-        self.adapters = AdapterManager(mcfg, adt, pools, config.host_cache_bytes, base_fingerprint)
+        self.adapters = AdapterManager(mcfg, adt, pools, config.host_cache_bytes, base_fingerprint,
+                                       config.loader_threads)
         if adapters_dir is not None:
             self.adapters.scan(adapters_dir)
         eos = set(mcfg.eos_token_ids)

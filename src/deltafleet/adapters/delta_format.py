@@ -136,9 +136,9 @@ def load_compressed(directory: str | Path, manifest: dict[str, Any] | None = Non
             bad = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
             raise ArtifactError(path, f"layers.{layer}.{proj}: parameter {short(bad[0])} has shape "
                                       f"{got.get(bad[0])}, expected {want.get(bad[0])}")
-        if kind.compact:  # served from the stored form, built when a slot is written: build it once now
+        if kind.compact:  # served from the stored form, built when a slot is written: check it builds
             try:
-                kind.serving_form(config, p)
+                kind.check_serving(config, p)
             except ValueError as e:
                 raise ArtifactError(path, f"layers.{layer}.{proj}: {e}") from None
     if extras:

@@ -97,6 +97,11 @@ class AdapterKind(ABC):
         """One projection's slot contents for the serving engine (`adapters.serving`); None: merge-only."""
         return None
 
+    def check_serving(self, cfg: AdapterConfig, params: Params) -> None:
+        """Raise ValueError if `serving_form` would: what a reader checks of a compact kind's stored tensors. The
+        default builds the form; a kind may check the stored tensors without building it (cheaper)."""
+        self.serving_form(cfg, params)
+
     @property
     def served(self) -> bool:
         """Whether the kind has a serving form (overrides `serving_form`)."""

@@ -114,6 +114,16 @@ class QLowRankKind(AdapterKind):
         U, S, Vt = qlowrank_factors(cfg, params, *qlowrank_shape(cfg, params))
         return ServingParams(ADDITIVE, S.numel(), {"A": Vt * S[:, None], "B": U.t()})
 
+    def check_serving(self, cfg: QLowRankConfig, params: Params) -> None:
+        """The stored tensors rebuild (shapes, dtypes, zero points in range: `QuantizedMatrix.from_tensors`); once
+        they do, dequantizing them cannot fail, so the factors are not built here (a third of a load's time)."""
+        out_f, in_f = qlowrank_shape(cfg, params)
+        for i, (bits, r) in enumerate(cfg.ranks(out_f, in_f)):
+            if bits != FP16_BITS:
+                QuantizedMatrix.from_tensors(_stored(params, f"b{i}.V"), f"b{i}.V", (r, in_f), bits, cfg.group_size)
+                QuantizedMatrix.from_tensors(_stored(params, f"b{i}.U"), f"b{i}.U", cfg.stored_u_shape(out_f, r),
+                                             bits, cfg.group_size)
+
     def config_from_dict(self, d: dict[str, Any]) -> QLowRankConfig:
         bands = tuple((str(k), tuple((int(b), int(r)) for b, r in v)) for k, v in dict(d["bands"]).items())
         return QLowRankConfig(targets=tuple(d["targets"]), group_size=int(d["group_size"]), bands=bands,

@@ -248,6 +248,41 @@ def sign_paths(rows: int, dtype: torch.dtype) -> dict[str, float]:
     return out
 
 
+def merge_only_kinds(batch: int) -> dict[str, float]:
+    """Per decode step of `batch` rows, each a distinct tenant, on one 1536 x 576 projection (bf16): the base's
+    batched matmul, and each kind's per-tenant work for all rows: low-rank factors at the same 1/16 budget (as
+    Delta-CoMe/low-rank tenants are served: one batched matmul pair over the rows' own factors), BitDelta
+    (the native sign kernel, one row per tenant, one scale) and DARE at 1/16 (a CSR matvec per row). ms per step."""
+    from deltafleet.compress.budget import budget_bytes, sparse_nnz
+    from deltafleet.quant.sign_linear import SignLinear
+    from deltafleet.store.signs import SignMatrix
+
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f, dt = 1536, 576, torch.bfloat16
+    x = torch.randn(batch, in_f, generator=g).to(dt)
+    base = torch.randn(out_f, in_f, generator=g).to(dt)
+    r = budget_bytes(out_f, in_f, 1 / 16) // (2 * (out_f + in_f))  # fp16 low-rank at the same 1/16 budget
+    A, B = torch.randn(batch, in_f, r, generator=g).to(dt), torch.randn(batch, r, out_f, generator=g).to(dt)
+    signs = [SignLinear(SignMatrix.from_factors(torch.randn(out_f, in_f, generator=g), torch.ones(in_f),
+                                                torch.full((out_f,), 0.01))) for _ in range(batch)]
+    nnz = sparse_nnz(out_f, in_f, budget_bytes(out_f, in_f, 1 / 16))
+    dares = []
+    for _ in range(batch):
+        idx = torch.randperm(out_f * in_f, generator=g)[:nnz].sort().values
+        dense = torch.zeros(out_f * in_f)
+        dense[idx] = torch.randn(nnz, generator=g)
+        dares.append(dense.reshape(out_f, in_f).to_sparse_csr())
+    xf = x.float()
+    return {
+        "base batched matmul": best_ms(lambda: x @ base.t(), calls=10),
+        f"low-rank r{r} at 1/16, per row (batched bmm)": best_ms(lambda: torch.bmm(torch.bmm(x[:, None], A), B),
+                                                                 calls=10),
+        "BitDelta, per row (native sign)": best_ms(lambda: [s(x[i:i + 1]) for i, s in enumerate(signs)], calls=3),
+        f"DARE 1/16 ({nnz / (out_f * in_f):.3f} dense), per row (CSR)":
+            best_ms(lambda: [d @ xf[i] for i, d in enumerate(dares)], calls=3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -262,8 +297,16 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.02)
     ap.add_argument("--sign", action="store_true", help="only: OneBit's 1-bit linear, native sign kernel vs torch "
                     "paths, the 4-bit native dequantizer and nn.Linear")
+    ap.add_argument("--merge-only-kinds", action="store_true", help="only: what serving BitDelta and DARE tenants "
+                    "in mixed batches would cost per step (each row a distinct tenant) against LoRA and the base")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.merge_only_kinds:
+        print(f"{args.threads} thread(s); batch {args.batch}, each row a distinct tenant; 1536 x 576 bf16; ms per step")
+        with torch.inference_mode():
+            for name, ms in merge_only_kinds(args.batch).items():
+                print(f"  {name:44s} {ms:8.3f}")
+        return
     if args.sign:
         from deltafleet import native
 

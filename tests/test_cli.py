@@ -20,7 +20,8 @@ def _plain(text: str) -> str:
 
 COMMANDS = [[], ["info"], ["demo"], ["train"], ["tasks", "list"], ["eval"], ["eval", "ppl"], ["zoo", "build"],
             ["compress"], ["merge"], ["quantize"], ["lowbit-ppl"], ["serve"], ["serve-demo"], ["bench", "engine"],
-            ["bench", "serve"], ["bench", "compress"], ["bench", "lowbit"], ["bench", "route"], ["bench", "cluster"]]
+            ["bench", "serve"], ["bench", "compress"], ["bench", "lowbit"], ["bench", "route"],
+            ["bench", "cluster"], ["bench", "density"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "deltafleet")

@@ -34,6 +34,7 @@ from deltafleet.adapters.adapter import Adapter
 from deltafleet.adapters.qlowrank import QLowRankConfig
 from deltafleet.adapters.qlowrank.config import shape_key
 from deltafleet.compress.budget import budget_bytes, plan_ranks, resolve_plan
+from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.models.loading import load_model, load_tokenizer, resolve_base
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
@@ -134,7 +135,11 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
                                            for _, ranks in kind_configs(model.config, cfg.ratio)["delta"].bands),
                         pafi_slots=0, hiwi_slots=0, host_cache_bytes=int(cfg.host_cache_gb * 2**30),
                         loader_threads=cfg.loader_threads)
-    engine = Engine.spawn(lambda: Engine(model, load_tokenizer(path), ecfg))  # stepped on its own thread
+    try:
+        tokenizer = load_tokenizer(path)
+    except DeltafleetError:  # a checkpoint without tokenizer files: token ids only, as the engine allows
+        tokenizer = None
+    engine = Engine.spawn(lambda: Engine(model, tokenizer, ecfg))  # stepped on its own thread
     names = tenant_names(n)
     t0 = time.perf_counter()
     for name, _ in names:  # registered only (the disk tier), as a server's --adapters scan does

@@ -12,6 +12,7 @@ Serve").
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import MISSING, dataclass, fields
 
@@ -30,6 +31,9 @@ from deltafleet.serve.http.metrics import Metrics
 from deltafleet.serve.http.middleware import DEFAULT_MAX_BODY_BYTES
 from deltafleet.serve.http.prompts import Prompts
 from deltafleet.serve.http.tenancy import Tenancy
+
+log = logging.getLogger("deltafleet.serve")
+TABLE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class Ingress:
         self.config = config
         prompts = Prompts(load_tokenizer(resolve_base(spec.base)), spec.engine_config().max_model_len)
         self.gateway = ClusterGateway(engine, registry, prompts, spec.model_name or default_model_name(spec.base))
+        if not self.gateway.wait_loaded(TABLE_WAIT_S):  # the read runs on the gateway's thread, not this loop
+            log.warning("the adapter table was not read within %.0f s; adapters appear once it is", TABLE_WAIT_S)
 
     def __serve_build_asgi_app__(self):
         tenancy = Tenancy.from_dict(self.config.tenancy) if self.config.tenancy else Tenancy()

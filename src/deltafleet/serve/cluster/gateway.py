@@ -104,6 +104,7 @@ class ClusterGateway:
         self._draining = False
         self._version, self._names = -1, []
         self._stop = threading.Event()
+        self._loaded = threading.Event()  # the table was read once
         self._refresher = threading.Thread(target=self._refresh_loop, name="deltafleet-table", daemon=True)
         self._refresher.start()
 
@@ -112,6 +113,12 @@ class ClusterGateway:
         version, entries = self.registry.snapshot.remote().result()
         if version >= self._version:
             self._version, self._names = version, sorted(entries)
+        self._loaded.set()
+
+    def wait_loaded(self, timeout: float) -> bool:
+        """Block until the refresher thread has read the table once (so no request sees an empty adapter list as
+        the server starts); False after `timeout` seconds."""
+        return self._loaded.wait(timeout)
 
     def _refresh_loop(self) -> None:
         while not self._stop.is_set():

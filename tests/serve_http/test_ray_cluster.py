@@ -149,8 +149,11 @@ def test_load_replace_unload_reach_every_replica(cluster):
     shutil.copytree(cluster.root / "acme-lora", cluster.root / "new-weights")
     r = httpx.post(f"{cluster.url}/v1/adapters", headers=ADMIN, json={"name": "acme-extra", "path": "acme-lora"})
     assert r.status_code == 202, r.text
-    conflict = httpx.post(f"{cluster.url}/v1/adapters", headers=ADMIN, json={"name": "acme-extra", "path": "x"})
-    assert conflict.status_code in (400, 409)
+    conflict = httpx.post(f"{cluster.url}/v1/adapters", headers=ADMIN, json={"name": "acme-extra",
+                                                                             "path": "acme-road"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["param"] == "name"
+    missing = httpx.post(f"{cluster.url}/v1/adapters", headers=ADMIN, json={"name": "acme-other", "path": "x"})
+    assert missing.status_code == 400 and "no such adapter directory" in missing.json()["error"]["message"]
     outside = httpx.post(f"{cluster.url}/v1/adapters", headers=ADMIN, json={"name": "evil", "path": "../.."})
     assert outside.status_code == 400 and "adapters root" in outside.json()["error"]["message"]
     client = cluster.client(KEYS["acme"])

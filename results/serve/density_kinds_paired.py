@@ -1,3 +1,5 @@
+"""Decode at batch 32 with every tenant resident, per adapter kind, relative to the base alone: the cases
+interleaved, 3 rounds, medians (README: Tenant density). Needs the tenants `deltafleet bench density` writes."""
 import time, torch
 from pathlib import Path
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
@@ -15,7 +17,9 @@ def run(adapters):
     reqs = [Request([5 + i] * 8, SamplingParams(max_tokens=48, ignore_eos=True), adapter=a) for i, a in enumerate(adapters)]
     t0 = time.perf_counter(); outs = e.generate(reqs); dt = time.perf_counter() - t0
     return sum(len(o.token_ids) for o in outs) / dt
-cases = {"base": [None]*32, "32 lora": by["lora"][:32], "1 lora x32": [by["lora"][0]]*32, "32 delta": by["delta"][:32], "1 delta x32": [by["delta"][0]]*32}
+cases = {"base": [None]*32, "32 lora": by["lora"][:32], "1 lora x32": [by["lora"][0]]*32, "32 road": by["road"][:32],
+         "32 delta": by["delta"][:32], "1 delta x32": [by["delta"][0]]*32,
+         "mixed 11/11/10": by["lora"][:11] + by["road"][:11] + by["delta"][:10]}
 for c in cases.values(): run(c)
 res = {k: [] for k in cases}
 for rep in range(3):

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import time
 
 import httpx
@@ -21,6 +20,7 @@ import openai
 import pytest
 from ray import serve
 
+from deltafleet.bench.serve import free_port
 from deltafleet.serve.cluster.app import ClusterConfig
 from deltafleet.serve.cluster.launch import start
 from deltafleet.serve.cluster.replica import ClusterSpec
@@ -28,12 +28,6 @@ from tests.serve_http.conftest import ADAPTERS, ENGINE, KEYS, MODEL, TENANCY
 from tests.serve_http.test_dashboard import check_series, dashboard, series_names
 
 ADMIN = {"Authorization": f"Bearer {KEYS['ops']}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

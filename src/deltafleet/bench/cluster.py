@@ -23,18 +23,19 @@ import random
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import openai
 
 from deltafleet.adapters import LoraConfig, random_adapter, save_adapter
+from deltafleet.bench.loadgen import percentile, zipf_choices
+from deltafleet.bench.serve import free_port
 from deltafleet.models.config import PROJECTIONS, ModelConfig
 from deltafleet.models.loading import resolve_base
 from deltafleet.serve.cluster.app import ClusterConfig
 from deltafleet.serve.cluster.launch import reporting_replicas, start
 from deltafleet.serve.cluster.replica import ClusterSpec
-from deltafleet.serve.http.server import bind
 
 
 @dataclass(frozen=True)
@@ -60,23 +61,6 @@ def make_tenants(base: str, root: Path, n: int) -> list[str]:
         save_adapter(random_adapter(cfg, LoraConfig(r=8, alpha=16.0, targets=PROJECTIONS), seed=100 + i),
                      root / name, model_cfg=cfg)
     return names
-
-
-def zipf_choices(names: list[str], n: int, s: float, rng: random.Random) -> list[str]:
-    weights = [1.0 / (i + 1) ** s for i in range(len(names))]
-    return rng.choices(names, weights=weights, k=n)
-
-
-def free_port() -> int:
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 async def _drive(url: str, tenants: list[str], clients: int, max_tokens: int, until=None) -> list[dict]:
@@ -123,6 +107,10 @@ def _cache_totals(stats_by_replica: dict[str, dict]) -> dict[str, float]:
     return {"hits": hits, "misses": misses, "miss_rate": misses / max(hits + misses, 1)}
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def _summary(records: list[dict], wall: float) -> dict:
     ok = [r for r in records if r["ok"]]
     latencies = [r["end"] - r["start"] for r in ok]
@@ -132,11 +120,11 @@ def _summary(records: list[dict], wall: float) -> dict:
             errors[r["error"]] = errors.get(r["error"], 0) + 1
     return {"requests": len(records), "ok": len(ok), "errors": errors,
             "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
-            "latency_p50_s": round(quantile(latencies, 0.5), 3), "latency_p99_s": round(quantile(latencies, 0.99), 3)}
+            "latency_p50_s": _round(percentile(latencies, 50)), "latency_p99_s": _round(percentile(latencies, 99))}
 
 
 def _recovery(url: str, names: list[str], cfg: ClusterBenchConfig, rng: random.Random) -> dict:
-    stream = zipf_choices(names, 4096, cfg.zipf, rng)
+    stream = zipf_choices(names, 4096, rng, cfg.zipf)
     before = reporting_replicas()
     victim = max(before, key=lambda r: (before[r].get("resident_adapters", 0), r))
     pid = before[victim]["pid"]
@@ -182,7 +170,7 @@ def run(cfg: ClusterBenchConfig, log=lambda _: None) -> dict:
     with tempfile.TemporaryDirectory(prefix="deltafleet-cluster-") as tmp:
         root = Path(tmp)
         names = make_tenants(cfg.base, root, cfg.tenants)
-        stream = zipf_choices(names, cfg.requests, cfg.zipf, rng)
+        stream = zipf_choices(names, cfg.requests, rng, cfg.zipf)
         report["distinct_tenants_requested"] = len(set(stream))
         engine = dict(dtype=cfg.dtype, max_batch=8, max_model_len=512, lora_slots=cfg.slots, max_lora_rank=8,
                       delta_slots=0, road_slots=0, pafi_slots=0, hiwi_slots=0)
@@ -203,7 +191,7 @@ def run(cfg: ClusterBenchConfig, log=lambda _: None) -> dict:
                 report["policies"][policy] = row
                 if policy == "affinity" and cfg.recovery_s > 0:
                     log(f"recovery: streaming {cfg.recovery_s:.0f} s, killing the busiest replica after a third")
-                    report["recovery"] = _recovery(launched.url, names, replace(cfg), rng)
+                    report["recovery"] = _recovery(launched.url, names, cfg, rng)
             finally:
                 launched.stop()
     policies = report["policies"]

@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from deltafleet.adapters.io import peek_config
+from deltafleet.bench.serve import free_port
 from deltafleet.models.loading import resolve_base
 from deltafleet.serve.engine import EngineConfig
 from deltafleet.serve.http.app import create_app
 from deltafleet.serve.http.engine_gateway import EngineGateway, default_model_name
-from deltafleet.serve.http.server import BackgroundServer, bind
+from deltafleet.serve.http.server import BackgroundServer
 from deltafleet.serve.http.tenancy import Tenancy
 from deltafleet.store.cache import cache_dir
 from deltafleet.store.manifest import read_manifest
@@ -53,13 +54,6 @@ TENANTS = (
 BASE_PROMPTS = ("What is the capital of France? Answer in one sentence.", "Name two primary colours.")
 PER_TENANT = 2
 MAX_TOKENS = 24
-
-
-def free_port() -> int:
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def demo_root() -> Path:

@@ -189,6 +189,7 @@ class AdapterManager:
         del self.entries[e.name]
         self.host.pop(e.name, None)
         self.staged.pop(e.name, None)
+        self._stage_failed.discard(e.name)  # a new version under the name is expanded off the loop again
         self.slot_lru.pop(e.name, None)
         if e.future is not None:
             e.future.cancel()

@@ -13,6 +13,11 @@ weights:
 A kind says how it is served by `AdapterKind.serving_form(cfg, params) -> ServingParams`, one projection at a
 time, in its own package; None (the default) means merge-only (`deltafleet merge`), e.g. bitdelta and sparse.
 
+A whole fine-tune's delta (`Adapter` docstring) is served in the additive family: its tables are additive modules
+like the projections (key `(MODEL_LAYER, "lm_head")`: A (R, H), B (R, V); at the embedding lookup a token t adds
+B[:, t] @ A), and each RMSNorm gain delta is one more module of the same form, {"delta": (H,)}, applied as the
+norm family applies it. One tenant thus stays one slot of one pool.
+
 Host memory keeps an adapter in serving form (`ServingForm`), or, for kinds with `compact = True` (quantized
 low-rank deltas), as loaded (`CompactForm`, about its stored bytes), building the slot contents only when the
 adapter is written into a slot (`materialize`).
@@ -27,8 +32,10 @@ from torch import Tensor
 
 from deltafleet.adapters.adapter import Adapter, ModuleKey
 from deltafleet.adapters.registry import KINDS
+from deltafleet.models.config import MODEL_LAYER
 
 ADDITIVE, ELEMENTWISE, SPARSE, NORM = "additive", "elementwise", "sparse", "norm"
+GAIN = "delta"  # the one tensor of a norm module, in the norm family and beside additive modules
 SLOT_TENSORS: dict[str, tuple[str, ...]] = {ADDITIVE: ("A", "B"), ELEMENTWISE: ("c", "s"),
                                             SPARSE: ("values", "cols", "row_ptr"),
                                             NORM: ("delta",)}  # family -> slot tensors
@@ -54,7 +61,8 @@ class ServingParams:
 
 @dataclass
 class ServingForm:
-    """A whole adapter in serving form. family, width: as in `ServingParams` (width: the widest projection)."""
+    """A whole adapter in serving form. family, width: as in `ServingParams` (width: the widest projection; a
+    table's rank is not counted)."""
 
     family: str
     width: int
@@ -108,9 +116,16 @@ def to_serving_form(adapter: Adapter, dtype: torch.dtype) -> ServingForm:
         if family not in (None, sp.family):
             raise ValueError(f"adapter kind {cfg.kind!r}: layers.{key[0]}.{key[1]} is served {sp.family}, an "
                              f"earlier projection {family}; one adapter is served in one family")
-        family, width = sp.family, max(width, sp.width)
+        family = sp.family
+        if key[0] != MODEL_LAYER:  # a table's rank is its own: the pool sizes its table tensors by it
+            width = max(width, sp.width)
         modules[key] = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in sp.tensors.items()}
-    return ServingForm(family, width, modules)
+    if adapter.gains and family != ADDITIVE:
+        raise ValueError(f"adapter kind {cfg.kind!r}: RMSNorm gain deltas are served beside additive modules only; "
+                         f"this adapter is served {family}")
+    for key, g in adapter.gains.items():
+        modules[key] = {GAIN: g.to(dtype).contiguous()}
+    return ServingForm(family or ADDITIVE, width, modules)
 
 
 def host_forms(adapter: Adapter, dtype: torch.dtype) -> tuple[ServingForm | CompactForm, ServingForm]:

@@ -20,6 +20,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")  # a decoder layer's RMSNorms (adapted by HiWi tenants)
+# Model-level modules a whole fine-tune changes, keyed (MODEL_LAYER, name) beside the decoder layers' (layer, name):
+# the embedding table and the LM head (one table when tied), and the final RMSNorm.
+MODEL_LAYER = -1
+TABLES = ("embed_tokens", "lm_head")
+FINAL_NORM = "norm"
+GAIN_NORMS = (*NORMS, FINAL_NORM)  # every RMSNorm gain a whole fine-tune may change
 
 
 MAX_ELEMENTS = 2**60  # a tensor's bytes must fit torch's signed 64-bit sizes, at up to 8 bytes an element
@@ -125,11 +131,21 @@ class ModelConfig:
         return shapes[proj]
 
     def module_shape(self, name: str) -> tuple[int, int]:
-        """(out, in) of an adaptable module of a decoder layer: a projection's, or (H, H) for an RMSNorm (its gain
-        is an (H,) vector; out = in = H keeps the kinds' `param_shapes(cfg, out, in)` signature)."""
-        if name in NORMS:
+        """(out, in) of an adaptable module: a projection's, (H, H) for an RMSNorm (its gain is an (H,) vector;
+        out = in = H keeps the kinds' `param_shapes(cfg, out, in)` signature), or (V, H) for a table (`TABLES`: the
+        LM head's orientation; the embedding table is stored (V, H) too, a token's row is its embedding)."""
+        if name in GAIN_NORMS:
             return self.hidden_size, self.hidden_size
+        if name in TABLES:
+            return self.vocab_size, self.hidden_size
         return self.linear_shape(name)
+
+    def module_keys(self) -> list[tuple[int, str]]:
+        """Every module a whole fine-tune's delta may change, (layer, name): the projections and norms of each
+        decoder layer, then the model-level ones (`MODEL_LAYER`): the tables (one when tied) and the final norm."""
+        tables = TABLES[1:] if self.tie_word_embeddings else TABLES
+        return ([(layer, n) for layer in range(self.num_layers) for n in (*PROJECTIONS, *NORMS)]
+                + [(MODEL_LAYER, n) for n in (*tables, FINAL_NORM)])
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

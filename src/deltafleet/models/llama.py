@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltafleet.models.config import NORMS, ModelConfig, RopeConfig
+from deltafleet.models.config import FINAL_NORM, MODEL_LAYER, NORMS, ModelConfig, RopeConfig
 
 ProjectionHook = Callable[[int, str, Tensor, Tensor], Tensor]
 """hook(layer_index, projection_name, x (..., in), y (..., out)) -> adapted y (..., out). A decoder layer's two
 RMSNorms call it too, by name (`config.NORMS`), with x the normalised input before the gain (x * rsqrt(mean(x^2) +
-eps), in the activation dtype) and y the norm's output, when the hook says so (`hook.norms = True`)."""
+eps), in the activation dtype) and y the norm's output, when the hook says so (`hook.norms = True`).
+With `hook.model_level = True` the model-level modules call it too, as layer `config.MODEL_LAYER`:
+"embed_tokens" with x the token ids (B, T) and y their embeddings (B, T, H), the final norm "norm" (as a layer's
+norms), and "lm_head" with x the final hidden states (M, H) or (B, T, H) and y the logits."""
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -237,7 +240,12 @@ class Transformer(nn.Module):
         return self.model.norm.weight.dtype
 
     def module(self, layer: int, name: str) -> nn.Module:
-        """The named projection or RMSNorm (`config.NORMS`) of decoder layer `layer`."""
+        """The named projection or RMSNorm (`config.NORMS`) of decoder layer `layer`, or with `MODEL_LAYER` the
+        model-level "embed_tokens", "lm_head" (the embedding table's module when tied) or final "norm"."""
+        if layer == MODEL_LAYER:
+            if name == "lm_head" and self.config.tie_word_embeddings:
+                return self.model.embed_tokens
+            return {"embed_tokens": self.model.embed_tokens, "lm_head": self.lm_head, FINAL_NORM: self.model.norm}[name]
         if name in NORMS:
             return getattr(self.model.layers[layer], name)
         return self.linear(layer, name)
@@ -307,11 +315,14 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(torch.bool))
+        top = hook if getattr(hook, "model_level", False) else None  # hooks of the model-level modules
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        if top is not None:
+            x = top(MODEL_LAYER, "embed_tokens", input_ids, x)
         a = self._attention_inputs(positions, valid, cache, cache_slots, x.dtype)
         for block in self.model.layers:
             x = block(x, a, hook)
-        x = self.model.norm(x)
+        x = _norm(self.model.norm, MODEL_LAYER, FINAL_NORM, x, top)
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]
-        return self.lm_head(x)
+        return _project(self.lm_head, MODEL_LAYER, "lm_head", x, top)

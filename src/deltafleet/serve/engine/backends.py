@@ -5,6 +5,7 @@ Semantics (the reference backend spells them out token by token; fast backends m
     elementwise:  y[i]  = y[i] * c[k_i] + rotate_half_G(y[i]) * s[k_i]
     sparse:       y[i] += x[i] @ dW(values[k_i])^T                dW in CSR over the pool's shared (cols, row_ptr)
     norm:         y[i] += x[i] * delta[k_i]                        x: the RMSNorm's normalised input (HiWi)
+    embedding:    y[i] += B[k_i, :, t_i] @ A[k_i]                  a table (V, H) as A (R, H), B (R, V); t_i token id
 Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchanged.
 
 - `reference`: a plain loop over tokens; the oracle in tests.
@@ -84,6 +85,16 @@ class Backend(ABC):
         x2, y2 = x.reshape(-1, shape[-1]), y.reshape(-1, shape[-1])
         return torch.addcmul(y2, x2, tensors["delta"].index_select(0, step.index).to(y.dtype)).reshape(shape)
 
+    def apply_embedding(self, ids: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
+        """ids (...) token ids, y (..., H) their embeddings; a table's rows added per member token, one matmul per
+        distinct slot: (n_k, R) coefficients B[k, :, t] @ A[k] (R, H)."""
+        shape = y.shape
+        t, out = ids.reshape(-1), y.reshape(-1, shape[-1]).clone()
+        A, B = tensors["A"], tensors["B"]
+        for slot, tok in step.segments:
+            out.index_add_(0, tok, (B[slot][:, t[tok]].t().to(y.dtype) @ A[slot].to(y.dtype)))
+        return out.reshape(shape)
+
     @abstractmethod
     def additive(self, x: Tensor, y: Tensor, A: Tensor, B: Tensor, step: PoolStep) -> Tensor: ...
 
@@ -110,6 +121,14 @@ class ReferenceBackend(Backend):
             out[i] = y[i] * c[k].to(y.dtype) + rotate_half_grouped(y[i], G) * s[k].to(y.dtype)
         return out
 
+
+    def apply_embedding(self, ids, y, tensors, step):
+        shape = y.shape
+        t, out = ids.reshape(-1), y.reshape(-1, shape[-1]).clone()
+        for i in range(out.shape[0]):
+            k = int(step.index[i])
+            out[i] = out[i] + tensors["B"][k, :, int(t[i])].to(y.dtype) @ tensors["A"][k].to(y.dtype)
+        return out.reshape(shape)
 
     def apply_norm(self, x, y, tensors, step):
         shape = y.shape

@@ -348,9 +348,9 @@ class Engine:
                 last_index.append(b * T + n - 1)
         layout = BatchLayout.build(self._rows([s for s, _ in chunks]), T)
         slots = torch.tensor([s.kv for s, _ in chunks])
+        logits_index = torch.tensor(last_index) if last_index else torch.zeros(0, dtype=torch.long)
         return self.model(ids, positions=pos, attention_mask=mask, cache=self.cache, cache_slots=slots,
-                          hook=layout.hook(self.backend),
-                          logits_index=torch.tensor(last_index) if last_index else torch.zeros(0, dtype=torch.long))
+                          hook=layout.hook(self.backend, logits_index), logits_index=logits_index)
 
     def _decode(self, seqs: list[Seq]) -> None:
         for part, logits in self._isolated(seqs, self._decode_forward):
@@ -364,8 +364,9 @@ class Engine:
         kv = [s.kv for s in seqs]
         slots = slice(0, B) if kv == list(range(B)) else torch.tensor(kv)
         layout = BatchLayout.build(self._rows(seqs), 1)
+        logits_index = torch.arange(B)
         return self.model(ids, positions=pos, cache=self.cache, cache_slots=slots,
-                          hook=layout.hook(self.backend), logits_index=torch.arange(B))
+                          hook=layout.hook(self.backend, logits_index), logits_index=logits_index)
 
     def _emit(self, seqs: list[Seq], tokens: list[int | RowFailure]) -> None:
         now = time.perf_counter()

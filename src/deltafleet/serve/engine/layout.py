@@ -6,16 +6,21 @@ index into the pool (the pool's null row for every other token), the member toke
 by slot), the widest rank in use and the union of projections the members adapt. The projection hook built from
 it applies each active pool through the backend chosen at start-up, with the backend's method for the pool's
 family looked up once per step.
+
+A whole fine-tune's model-level modules (`adapters.serving`) go through the same hook: its RMSNorm gain deltas
+with the backend's norm method, its table at the embedding lookup (`Backend.apply_embedding`) and on the LM head's
+logits (the additive method, over the rows `logits_index` keeps, each table at its own rank).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from deltafleet.adapters.serving import NORM
+from deltafleet.models.config import GAIN_NORMS, MODEL_LAYER
 from deltafleet.models.llama import ProjectionHook
 from deltafleet.serve.engine.backends import Backend
 from deltafleet.serve.engine.pools import Pool, PoolStep
@@ -26,6 +31,8 @@ from deltafleet.serve.engine.types import NO_ADAPTER
 class BatchLayout:
     num_tokens: int
     pool_steps: list[PoolStep]
+    rows: list[tuple[Pool | None, int]] = field(default_factory=list)
+    tokens_per_row: int = 1
 
     @classmethod
     def build(cls, rows: list[tuple[Pool | None, int]], tokens_per_row: int) -> BatchLayout:
@@ -56,19 +63,61 @@ class BatchLayout:
                 modules=module_sets[0] if len(module_sets) == 1 else frozenset().union(*module_sets),
                 distinct=len(used),
             ))
-        return cls(N, steps)
+        return cls(N, steps, list(rows), T)
 
-    def hook(self, backend: Backend) -> ProjectionHook | None:
+    def hook(self, backend: Backend, logits_index: Tensor | None = None) -> ProjectionHook | None:
+        """The step's projection hook; `logits_index`: the flattened token rows the LM head runs on (as passed to
+        the model), needed when a member's delta changes the LM head."""
         if not self.pool_steps:
             return None
         steps = [(st, backend.applier(st.pool.family)) for st in self.pool_steps]
+        gain = backend.applier(NORM)
+        logit_steps: dict[int, PoolStep] = {}
+
+        def model_level(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
+            key = (layer, proj)
+            for st, _ in steps:
+                if proj in GAIN_NORMS:
+                    if key in st.modules:
+                        y = gain(x, y, st.pool.tensors[key], st)
+                    continue
+                table = (MODEL_LAYER, "lm_head" if st.pool.cfg.tie_word_embeddings else proj)
+                if table not in st.modules:
+                    continue
+                tensors = st.pool.tensors[table]
+                if proj == "embed_tokens":
+                    y = backend.apply_embedding(x, y, tensors, st)
+                    continue
+                sub = self._logit_step(st, logits_index, logit_steps)
+                if sub is not None:  # else no row the LM head runs on uses this pool
+                    y = backend.applier(st.pool.family)(x, y, tensors, sub)
+            return y
 
         def apply(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
+            if layer == MODEL_LAYER or proj in GAIN_NORMS:
+                return model_level(layer, proj, x, y)
             key = (layer, proj)
             for st, fn in steps:
                 if key in st.modules:
                     y = fn(x, y, st.pool.tensors[key], st)
             return y
 
-        apply.norms = any(st.pool.family == NORM for st in self.pool_steps)  # the model skips norm calls otherwise
+        modules = [k for st in self.pool_steps for k in st.modules]
+        # the model skips norm (and model-level) calls unless the hook asks for them
+        apply.norms = any(st.pool.family == NORM for st in self.pool_steps) or any(n in GAIN_NORMS for _, n in modules)
+        apply.model_level = any(layer == MODEL_LAYER for layer, _ in modules)
         return apply
+
+    def _logit_step(self, st: PoolStep, logits_index: Tensor | None,
+                    cache: dict[int, PoolStep | None]) -> PoolStep | None:
+        """`st` over the LM head's rows (those `logits_index` keeps; None if none is a member), at the width of
+        the pool's LM-head table."""
+        if id(st) not in cache:
+            sub: PoolStep | None = st
+            if logits_index is not None:
+                T = self.tokens_per_row
+                rows = [self.rows[i // T] for i in logits_index.tolist()]
+                sub = next((s for s in BatchLayout.build(rows, 1).pool_steps if s.pool is st.pool), None)
+            width = st.pool.tensors[(MODEL_LAYER, "lm_head")]["A"].shape[1]
+            cache[id(st)] = None if sub is None else replace(sub, width=width)
+        return cache[id(st)]

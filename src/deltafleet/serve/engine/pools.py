@@ -8,7 +8,8 @@ reused; loading an adapter copies its own weights into its slot (never a copy of
 admin call freeing a slot): the pool's tensors are inference tensors, read by forwards under inference mode or
 `no_grad`.
 
-Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out); elementwise c, s (n+1, out); sparse values (n+1, nnz)
+Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out) (a table: in = H, out = V; a whole fine-tune's norm
+gain delta (n+1, H)); elementwise c, s (n+1, out); sparse values (n+1, nnz)
 with the pool's one mask per projection, cols (nnz,) and row_ptr (out+1,) (PaFi: the mask of the base); norm delta
 (n+1, H) per RMSNorm (HiWi).
 
@@ -28,8 +29,8 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.adapter import ModuleKey
-from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SLOT_TENSORS, SPARSE, ServingForm
-from deltafleet.models.config import ModelConfig
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, GAIN, NORM, SLOT_TENSORS, SPARSE, ServingForm
+from deltafleet.models.config import MODEL_LAYER, ModelConfig
 from deltafleet.registry import Registry
 
 
@@ -128,19 +129,38 @@ class AdditivePool(Pool):
         return form.family == ADDITIVE and form.width <= self.width
 
     def _allocate(self, key: ModuleKey, src: dict[str, Tensor]) -> dict[str, Tensor]:
-        out_f, in_f = self.cfg.linear_shape(key[1])
         n = self.slots + 1
-        return {"A": torch.zeros(n, self.width, in_f, dtype=self.dtype),
-                "B": torch.zeros(n, self.width, out_f, dtype=self.dtype)}
+        if GAIN in src:  # a whole fine-tune's RMSNorm gain delta (`adapters.serving`)
+            return {GAIN: torch.zeros(n, self.cfg.hidden_size, dtype=self.dtype)}
+        out_f, in_f = self.cfg.module_shape(key[1])  # a projection, or a table (V, H)
+        width = src["A"].shape[0] if key[0] == MODEL_LAYER else self.width
+        return {"A": torch.zeros(n, width, in_f, dtype=self.dtype),
+                "B": torch.zeros(n, width, out_f, dtype=self.dtype)}
+
+    @torch.inference_mode()
+    def write(self, slot: int, form: ServingForm) -> None:
+        """A table (`MODEL_LAYER` key) is sized by the widest table rank written so far: a wider one regrows it
+        (a new tensor dict, so kernels bound to the old one rebind), keeping the other slots' rows."""
+        for key, src in form.modules.items():
+            held = self.tensors.get(key)
+            if key[0] == MODEL_LAYER and held is not None and "A" in src and src["A"].shape[0] > held["A"].shape[1]:
+                grown = self._allocate(key, src)
+                for name, t in held.items():
+                    grown[name][:, :t.shape[1]] = t
+                self.tensors[key] = grown
+        super().write(slot, form)
 
     def _write_module(self, slot, dst, src):
+        if GAIN in dst:
+            dst[GAIN][slot] = src[GAIN]
+            return
         r = src["A"].shape[0]
         dst["A"][slot, :r] = src["A"]
         dst["B"][slot, :r] = src["B"]
 
     def _clear_module(self, slot, dst):
-        dst["A"][slot].zero_()
-        dst["B"][slot].zero_()
+        for t in dst.values():
+            t[slot].zero_()
 
 
 class ElementwisePool(Pool):

@@ -1,5 +1,5 @@
-"""A tiny base and a synthetic full fine-tune of it: projection deltas with a long-tail singular spectrum (as
-Delta-CoMe observes in real fine-tunes) plus a changed norm, and calibration tokens."""
+"""A tiny base and a synthetic full fine-tune of it: projection and table deltas with a long-tail singular spectrum
+(as Delta-CoMe observes in real fine-tunes) plus changed norms, and calibration tokens."""
 
 from __future__ import annotations
 
@@ -33,9 +33,12 @@ def make_finetune(base_dir, out_dir, seed: int = 1, scale: float = 0.04, extras:
         for proj in PROJECTIONS:
             name = projection_name(layer, proj)
             state[name] = state[name] + long_tail_delta(*state[name].shape, g, scale)
-    if extras:
-        n = "model.layers.0.input_layernorm.weight"
-        state[n] = state[n] + 0.05 * torch.randn(state[n].shape, generator=g)
+    if extras:  # the rest of a whole fine-tune: norms and tables (the LM head too when untied)
+        for n in ("model.layers.0.input_layernorm.weight", "model.norm.weight"):
+            state[n] = state[n] + 0.05 * torch.randn(state[n].shape, generator=g)
+        for n in ("model.embed_tokens.weight", "lm_head.weight"):
+            if n in state:
+                state[n] = state[n] + long_tail_delta(*state[n].shape, g, scale / 2)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(base_dir / "config.json", out_dir / "config.json")

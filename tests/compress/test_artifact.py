@@ -34,9 +34,17 @@ def test_round_trip_is_exact_and_the_manifest_counts_the_stored_bytes(artifact, 
     m = json.loads((d / MANIFEST).read_text())
     assert m["bytes"]["compressed"] == a.nbytes == c.bytes
     assert m["bytes"]["fp16_delta"] == c.fp16_bytes and m["method"] == c.settings.method
-    assert sum(v["bytes"] for v in m["modules"].values()) == c.bytes
-    extras = load_extras(d)
-    assert list(extras) == ["model.layers.0.input_layernorm.weight"] == [e["name"] for e in m["extras"]]
+    assert sum(v["bytes"] for v in m["modules"].values()) + a.gains_nbytes == c.bytes
+    assert sum(p["bytes"] for p in m["bytes"]["parts"].values()) == c.bytes
+    assert set(m["bytes"]["parts"]) == {"projections", "tables", "gains"}
+    assert m["bytes"]["parts"]["gains"]["bytes"] == m["bytes"]["parts"]["gains"]["fp16_bytes"] == 2 * 2 * 128
+    assert sorted(m["gains"]) == ["layers.0.input_layernorm", "norm"] and set(a.gains) == set(c.adapter.gains)
+    assert all(torch.equal(a.gains[k], g) for k, g in c.adapter.gains.items())
+    assert {"embed_tokens", "lm_head"} <= set(m["modules"])  # the tiny base is untied: two tables
+    # the whole delta within the ratio (BitDelta: 1 bit a weight, its scales and the gains above it)
+    if c.settings.method != "bitdelta":
+        assert c.bytes <= c.settings.ratio * c.fp16_bytes
+    assert load_extras(d) == {} and m["extras"] == []  # a Llama fine-tune has nothing outside modules and gains
 
 
 def test_other_base_is_refused(artifact):
@@ -84,3 +92,59 @@ def test_modules_where_nothing_fits_are_dropped_and_listed(tiny_deltas, tmp_path
     d = save_compressed(c, tmp_path / "lr256")
     m = json.loads((d / MANIFEST).read_text())
     assert len(m["dropped_modules"]) == len(dropped) and set(load_adapter(d).params) == set(c.adapter.params)
+
+
+def _rewrite(src, d, edit_tensors=None, edit_manifest=None):
+    """A copy of artifact `src` in `d` with its delta tensors and manifest edited, checksums made valid again (so
+    the reader's other rules are what refuses it)."""
+    from deltafleet.adapters.delta_format import sha256
+    from deltafleet.store.safetensors_io import load_tensors, save_tensors
+
+    shutil.copytree(src, d)
+    tensors = load_tensors(d / DELTA_FILE)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_tensors(tensors, d / DELTA_FILE)
+    m = json.loads((d / MANIFEST).read_text())
+    if edit_manifest:
+        edit_manifest(m)
+    m["files"][DELTA_FILE] = sha256(d / DELTA_FILE)
+    (d / MANIFEST).write_text(json.dumps(m))
+    return d
+
+
+@pytest.mark.parametrize(("case", "edit_tensors", "edit_manifest", "rule"), [
+    ("gain of a wrong shape", lambda t: t.update({"gains.norm": torch.zeros(7, dtype=torch.float16)}), None,
+     r"gain delta norm has shape \(7,\), expected \(128,\)"),
+    ("gain not listed", None, lambda m: m.update(gains=["norm"]), "gain deltas differ from the manifest's 'gains'"),
+    ("gain of no norm", lambda t: t.update({"gains.layers.0.q_proj": torch.zeros(128, dtype=torch.float16)}), None,
+     r"a gain delta is gains.layers.N"),
+    ("gain a matrix", lambda t: t.update({"gains.norm": torch.zeros(2, 128, dtype=torch.float16)}), None,
+     "one vector each"),
+    ("gain out of range", lambda t: t.update({"gains.layers.7.input_layernorm": t.pop("gains.layers.0.input_layernorm")}),
+     lambda m: m.update(gains=["layers.7.input_layernorm", "norm"]), "not an RMSNorm of this base"),
+    ("gains field not a list", None, lambda m: m.update(gains="norm"), "field 'gains'='norm': must be a list"),
+    ("non-finite gain", lambda t: t.update({"gains.norm": torch.full((128,), float("nan"), dtype=torch.float16)}), None,
+     "non-finite"),
+    ("unknown model-level tensor", lambda t: t.update({"final.x": torch.zeros(2)}), None,
+     "not a projection parameter .* a table's"),
+])
+def test_hostile_whole_delta_artifacts_are_refused_naming_the_rule(tiny_deltas, tiny_llama, tmp_path, case,
+                                                                  edit_tensors, edit_manifest, rule):
+    c = compress_deltas(tiny_deltas, CompressSettings("lowrank", ratio=1 / 8))
+    src = save_compressed(c, tmp_path / "src")
+    d = _rewrite(src, tmp_path / "bad", edit_tensors, edit_manifest)
+    cfg = ModelConfig.from_file(tiny_llama / "config.json")
+    with pytest.raises(ArtifactError, match=rule):
+        load_adapter(d, cfg)
+
+
+def test_an_embedding_table_on_a_tied_base_is_refused(tiny_deltas, tiny_checkpoints, tmp_path):
+    """A tied base has one table (lm_head): an artifact with an embed_tokens table was made for an untied base."""
+    import dataclasses
+
+    c = compress_deltas(tiny_deltas, CompressSettings("lowrank", ratio=1 / 8))
+    d = save_compressed(c, tmp_path / "untied")
+    cfg = dataclasses.replace(ModelConfig.from_file(tiny_deltas.base_path / "config.json"), tie_word_embeddings=True)
+    with pytest.raises(ArtifactError, match="ties its LM head to the embedding"):
+        load_adapter(d, cfg)

@@ -1,5 +1,6 @@
-"""A compressed delta served by the engine in a mixed batch equals its merged reconstruction; `merge` exports a
-checkpoint that transformers loads with the same logits as our model with the adapter."""
+"""A compressed whole fine-tune (projections, tables, norm gains) served by the engine in a mixed batch equals its
+merged reconstruction, on an untied and a tied base; the merge equals the fine-tune up to the compression itself;
+`merge` exports a checkpoint that transformers loads with the same logits as our model with the adapter."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import pytest
 import torch
 
 from deltafleet.adapters import LoraConfig, RoadConfig, load_adapter, merge_adapter, random_adapter, save_adapter
-from deltafleet.compress import CompressSettings, compress_deltas, load_extras, save_compressed
-from deltafleet.compress.delta import swapped_extras
-from deltafleet.compress.merge import merge_to_checkpoint
+from deltafleet.adapters.serving import to_serving_form
+from deltafleet.compress import CompressSettings, compress_deltas, extract_deltas, load_extras, save_compressed
+from deltafleet.compress.delta import weight_name
+from deltafleet.compress.merge import merge_to_checkpoint, merged_model
+from deltafleet.models.config import MODEL_LAYER
 from deltafleet.models.generate import greedy_generate
 from deltafleet.models.loading import load_model
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from deltafleet.serve.engine.backends import make_backend
+from deltafleet.serve.engine.layout import BatchLayout
+from deltafleet.serve.engine.pools import POOL_CLASSES, pool_specs_for
+from deltafleet.serve.engine.types import NO_ADAPTER
 from deltafleet.store.fingerprint import base_fingerprint
+from deltafleet.store.safetensors_io import load_tensors
+from tests.compress.conftest import make_finetune
 from tests.conftest import assert_close, forward_chain, token_batch
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,7 +59,7 @@ def test_engine_serves_compressed_deltas_in_mixed_batches_like_the_merged_recons
     got = {}
     for r, o in zip(reqs, outs, strict=True):
         a = None if r.adapter is None else load_adapter(tenants / r.adapter, ref.config)
-        want = greedy_generate(ref, r.prompt_ids, 8, hook=None if a is None else a.hook())
+        want = greedy_generate(ref, r.prompt_ids, 8, hook=None if a is None else a.hook(ref.config))
         assert o.token_ids == want, r.adapter
         got[r.adapter] = o.token_ids
         if a is not None:  # the hook (activations) and the merged weights agree
@@ -63,7 +72,8 @@ def test_engine_serves_compressed_deltas_in_mixed_batches_like_the_merged_recons
     for name in ("dc", "dco", "lr"):
         manifest = listing[name]["manifest"]
         assert listing[name]["bytes"] == manifest["bytes"]["compressed"]  # host memory: the compressed bytes
-        assert "projection deltas only" in manifest["serving"]
+        assert "table deltas and the norm gain deltas" in manifest["serving"]
+        assert set(manifest["bytes"]["parts"]) == {"projections", "tables", "gains"}
     assert engine.adapters.host["dc"].nbytes == load_adapter(tenants / "dc").nbytes
 
 
@@ -83,13 +93,87 @@ def test_merged_checkpoint_loads_in_transformers_with_equal_logits(tiny_llama, t
     ours, _ = load_model(tiny_llama)
     a = load_adapter(tenants / name, ours.config)
     ids = token_batch(320, 2, 12, seed=1)
-    extras = load_extras(tenants / name) if name in ("dc", "dco") else {}
+    assert load_extras(tenants / name) == {}  # the whole delta is in the adapter: tables and gains too
     with torch.no_grad():
         base = ours(ids)
-        with swapped_extras(ours, extras):
-            want = ours(ids, hook=a.hook())
+        want = ours(ids, hook=a.hook(ours.config))
         got = hf(ids).logits
     assert not torch.allclose(want, base, atol=1e-2)  # a merge that dropped the delta would fail below
     assert_close(got, want, "reordered", **forward_chain(ours.config))  # W + dW in transformers vs W x + dW x
     with pytest.raises(ValueError, match="not empty"):
         merge_to_checkpoint(tiny_llama, tenants / name, out)
+
+
+# ------------------------------------------------------------------------ the whole fine-tune, tied and untied
+@pytest.fixture(scope="module", params=["llama", "llama3-rope-tied"])
+def whole(request, tiny_checkpoints, tmp_path_factory):
+    """(base dir, fine-tune dir, deltas) of a fine-tune that changes projections, tables and norms."""
+    base = tiny_checkpoints[request.param]
+    ft = make_finetune(base, tmp_path_factory.mktemp(f"ft-{request.param}"), seed=7)
+    return base, ft, extract_deltas(base, ft)
+
+
+def test_the_whole_delta_is_extracted(whole):
+    base, _, ds = whole
+    tied = ds.config.tie_word_embeddings
+    tables = sorted(name for layer, name in ds.deltas if layer == MODEL_LAYER)
+    assert tables == (["lm_head"] if tied else ["embed_tokens", "lm_head"])
+    assert sorted(ds.gains) == [(MODEL_LAYER, "norm"), (0, "input_layernorm")] and ds.extras == {}
+
+
+@pytest.mark.parametrize("method", ["delta-come", "lowrank"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_served_whole_finetune_equals_its_merge(whole, tmp_path, method, backend):
+    """Ratio 1/16, two tenants of the method in one pool, rows mixed with the base: each row's logits (every
+    position, and the LM head on selected rows) equal the merged artifact's."""
+    base, _, ds = whole
+    fp = base_fingerprint(base)
+    dirs = []
+    for i, quantizer in enumerate(("rtn", "rtn")):
+        c = compress_deltas(ds, CompressSettings(method, ratio=1 / 16, quantizer=quantizer, seed=i))
+        if i:  # a second tenant: the same artifact with its deltas scaled, so the rows differ
+            c.adapter.gains = {k: -g for k, g in c.adapter.gains.items()}
+        dirs.append(save_compressed(c, tmp_path / f"t{i}", base_fingerprint=fp))
+    model, _ = load_model(base)
+    adapters = [load_adapter(d, model.config, expected_fingerprint=fp) for d in dirs]
+    forms = [to_serving_form(a, torch.float32) for a in adapters]
+    (spec,) = pool_specs_for((f.family, f.width) for f in forms)
+    pool = POOL_CLASSES[spec.family](spec, model.config, torch.float32)
+    for slot, f in enumerate(forms):
+        pool.write(slot, f)
+    rows = [(pool, 1), (None, NO_ADAPTER), (pool, 0), (pool, 0)]
+    ids = token_batch(model.config.vocab_size, 4, 9, seed=3)
+    layout = BatchLayout.build(rows, ids.shape[1])
+    pick = torch.tensor([8, 9 + 8, 2 * 9 + 4, 3 * 9 + 8])  # the LM head on one row of each sequence
+    with torch.no_grad():
+        got = model(ids, hook=layout.hook(make_backend(backend)))
+        got_pick = model(ids, hook=layout.hook(make_backend(backend), pick), logits_index=pick)
+        base_logits = model(ids)
+        for row, slot in ((0, 1), (2, 0), (3, 0)):
+            merged, _, _ = merged_model(base, dirs[slot])
+            want = merged(ids[row:row + 1])[0]
+            assert not torch.allclose(want, base_logits[row], atol=1e-2)
+            assert_close(got[row], want, "reordered", **forward_chain(model.config), msg=f"row {row}")
+            assert_close(got_pick[row], want[int(pick[row]) - 9 * row], "reordered", **forward_chain(model.config))
+    assert_close(got[1], base_logits[1], "exact")
+
+
+@pytest.mark.parametrize("method", ["delta-come", "lowrank", "bitdelta", "dare"])
+def test_the_merge_equals_the_finetune_up_to_the_compression(whole, tmp_path, method):
+    """Every module of the merged artifact is the fine-tune's weight up to that module's reconstruction error (as
+    the manifest reports it); the gains are the fine-tune's to fp16 rounding."""
+    base, ft, ds = whole
+    c = compress_deltas(ds, CompressSettings(method, ratio=1 / 16, quantizer="rtn"))
+    d = save_compressed(c, tmp_path / method, base_fingerprint=base_fingerprint(base))
+    merged, _, _ = merged_model(base, d)
+    ft_state, base_state = load_tensors(ft / "model.safetensors"), load_tensors(base / "model.safetensors")
+    state = dict(merged.named_parameters(remove_duplicate=False))
+    errors = {(s.layer, s.proj): s.rel_error for s in c.stats}
+    for key, delta in ds.deltas.items():
+        name = weight_name(ds.config, key)
+        err = float((state[name].detach() - ft_state[name]).norm() / delta.norm())
+        assert err == pytest.approx(errors[key], rel=1e-3, abs=1e-5), key
+    for key, g in ds.gains.items():
+        name = weight_name(ds.config, key)
+        torch.testing.assert_close(state[name], base_state[name] + g.half().float(), atol=1e-6, rtol=0)
+    assert c.bytes <= c.fp16_bytes / 16 or method == "bitdelta"  # every byte counted, the whole delta at 1/16

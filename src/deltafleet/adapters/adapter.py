@@ -5,7 +5,8 @@ Projections without an entry are untouched. A whole fine-tune's delta also chang
 tables (`config.TABLES`, key `(MODEL_LAYER, name)`, a (V, H) delta in the LM head's orientation compressed by the
 kind like any projection; when the base ties its LM head to the embedding, one `lm_head` table serves both) and
 its RMSNorm gains, kept exactly beside any kind's parameters in `Adapter.gains[(layer, norm)]` (H,) (the final
-norm: `(MODEL_LAYER, "norm")`), applied as y + n * delta (n: the norm's normalised input). Applying one adapter to a whole forward is `adapter.hook()`,
+norm: `(MODEL_LAYER, "norm")`), applied as y + n * delta (n: the norm's normalised input).
+Applying one adapter to a whole forward is `adapter.hook()`,
 a `ProjectionHook` for `Transformer.forward`; the serving engine builds batched hooks from the same kind
 functions.
 """
@@ -66,9 +67,11 @@ class Adapter:
 
     def hook(self, model_cfg: ModelConfig | None = None) -> ProjectionHook:
         """This adapter over a whole forward. A table applies at the embedding lookup as its delta's rows, built
-        once on the first lookup (from the serving form's factors for a served kind, else dense, which needs
-        `model_cfg` for the table's shape); `model_cfg` also says whether the LM head is tied (default: tied)."""
+        once on the first lookup (from the serving form's factors for a served kind, else dense); an adapter with
+        tables needs `model_cfg` (whether the LM head is tied, the table's shape)."""
         kind, cfg, params, gains = self.kind, self.config, self.params, self.gains
+        if model_cfg is None and any(layer == MODEL_LAYER for layer, _ in params):
+            raise ValueError("an adapter with a table delta needs model_cfg for its hook (is the LM head tied?)")
         lookup = embedding_table(model_cfg)
         rows: list[Tensor] = []  # the table delta's factors (A (R, H), B (R, V)), or [dense (V, H)]
 
@@ -78,8 +81,6 @@ class Adapter:
                 sp = kind.serving_form(cfg, p) if kind.served else None
                 if sp is not None and sp.family == "additive":
                     rows.extend((sp.tensors["A"].float(), sp.tensors["B"].float()))
-                elif model_cfg is None:
-                    raise ValueError(f"a {cfg.kind!r} table delta applied at the embedding lookup needs model_cfg")
                 else:
                     shape = model_cfg.module_shape(lookup[1])
                     rows.append(kind.delta_weight(cfg, p, torch.empty(shape, device="meta")).float())
@@ -134,8 +135,8 @@ def module_name(layer: int, name: str) -> str:
 
 
 def embedding_table(model_cfg: ModelConfig | None) -> ModuleKey:
-    """The table whose delta applies at the embedding lookup: the LM head's when tied (the default), else the
-    embedding's own."""
+    """The table whose delta applies at the embedding lookup: the LM head's when tied, else the embedding's own
+    (None: no table)."""
     tied = model_cfg is None or model_cfg.tie_word_embeddings
     return (MODEL_LAYER, "lm_head" if tied else "embed_tokens")
 

@@ -85,9 +85,10 @@ def compress_command(
         report = write_report(c, out, base=str(base), finetuned=str(finetuned))
     except (DeltafleetError, ValueError, OSError) as e:
         _fail(e)
-    console.print(f"{method}: {c.bytes:,} bytes vs {c.fp16_bytes:,} fp16 (ratio {c.bytes / c.fp16_bytes:.5f}), "
-                  f"mean relative error {c.mean_rel_error:.4f}, {len(c.extras)} exact extras "
-                  f"({c.extras_bytes:,} bytes), {c.seconds:.1f} s")
+    console.print(f"{method}: {c.bytes:,} bytes vs {c.fp16_bytes:,} fp16 for the whole delta (ratio "
+                  f"{c.bytes / c.fp16_bytes:.5f}), mean relative error {c.mean_rel_error:.4f}, {c.seconds:.1f} s")
+    console.print("  " + "; ".join(f"{name} {p['bytes']:,} of {p['fp16_bytes']:,}" for name, p in c.parts.items())
+                  + (f"; {len(c.extras)} exact extras ({c.extras_bytes:,} bytes, merged only)" if c.extras else ""))
     if not get_method(method).servable:
         console.print(f"note: {method} artifacts are not served by the engine; use `deltafleet merge`")
     console.print(f"wrote {out} and {report}")

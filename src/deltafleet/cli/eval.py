@@ -133,7 +133,8 @@ def eval_ppl_command(
         else:
             model, _ = load_model(base_path, dtype=torch_dtype)
             if tenant is not None:
-                hook = load_adapter(adapter, model.config, base_fingerprint(base_path)).to(torch_dtype).hook()
+                a = load_adapter(adapter, model.config, base_fingerprint(base_path))
+                hook = a.to(torch_dtype).hook(model.config)
         out = perplexity(model, tokenizer, text.read_text(encoding="utf-8"), hook=hook, window=window, stride=stride,
                          max_windows=max_windows, batch_size=batch_size)
     except (DeltafleetError, ValueError) as e:

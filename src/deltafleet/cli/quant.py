@@ -102,7 +102,7 @@ def lowbit_ppl_command(
     try:
         model, path = load_model(base, dtype=torch.float32)
         ids = token_windows(load_tokenizer(path), shakespeare_text(split), windows, seq_len)
-        hook = None if adapter is None else load_adapter(adapter, model.config).hook()
+        hook = None if adapter is None else load_adapter(adapter, model.config).hook(model.config)
         ppl = windows_perplexity(model, ids, hook)
     except (DeltafleetError, ValueError) as e:
         _fail(e)

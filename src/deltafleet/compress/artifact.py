@@ -1,10 +1,12 @@
 """Writing a compression run as a compressed-delta artifact (the `deltafleet-delta` format of
-`deltafleet.adapters.delta_format`, which also reads it), with the run's statistics in the manifest."""
+`deltafleet.adapters.delta_format`, which also reads it), with the run's statistics in the manifest: `bytes`
+holds the total against the whole delta's fp16 bytes (`ratio`) and each part's (`parts`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from deltafleet.adapters.adapter import module_name
 from deltafleet.adapters.delta_format import write_artifact
 from deltafleet.compress.pipeline import Compressed
 
@@ -19,10 +21,10 @@ def save_compressed(c: Compressed, directory: str | Path, *, base_model: str | N
         "base_fingerprint": base_fingerprint,
         "finetuned": finetuned,
         "bytes": {"compressed": c.bytes, "fp16_delta": c.fp16_bytes, "ratio": c.bytes / c.fp16_bytes,
-                  "extras": c.extras_bytes},
-        "modules": {f"layers.{s.layer}.{s.proj}": {"bytes": s.bytes, "budget": s.budget,
+                  "parts": c.parts, "extras": c.extras_bytes},
+        "modules": {module_name(s.layer, s.proj): {"bytes": s.bytes, "budget": s.budget,
                                                    "rel_error": round(s.rel_error, 6)} for s in kept},
-        "dropped_modules": [f"layers.{s.layer}.{s.proj}" for s in c.stats if s not in kept],
+        "dropped_modules": [module_name(s.layer, s.proj) for s in c.stats if s not in kept],
         "compress_seconds": round(c.seconds, 3),
     }
     return write_artifact(c.adapter, directory, {(s.layer, s.proj): s.shape for s in c.stats}, c.extras, fields)

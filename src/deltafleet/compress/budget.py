@@ -1,5 +1,9 @@
 """Exact byte accounting of compressed deltas, and the band plan that fills a byte budget.
 
+The ratio is over the whole delta (`compress.delta`): projections, tables and RMSNorm gains. Each compressed
+module gets `floor(rho * out * in * 2)` bytes; the gains are stored exactly (fp16, their own fp16 size), so the
+tables pay for them (`module_budgets`): the whole artifact stays within rho times the whole delta's fp16 bytes.
+
 Every byte a method stores for one projection is counted: packed integer codes, fp16 scales and uint8 zero
 points (3 bytes per quantization group), fp16 singular values, sparse indices and row pointers. The budget of
 an (out, in) projection at ratio rho is `floor(rho * out * in * 2)` bytes, i.e. rho times its fp16 delta.
@@ -49,6 +53,16 @@ def fp16_bytes(out_f: int, in_f: int) -> int:
 
 def budget_bytes(out_f: int, in_f: int, ratio: float) -> int:
     return math.floor(ratio * fp16_bytes(out_f, in_f))
+
+
+def module_budgets(shapes: dict[tuple[int, str], tuple[int, int]], tables: set[tuple[int, str]], gains_bytes: int,
+                   ratio: float) -> dict[tuple[int, str], int]:
+    """Bytes per compressed module, key -> budget: rho times its fp16 delta; the `tables` (keys of `shapes`) also
+    get rho times an equal share of the gains' fp16 bytes and give up that share in full (the gains' stored
+    bytes). Without tables the gains are not charged to any module."""
+    share = -(-gains_bytes // len(tables)) if tables else 0
+    return {k: math.floor(ratio * (fp16_bytes(o, i) + (share if k in tables else 0))) - (share if k in tables else 0)
+            for k, (o, i) in shapes.items()}
 
 
 # ------------------------------------------------------------------------------------------ band plans

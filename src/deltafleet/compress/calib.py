@@ -6,6 +6,9 @@ the same input share one H: q/k/v (attention input), gate/up (MLP input), o and 
 The run is bounded (by default 16 sequences of 128 tokens) and uses the BASE model, once; the paper folds each
 quantized layer back before calibrating the next (`post_quant`), which this simpler single pass does not.
 
+The LM head's input (the final hidden states) is captured too, under `(MODEL_LAYER, "lm_head")`: a tied table
+delta is quantized with it (its use at the embedding lookup, a one-hot input, is not weighted).
+
 The calibration ids come from `deltafleet.tasks.text.calibration_ids` (the Shakespeare train plays or a text file).
 """
 
@@ -14,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deltafleet.models.config import MODEL_LAYER
 from deltafleet.models.llama import Transformer
 from deltafleet.quant.functional import hessian
 
+LM_HEAD = (MODEL_LAYER, "lm_head")
 INPUT_GROUP = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp",
                "up_proj": "mlp", "down_proj": "down"}
 
@@ -27,13 +32,21 @@ def capture_hessians(model: Transformer, ids: Tensor, batch_size: int = 4) -> di
     acc: dict[tuple[int, str], Tensor] = {}
 
     def hook(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
+        if layer == MODEL_LAYER:
+            if proj == "lm_head":
+                h = hessian(x)
+                acc[LM_HEAD] = h if LM_HEAD not in acc else acc[LM_HEAD] + h
+            return y
         key = (layer, INPUT_GROUP[proj])
         if proj in ("q_proj", "o_proj", "gate_proj", "down_proj"):  # first reader of each input
             h = hessian(x)
             acc[key] = h if key not in acc else acc[key] + h
         return y
 
+    hook.model_level = True
     for i in range(0, ids.shape[0], batch_size):
         model(ids[i:i + batch_size], hook=hook)
-    return {(layer, proj): acc[(layer, INPUT_GROUP[proj])] for layer in range(model.config.num_layers)
-            for proj in INPUT_GROUP}
+    out = {(layer, proj): acc[(layer, INPUT_GROUP[proj])] for layer in range(model.config.num_layers)
+           for proj in INPUT_GROUP}
+    out[LM_HEAD] = acc[LM_HEAD]
+    return out

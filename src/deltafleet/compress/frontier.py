@@ -1,14 +1,14 @@
 """The quality frontier: every method at every ratio, measured against the uncompressed fine-tune.
 
-For each (method, ratio): mean relative reconstruction error of the projection deltas, mean KL(p_ft || p_c)
+For each (method, ratio): mean relative reconstruction error of the compressed modules, mean KL(p_ft || p_c)
 of next-token distributions on held-out sequences (the test split's prompt + answer of the given tasks, or text
 disjoint from the calibration text), compression time, and optionally exact-match accuracy on one or more tasks
 (greedy; the mean over tasks) with the share of the fine-tune's gain over the base kept:
-gain kept = (acc_c - acc_base) / (acc_ft - acc_base). The compressed model is the base with the reconstructed
-deltas merged and the fine-tune's extras applied (so the figures measure the projection compression alone).
-Two reference rows: `finetuned` (KL 0) and `no-delta` (the base with the extras only: what dropping every
-projection delta costs). A (method, ratio) a method cannot reach (bitdelta below 1/16) is recorded with its
-reason and skipped.
+gain kept = (acc_c - acc_base) / (acc_ft - acc_base). The compressed model is the base with the compressed
+artifact merged: every projection and table reconstructed, the exact gains, and any other exact extras (biases).
+`bytes` counts all of it but the extras (none for a Llama). Two reference rows: `finetuned` (KL 0) and
+`no-delta` (the base with those extras only: what dropping the whole delta costs). A (method, ratio) a method
+cannot reach (bitdelta below 1/16) is recorded with its reason and skipped.
 """
 
 from __future__ import annotations
@@ -88,12 +88,12 @@ def task_sequences(tokenizer, tasks: Sequence[str], n: int, split: str = "test")
 
 
 def _weights(model: Transformer, ds: DeltaSet) -> dict[str, Tensor]:
-    return {projection_name(*k): model.linear(*k).weight.data.clone() for k in ds.deltas}
+    return {projection_name(*k): model.module(*k).weight.data.clone() for k in (*ds.deltas, *ds.gains)}
 
 
 def _restore(model: Transformer, ds: DeltaSet, saved: dict[str, Tensor]) -> None:
-    for k in ds.deltas:
-        model.linear(*k).weight.data = saved[projection_name(*k)].clone()
+    for k in (*ds.deltas, *ds.gains):
+        model.module(*k).weight.data = saved[projection_name(*k)].clone()
 
 
 def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratios: Sequence[float],
@@ -106,8 +106,8 @@ def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratio
     saved = _weights(model, ds)
     old_extras = apply_extras(model, ds.extras)
     try:
-        for k, d in ds.deltas.items():  # the fine-tune itself: the reference
-            model.linear(*k).weight.data += d
+        for k, d in (*ds.deltas.items(), *ds.gains.items()):  # the fine-tune itself: the reference
+            model.module(*k).weight.data += d
         ref = log_probs(model, eval_ids)
         acc_ft = accuracy(model) if accuracy else None
         _restore(model, ds, saved)
@@ -115,7 +115,7 @@ def run_frontier(ds: DeltaSet, model: Transformer, methods: Sequence[str], ratio
         points = [Point("finetuned", 1.0, kl=0.0, rel_error=0.0, accuracy=acc_ft, gain_kept=1.0 if accuracy else None),
                   Point("no-delta", 0.0, bytes=0, rel_error=1.0, kl=mean_kl(model, eval_ids, ref), accuracy=acc_base,
                         gain_kept=0.0 if accuracy else None)]
-        log(f"reference: KL(finetuned || base + extras, no projection delta) = {points[1].kl:.3e}")
+        log(f"reference: KL(finetuned || base, no delta) = {points[1].kl:.3e}")
         for method in methods:
             for ratio in ratios:
                 p = Point(method, ratio)
@@ -170,7 +170,7 @@ def write_frontier(points: list[Point], out: str | Path, header: str) -> Path:
             ax.plot([1 / r for r, _ in pts], [v for _, v in pts], marker="o", label=method)
         ref = refs.get("no-delta")
         if ref is not None and getattr(ref, field) is not None and field != "rel_error":
-            ax.axhline(getattr(ref, field), color="k", ls=":", lw=1, label="no projection delta")
+            ax.axhline(getattr(ref, field), color="k", ls=":", lw=1, label="no delta")
         if field == "gain_kept":
             ax.axhline(GAIN_TARGET, color="r", ls="--", lw=1, label=f"{GAIN_TARGET:.0%} of the gain")
         ax.set_xscale("log", base=2)

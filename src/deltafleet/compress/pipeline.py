@@ -1,10 +1,13 @@
-"""Compress every projection delta of a fine-tune with one method, and measure what was kept.
+"""Compress a fine-tune's whole delta with one method, and measure what was kept.
 
-    deltas (delta.py) -> [calibration Hessians (calib.py)] -> method (methods/) -> budget check -> stats
+    deltas (delta.py) -> [calibration Hessians (calib.py)] -> method (methods/) -> + exact gains -> budget check
+    -> stats
 
-Each module's stored bytes are summed from the tensors the method produced (codes, scales, zero points,
-indices: everything), checked against `budget.budget_bytes`, and reported beside its relative reconstruction
-error ||Delta - Delta_hat||_F / ||Delta||_F.
+Each module's stored bytes (projections and tables) are summed from the tensors the method produced (codes,
+scales, zero points, indices: everything), checked against `DeltaSet.budgets`, and reported beside its relative
+reconstruction error ||Delta - Delta_hat||_F / ||Delta||_F. The RMSNorm gain deltas are added to the adapter
+exactly (fp16). `Compressed.parts` gives the bytes of each part (`delta.PARTS`) against its fp16 bytes; the ratio
+is over the whole delta.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters import Adapter
-from deltafleet.compress.budget import budget_bytes, fp16_bytes
+from deltafleet.adapters.adapter import module_name
+from deltafleet.compress.budget import fp16_bytes
 from deltafleet.compress.calib import capture_hessians
-from deltafleet.compress.delta import DeltaSet
+from deltafleet.compress.delta import PARTS, DeltaSet, part_of
 from deltafleet.compress.methods import CompressSettings, Context, get_method
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
@@ -27,7 +31,7 @@ from deltafleet.models.llama import Transformer
 
 @dataclass(frozen=True)
 class ModuleStats:
-    layer: int
+    layer: int  # MODEL_LAYER for a table
     proj: str
     shape: tuple[int, int]  # (out, in)
     bytes: int
@@ -47,11 +51,28 @@ class Compressed:
 
     @property
     def bytes(self) -> int:
-        return sum(s.bytes for s in self.stats)
+        """Every stored byte of the delta: compressed modules and the exact gains."""
+        return sum(s.bytes for s in self.stats) + self.adapter.gains_nbytes
 
     @property
     def fp16_bytes(self) -> int:
-        return sum(s.fp16_bytes for s in self.stats)
+        """The whole delta in fp16 (projections, tables, gains)."""
+        return sum(s.fp16_bytes for s in self.stats) + sum(g.numel() * 2 for g in self.adapter.gains.values())
+
+    @property
+    def parts(self) -> dict[str, dict[str, int]]:
+        """part (`delta.PARTS`, those present) -> {"bytes", "fp16_bytes", "modules"}."""
+        out: dict[str, dict[str, int]] = {}
+        for st in self.stats:
+            p = out.setdefault(part_of((st.layer, st.proj)), {"bytes": 0, "fp16_bytes": 0, "modules": 0})
+            p["bytes"] += st.bytes
+            p["fp16_bytes"] += st.fp16_bytes
+            p["modules"] += 1
+        if self.adapter.gains:
+            out["gains"] = {"bytes": self.adapter.gains_nbytes,
+                            "fp16_bytes": sum(g.numel() * 2 for g in self.adapter.gains.values()),
+                            "modules": len(self.adapter.gains)}
+        return {k: out[k] for k in PARTS if k in out}
 
     @property
     def extras_bytes(self) -> int:
@@ -80,15 +101,18 @@ def compress_deltas(ds: DeltaSet, settings: CompressSettings, model: Transformer
         if method.needs_hessians(settings):
             ctx.hessians = capture_hessians(model, calib_ids)
     adapter = method.compress(ds, settings, ctx)
+    adapter.gains = {k: g.half() for k, g in sorted(ds.gains.items())}
     seconds = time.perf_counter() - t0
     stats = []
     kind = adapter.kind
+    budgets = ds.budgets(settings.ratio, method.charges_gains)
     for (layer, proj), delta in sorted(ds.deltas.items()):
         p = adapter.params.get((layer, proj))  # None: nothing fit the budget, the delta is dropped
         o, i = delta.shape
-        n, budget = 0 if p is None else module_bytes(p), budget_bytes(o, i, settings.ratio)
+        n, budget = 0 if p is None else module_bytes(p), budgets[(layer, proj)]
         if n > budget + method.slack_bytes:
-            raise AssertionError(f"{settings.method}: layers.{layer}.{proj} stores {n} bytes over its budget {budget}")
+            raise AssertionError(f"{settings.method}: {module_name(layer, proj)} stores {n} bytes over its budget "
+                                 f"{budget}")
         rec = torch.zeros_like(delta) if p is None else kind.delta_weight(adapter.config, p, delta)
         err = float((delta - rec).norm() / delta.norm().clamp(min=1e-30))
         stats.append(ModuleStats(layer, proj, (o, i), n, budget, fp16_bytes(o, i), err))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from deltafleet.compress.pipeline import Compressed
-from deltafleet.models.config import PROJECTIONS
+from deltafleet.models.config import PROJECTIONS, TABLES
 
 
 def _plt():
@@ -93,28 +93,39 @@ def write_report(c: Compressed, out: str | Path, *, base: str, finetuned: str) -
         "",
         f"- base: `{base}`; fine-tune: `{finetuned}`",
         f"- settings: {', '.join(f'{k}={v}' for k, v in s.to_dict().items() if k != 'schema_version')}",
-        f"- projection deltas: **{c.bytes:,} bytes** compressed vs {c.fp16_bytes:,} bytes as fp16 "
-        f"(ratio {c.bytes / c.fp16_bytes:.5f}; every code, scale, zero point and index counted)",
-        f"- mean relative reconstruction error: {c.mean_rel_error:.4f}",
+        f"- whole delta: **{c.bytes:,} bytes** compressed vs {c.fp16_bytes:,} bytes as fp16 "
+        f"(ratio {c.bytes / c.fp16_bytes:.5f}; every code, scale, zero point, index and gain counted)",
+        f"- mean relative reconstruction error (compressed modules): {c.mean_rel_error:.4f}",
         f"- compression time: {c.seconds:.1f} s",
         f"- adapter kind: `{c.adapter.config.kind}` {c.adapter.config.summary}",
         "",
-        "## Changed parameters outside the projections (stored exactly)",
+        "## Bytes per part",
+        "",
+        "| part | modules | bytes | fp16 bytes | ratio |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {p['modules']} | {p['bytes']:,} | {p['fp16_bytes']:,} | {p['bytes'] / p['fp16_bytes']:.5f} |"
+          for name, p in c.parts.items()),
+        "",
+        "Projections and tables (the embedding / LM head delta) are compressed by the method; the RMSNorm gain "
+        "deltas are stored exactly (fp16) and paid for from the tables' budget.",
+        "",
+        "## Other changed parameters (stored exactly, not served)",
         "",
     ]
     if c.extras:
         lines += ["| tensor | shape | dtype | bytes |", "|---|---|---|---|"]
         lines += [f"| `{n}` | {tuple(t.shape)} | {str(t.dtype).removeprefix('torch.')} | "
                   f"{t.numel() * t.element_size():,} |" for n, t in sorted(c.extras.items())]
-        lines += ["", f"Total {c.extras_bytes:,} bytes. They are applied by `deltafleet merge`; the engine serves "
-                      f"the projection deltas only."]
+        lines += ["", f"Total {c.extras_bytes:,} bytes. They are applied by `deltafleet merge` only."]
     else:
-        lines.append("None: the fine-tune changed only the seven projections.")
+        lines.append("None: the projections, tables and norms hold every change.")
     lines += ["", "## Plots", "", "![spectrum](spectrum.png)", "", "![bits](bits.png)", "", "![error](error.png)",
-              "", "## Per projection type", "", "| projection | shape | bytes / module | budget | mean rel. error |",
+              "", "## Per module type", "", "| module | shape | bytes / module | budget | mean rel. error |",
               "|---|---|---|---|---|"]
-    for proj in PROJECTIONS:
+    for proj in (*PROJECTIONS, *TABLES):
         st = [x for x in c.stats if x.proj == proj]
+        if not st:
+            continue
         lines.append(f"| {proj} | {st[0].shape[0]}x{st[0].shape[1]} | {st[0].bytes:,} | {st[0].budget:,} | "
                      f"{sum(x.rel_error for x in st) / len(st):.4f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")

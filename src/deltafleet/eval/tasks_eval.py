@@ -251,7 +251,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str], None] = lambda _: None) 
         run.run_engine(model, adapters, [(r, r.tenant.name if r.tenant.served == ADAPTER else None) for r in shared])
         for r in shared:
             a = adapters.get(r.tenant.name)
-            run.run_perplexity(model, r, None if a is None else a.to(dtype).hook())
+            run.run_perplexity(model, r, None if a is None else a.to(dtype).hook(model.config))
         del model, adapters
 
     # Tenants that run as models of their own (folded IA3, full fine-tunes): one engine each.

@@ -1,7 +1,8 @@
 """The compression-method registry and the typed settings every method reads.
 
-A method turns a `DeltaSet` into an `Adapter` of one of the kinds in `deltafleet.adapters`, module by module, within
-`budget.budget_bytes(out, in, ratio)` bytes per projection. Methods register themselves with `register_method`;
+A method turns a `DeltaSet` into an `Adapter` of one of the kinds in `deltafleet.adapters`, module by module
+(projections and tables), within `DeltaSet.budgets(ratio)` bytes per module; the pipeline adds the exact gains.
+Methods register themselves with `register_method`;
 the pipeline never dispatches on method names.
 """
 
@@ -88,6 +89,7 @@ class Method(ABC):
     needs_hessians: ClassVar[Callable[[CompressSettings], bool]] = staticmethod(lambda s: False)  # H per input
     servable: ClassVar[bool] = True  # the engine serves its kind (else: export/merge only)
     slack_bytes: ClassVar[int] = 0  # bytes a module may exceed the budget by (a fixed-size format's overhead)
+    charges_gains: ClassVar[bool] = True  # the tables pay for the exact gains (`DeltaSet.budgets`)
 
     @abstractmethod
     def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:

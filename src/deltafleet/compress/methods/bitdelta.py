@@ -18,7 +18,7 @@ from torch import Tensor
 
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.bitdelta import BitDeltaConfig, pack_signs
-from deltafleet.compress.budget import bitdelta_bytes, budget_bytes, fp16_bytes
+from deltafleet.compress.budget import bitdelta_bytes, fp16_bytes
 from deltafleet.compress.delta import DeltaSet, swapped_extras
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
 from deltafleet.errors import DeltafleetError
@@ -70,14 +70,14 @@ class BitDelta(Method):
     name = "bitdelta"
     servable = False
     slack_bytes = 2  # the scale on top of exactly 1/16
+    charges_gains = False  # 1 bit per weight whatever the budget: the exact gains come on top of the ratio
     needs_calibration = staticmethod(lambda s: s.distill_steps > 0)
 
     def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
-        for proj in PROJECTIONS:
-            o, i = ds.config.linear_shape(proj)
-            if bitdelta_bytes(o, i) > budget_bytes(o, i, s.ratio) + 2:
+        for (o, i), b in ds.shape_budgets(s.ratio, charge_gains=False).items():
+            if bitdelta_bytes(o, i) > b + self.slack_bytes:
                 raise DeltafleetError(f"ratio={s.ratio:.6g}: bitdelta stores 1 bit per weight plus a 2-byte scale "
-                                      f"({bitdelta_bytes(o, i)} of {fp16_bytes(o, i)} bytes for {proj}); "
+                                      f"({bitdelta_bytes(o, i)} of {fp16_bytes(o, i)} bytes for a {o}x{i} delta); "
                                       f"it needs ratio >= 1/16")
         alpha = {k: float(d.abs().mean()) for k, d in ds.deltas.items()}
         if s.distill_steps:

@@ -13,10 +13,10 @@ import torch
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import shape_key
 from deltafleet.adapters.sparse import SparseConfig, index_dtype
-from deltafleet.compress.budget import budget_bytes, sparse_nnz
+from deltafleet.compress.budget import sparse_nnz
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
-from deltafleet.models.config import PROJECTIONS
+from deltafleet.models.config import PROJECTIONS, TABLES
 
 
 def dare_sparsify(delta: torch.Tensor, nnz: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -37,12 +37,13 @@ class Dare(Method):
     servable = False
 
     def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
-        shapes = sorted({ds.config.linear_shape(p) for p in PROJECTIONS})
-        nnz = tuple((shape_key(o, i), sparse_nnz(o, i, budget_bytes(o, i, s.ratio))) for o, i in shapes)
+        nnz = tuple((shape_key(o, i), sparse_nnz(o, i, b)) for (o, i), b in sorted(ds.shape_budgets(s.ratio).items()))
         cfg = SparseConfig(targets=PROJECTIONS, nnz=nnz)
         params = {}
         for (layer, proj), delta in ds.deltas.items():
-            g = torch.Generator().manual_seed(s.seed * 1_000_003 + layer * len(PROJECTIONS) + PROJECTIONS.index(proj))
+            index = (layer * len(PROJECTIONS) + PROJECTIONS.index(proj) if proj in PROJECTIONS
+                     else -1 - TABLES.index(proj))  # a table: its own stream
+            g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
             params[(layer, proj)] = dare_sparsify(delta, cfg.count(*delta.shape), g)
             ctx.tick()
         return Adapter(cfg, params)

@@ -20,7 +20,7 @@ from torch import Tensor
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import FP16_BITS, QLowRankConfig, Ranks, shape_key
 from deltafleet.adapters.registry import Params
-from deltafleet.compress.budget import Band, budget_bytes, plan_ranks, resolve_plan
+from deltafleet.compress.budget import Band, plan_ranks, resolve_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
 from deltafleet.models.config import PROJECTIONS
@@ -65,9 +65,9 @@ def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | N
 
 
 def band_plan(ds: DeltaSet, s: CompressSettings, plan: tuple[Band, ...]) -> tuple[tuple[str, Ranks], ...]:
-    shapes = sorted({ds.config.linear_shape(p) for p in PROJECTIONS})
-    return tuple((shape_key(o, i), plan_ranks(o, i, budget_bytes(o, i, s.ratio), plan, s.group_size, s.u_groups))
-                 for o, i in shapes)
+    """The ranks of each band per module shape, filling that shape's budget (tables included)."""
+    return tuple((shape_key(o, i), plan_ranks(o, i, b, plan, s.group_size, s.u_groups))
+                 for (o, i), b in sorted(ds.shape_budgets(s.ratio).items()))
 
 
 class _SVDMethod(Method):
@@ -80,7 +80,7 @@ class _SVDMethod(Method):
                              u_groups=s.u_groups)
         params = {}
         for (layer, proj), delta in ds.deltas.items():
-            H = ctx.hessians[(layer, proj)] if ctx.hessians is not None else None
+            H = ctx.hessians.get((layer, proj)) if ctx.hessians is not None else None  # None: RTN (the embedding)
             ranks = cfg.ranks(*delta.shape)
             if ranks:  # else not even one vector fits the budget: the module is left out (delta dropped)
                 params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order,

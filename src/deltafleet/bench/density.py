@@ -1,9 +1,11 @@
 """`deltafleet bench density`: how many tenants one machine holds, and what serving them costs.
 
 Tenants of three kinds in equal thirds, written to disk once: LoRA r16 on all seven projections (bf16, peft
-format), RoAd (`road_1`, group 64, all seven projections) and compressed full fine-tunes at 1/64 (Delta-CoMe's
-`qlowrank` kind with the band plan `compress` uses at 1/64, random codes and scales). Weights are random draws of
-each kind's own initialiser (non-trivial), so every tenant's bytes are real and distinct.
+format), RoAd (`road_1`, group 64, all seven projections) and compressed whole fine-tunes at 1/64 (`ft`:
+Delta-CoMe's `qlowrank` kind with the band plan `compress` uses at 1/64 over the whole delta, i.e. the
+projections and the embedding / LM-head table, plus exact fp16 gain deltas for all RMSNorms; random codes and
+scales). Weights are random draws of each kind's own initialiser (non-trivial), so every tenant's bytes are real
+and distinct.
 
 For each N (e.g. 100 and 1000) one engine registers the first N tenants (disk tier), keeps loaded ones in its
 host cache (LRU, `host_cache_gb`) and copies the tenants a step needs into slots (32 per kind). A stream of
@@ -34,13 +36,13 @@ from deltafleet.adapters.adapter import Adapter
 from deltafleet.adapters.qlowrank import QLowRankConfig
 from deltafleet.adapters.qlowrank.config import shape_key
 from deltafleet.bench.loadgen import percentile, zipf_choices
-from deltafleet.compress.budget import budget_bytes, plan_ranks, resolve_plan
+from deltafleet.compress.budget import module_budgets, plan_ranks, resolve_plan
 from deltafleet.errors import DeltafleetError
-from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.models.config import GAIN_NORMS, PROJECTIONS, TABLES, ModelConfig
 from deltafleet.models.loading import load_model, load_tokenizer, resolve_base
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
 
-KINDS = ("lora", "road", "delta")
+KINDS = ("lora", "road", "ft")
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,17 @@ class DensityConfig:
 
 
 def kind_configs(cfg: ModelConfig, ratio: float) -> dict[str, object]:
-    shapes = sorted({cfg.linear_shape(p) for p in PROJECTIONS})
-    bands = tuple((shape_key(o, i), plan_ranks(o, i, budget_bytes(o, i, ratio), resolve_plan("auto", ratio), 128,
-                                               "out")) for o, i in shapes)
+    """Each kind's config; `ft`'s band plan fills the whole-delta budgets `compress` gives at `ratio`."""
+    keys = [k for k in cfg.module_keys() if k[1] in (*PROJECTIONS, *TABLES)]
+    gains = sum(2 * cfg.hidden_size for k in cfg.module_keys() if k[1] in GAIN_NORMS)
+    budgets = module_budgets({k: cfg.module_shape(k[1]) for k in keys}, {k for k in keys if k[1] in TABLES}, gains,
+                             ratio)
+    shapes = {cfg.module_shape(k[1]): b for k, b in budgets.items()}
+    bands = tuple((shape_key(o, i), plan_ranks(o, i, b, resolve_plan("auto", ratio), 128, "out"))
+                  for (o, i), b in sorted(shapes.items()))
     return {"lora": LoraConfig(r=16, alpha=16.0, targets=PROJECTIONS),
             "road": RoadConfig(variant="road_1", group_size=64, targets=PROJECTIONS),
-            "delta": QLowRankConfig(targets=PROJECTIONS, bands=bands, group_size=128, u_groups="out")}
+            "ft": QLowRankConfig(targets=PROJECTIONS, bands=bands, group_size=128, u_groups="out")}
 
 
 def tenant_names(n: int) -> list[tuple[str, str]]:
@@ -83,7 +90,7 @@ def write_tenants(base: str, root: Path, n: int, ratio: float, log=lambda _: Non
     names = tenant_names(n)
     todo = [(i, name, kind) for i, (name, kind) in enumerate(names) if not (root / name).is_dir()]
     for j, (i, name, kind) in enumerate(todo):
-        a = random_adapter(cfg, configs[kind], seed=10_000 + i)
+        a = random_adapter(cfg, configs[kind], seed=10_000 + i, whole=kind == "ft")
         if kind == "lora":  # peft's usual storage dtype for a bf16 base
             a = Adapter(a.config, {k: {p: t.to(torch.bfloat16) for p, t in ps.items()} for k, ps in a.params.items()})
         save_adapter(a, root / name, model_cfg=cfg)
@@ -132,8 +139,8 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
     model, path = load_model(cfg.base, dtype=getattr(torch, cfg.dtype))
     ecfg = EngineConfig(dtype=cfg.dtype, max_batch=cfg.batch, max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
                         lora_slots=cfg.slots, max_lora_rank=16, road_slots=cfg.slots, delta_slots=cfg.slots,
-                        max_delta_rank=max(sum(r for _, r in ranks)
-                                           for _, ranks in kind_configs(model.config, cfg.ratio)["delta"].bands),
+                        max_delta_rank=max(sum(r for _, r in kind_configs(model.config, cfg.ratio)["ft"].ranks(
+                                           *model.config.linear_shape(p))) for p in PROJECTIONS),
                         pafi_slots=0, hiwi_slots=0, host_cache_bytes=int(cfg.host_cache_gb * 2**30),
                         loader_threads=cfg.loader_threads)
     try:

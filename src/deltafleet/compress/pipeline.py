@@ -105,7 +105,11 @@ def compress_deltas(ds: DeltaSet, settings: CompressSettings, model: Transformer
     seconds = time.perf_counter() - t0
     stats = []
     kind = adapter.kind
-    budgets = ds.budgets(settings.ratio, method.charges_gains)
+    budgets = method.module_budgets(ds, settings, adapter)
+    whole = sum(ds.budgets(settings.ratio, method.charges_gains).values())
+    if sum(budgets.values()) > whole:
+        raise AssertionError(f"{settings.method}: module budgets sum to {sum(budgets.values())} bytes, over the whole "
+                             f"delta's {whole}")
     for (layer, proj), delta in sorted(ds.deltas.items()):
         p = adapter.params.get((layer, proj))  # None: nothing fit the budget, the delta is dropped
         o, i = delta.shape

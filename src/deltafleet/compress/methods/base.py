@@ -17,7 +17,7 @@ from torch import Tensor
 
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import U_GROUPS
-from deltafleet.compress.budget import parse_plan
+from deltafleet.compress.budget import ALLOC_PLAN, parse_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
@@ -30,7 +30,8 @@ QUANTIZERS = ("gptq", "rtn")
 class CompressSettings:
     """
     method: a name in METHODS. ratio: compressed bytes / fp16 delta bytes, per projection, in (0, 1].
-    plan: delta-come bands, highest bits first ('auto': the paper's '8:2,3:32,2:*' at 1/16, see compress.budget).
+    plan: delta-come bands, highest bits first ('auto': the paper's '8:2,3:32,2:*' at 1/16, see compress.budget), or
+    'alloc': bits per singular vector, module shape and part allocated on measured errors (compress.alloc).
     group_size: quantization group G (columns per scale and zero point). quantizer: gptq (calibrated) or rtn.
     u_groups: delta-come's U grouped along the rank ('rank', per output row) or along out ('out'); see budget.
     damp, act_order: GPTQ settings (paper: 0.01, act-order). seed: DARE's drop mask.
@@ -55,7 +56,8 @@ class CompressSettings:
             raise ValueError(f"method={self.method!r}: must be one of {sorted(METHODS)}")
         if not 0 < self.ratio <= 1:
             raise ValueError(f"ratio={self.ratio!r}: must lie in (0, 1]")
-        parse_plan(self.plan)
+        if self.plan.strip() != ALLOC_PLAN:
+            parse_plan(self.plan)
         if self.group_size < 1:
             raise ValueError(f"group_size={self.group_size!r}: must be a positive integer")
         if self.u_groups not in U_GROUPS:
@@ -94,6 +96,11 @@ class Method(ABC):
     @abstractmethod
     def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
         """An adapter whose every module fits the byte budget (the pipeline checks it)."""
+
+    def module_budgets(self, ds: DeltaSet, s: CompressSettings, adapter: Adapter) -> dict[tuple[int, str], int]:
+        """Each module's byte budget (the pipeline checks every module against it, and their sum against the whole
+        delta's budget): `DeltaSet.budgets` unless the method allocates bytes across modules."""
+        return ds.budgets(s.ratio, self.charges_gains)
 
 
 METHODS: Registry[Method] = Registry("compression method")

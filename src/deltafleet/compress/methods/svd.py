@@ -20,22 +20,27 @@ from torch import Tensor
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import FP16_BITS, QLowRankConfig, Ranks, shape_key
 from deltafleet.adapters.registry import Params
-from deltafleet.compress.budget import Band, plan_ranks, resolve_plan
+from deltafleet.compress.alloc import ShapeGroup, allocate, vector_weights
+from deltafleet.compress.budget import ALLOC_PLAN, Band, bands_bytes, plan_ranks, resolve_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
+from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import PROJECTIONS
 from deltafleet.quant.functional import gptq_matrix, gptq_quantize_transposed
 from deltafleet.store.quantized import QuantizedMatrix
 
 
 def quantize_factors(delta: Tensor, ranks: Ranks, group_size: int, H: Tensor | None = None,
-                     damp: float = 0.01, act_order: bool = True, u_groups: str = "rank") -> Params:
+                     damp: float = 0.01, act_order: bool = True, u_groups: str = "rank",
+                     svd: tuple[Tensor, Tensor, Tensor] | None = None) -> Params:
     """delta (out, in), bands ((bits, r), ...) -> stored params of a `qlowrank` module.
 
     H (in, in): Hessian of the projection input (GPTQ); None: round-to-nearest. u_groups 'out': U stored as
-    U^T (r, out) grouped along out (GPTQ then feeds each column's error forward across the rank).
+    U^T (r, out) grouped along out (GPTQ then feeds each column's error forward across the rank). svd: the delta's
+    thin SVD (U, S, V^T) when already computed.
     """
-    U, S, Vt = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+    # (out, k), (k,), (k, in)
+    U, S, Vt = svd if svd is not None else torch.linalg.svd(delta.float(), full_matrices=False)
     params: Params = {}
     start = 0
     for i, (bits, r) in enumerate(ranks):
@@ -70,23 +75,50 @@ def band_plan(ds: DeltaSet, s: CompressSettings, plan: tuple[Band, ...]) -> tupl
                  for (o, i), b in sorted(ds.shape_budgets(s.ratio).items()))
 
 
+def allocated_plan(ds: DeltaSet, s: CompressSettings, hessians: dict | None,
+                   svds: dict[tuple[int, str], tuple[Tensor, Tensor, Tensor]]) -> tuple[tuple[str, Ranks], ...]:
+    """`--plan alloc`: bands per module shape from `compress.alloc.allocate` over the whole delta's budget."""
+    if s.u_groups != "out":
+        raise DeltafleetError(f"plan='alloc' needs u_groups='out' (its byte model), got {s.u_groups!r}")
+    weights: dict[tuple[int, int], list] = {}
+    for key, (U, S, Vt) in svds.items():
+        H = hessians.get(key) if hessians is not None else None
+        weights.setdefault((U.shape[0], Vt.shape[1]), []).append(vector_weights(S, Vt, H))
+    groups = [ShapeGroup(o, i, len(ws), torch.stack(ws).sum(0)) for (o, i), ws in sorted(weights.items())]
+    plan = allocate(groups, sum(ds.budgets(s.ratio).values()), s.group_size)
+    return tuple((shape_key(o, i), ranks) for (o, i), ranks in sorted(plan.items()))
+
+
 class _SVDMethod(Method):
     @abstractmethod
     def plan(self, s: CompressSettings) -> tuple[Band, ...]:
         """The bands, highest bits first."""
 
     def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
-        cfg = QLowRankConfig(targets=PROJECTIONS, bands=band_plan(ds, s, self.plan(s)), group_size=s.group_size,
-                             u_groups=s.u_groups)
+        svds = {}
+        if s.plan == ALLOC_PLAN:  # every SVD first: the allocation reads all spectra
+            svds = {k: torch.linalg.svd(d.float(), full_matrices=False) for k, d in ds.deltas.items()}
+            bands = allocated_plan(ds, s, ctx.hessians, svds)
+        else:
+            bands = band_plan(ds, s, self.plan(s))
+        cfg = QLowRankConfig(targets=PROJECTIONS, bands=bands, group_size=s.group_size, u_groups=s.u_groups)
         params = {}
         for (layer, proj), delta in ds.deltas.items():
             H = ctx.hessians.get((layer, proj)) if ctx.hessians is not None else None  # None: RTN (the embedding)
             ranks = cfg.ranks(*delta.shape)
             if ranks:  # else not even one vector fits the budget: the module is left out (delta dropped)
                 params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order,
-                                                         s.u_groups)
+                                                         s.u_groups, svds.pop((layer, proj), None))
             ctx.tick()
         return Adapter(cfg, params)
+
+    def module_budgets(self, ds: DeltaSet, s: CompressSettings, adapter: Adapter) -> dict[tuple[int, str], int]:
+        """With `--plan alloc` a module's budget is what the allocation gave its shape (the total is the whole
+        delta's budget); else `DeltaSet.budgets`."""
+        if s.plan != ALLOC_PLAN:
+            return super().module_budgets(ds, s, adapter)
+        cfg = adapter.config
+        return {k: bands_bytes(*d.shape, cfg.ranks(*d.shape), s.group_size, s.u_groups) for k, d in ds.deltas.items()}
 
 
 class DeltaCoMe(_SVDMethod):
@@ -103,6 +135,11 @@ class LowRank(_SVDMethod):
 
     def plan(self, s: CompressSettings) -> tuple[Band, ...]:
         return (Band(FP16_BITS, None),)
+
+    def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
+        if s.plan == ALLOC_PLAN:
+            raise DeltafleetError("plan='alloc' allocates delta-come's bit widths; lowrank is fp16 only")
+        return super().compress(ds, s, ctx)
 
 
 register_method(DeltaCoMe())

@@ -1,0 +1,150 @@
+"""Bit allocation across singular vectors, module shapes and parts, under one byte budget (`--plan alloc`).
+
+Delta-CoMe's fixed band plan (`budget.resolve_plan`) gives every module the same bits per singular-vector index
+(Ping et al. 2024, arXiv:2406.08903, Sec. 3.2). Allocation instead chooses, for each module shape (a projection
+type, or a table), how many singular vectors to keep at which bit width, moving bytes between shapes and parts
+(projections and tables) to minimise a measured error under the whole delta's budget, the idea of the
+mixed-precision allocations of DeltaDQ, ImPart and DeltaMix (greedy marginal analysis, as in classical bit
+allocation: Gersho & Gray, "Vector Quantization and Signal Compression", Sec. 8.3).
+
+Objective: the sum over modules of the relative squared error of the reconstruction,
+    sum_m sum_k w_mk q(b_mk),   w_mk = s_mk^2 h_mk / sum_j s_mj^2 h_mj,
+where s_mk is the k-th singular value of module m's delta, h_mk = v_k^T H v_k its input energy along the right
+singular vector v_k (H: the calibration Hessian of the module's input; 1 without calibration, i.e. weight space),
+and q(b) the relative squared error of a triplet whose U and V are quantized to b bits (`quant_error`: measured
+on Gaussian vectors with the layout's group size; q(0) = 1, a dropped vector; q(16) = 0). A shape's modules share
+one plan (the `qlowrank` kind keeps bands per shape), so the shape's weight per index is the sum over its modules.
+
+Greedy: every vector's options form a lower convex hull of (bytes, error) points, the same for all vectors of a
+shape up to the weight; all hull steps of all vectors are taken in order of error reduction per byte while they
+fit, keeping bits non-increasing along the index (bands). Bytes are exact (`budget.band_bytes`, U grouped along
+out); the result never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deltafleet.adapters.qlowrank import FP16_BITS, Ranks
+from deltafleet.compress.budget import band_bytes, bands_bytes
+from deltafleet.store.quantized import dequantize, rtn_quantize
+
+ALLOC_BITS = (2, 3, 4, 8, FP16_BITS)  # the bit widths allocation chooses from (0: dropped)
+
+
+@dataclass(frozen=True)
+class ShapeGroup:
+    """The modules of one shape: out, in, how many, and weights (K,): the summed relative energy per singular-vector
+    index, K = min(out, in)."""
+
+    out_f: int
+    in_f: int
+    count: int
+    weights: Tensor
+
+
+def vector_weights(S: Tensor, Vt: Tensor, H: Tensor | None = None) -> Tensor:
+    """S (K,), Vt (K, in), H (in, in) or None -> w (K,): s_k^2 h_k / sum_j s_j^2 h_j (h_k = v_k^T H v_k, or 1)."""
+    e = S.float() ** 2
+    if H is not None:
+        e = e * ((Vt.float() @ H.float()) * Vt.float()).sum(1).clamp(min=0)
+    return e / e.sum().clamp(min=1e-30)
+
+
+@functools.lru_cache(maxsize=64)
+def _vector_error(bits: int, n: int, group_size: int) -> float:
+    """Relative squared error of one length-n vector (Gaussian entries) quantized round-to-nearest in groups."""
+    if bits == FP16_BITS:
+        return 0.0
+    g = torch.Generator().manual_seed(bits * 7919 + n)
+    x = torch.randn(64, n, generator=g)
+    codes, scale, zero = rtn_quantize(x, bits, group_size)
+    err = dequantize(codes, scale, zero, group_size) - x
+    return float((err ** 2).sum() / (x ** 2).sum())
+
+
+def quant_error(bits: int, out_f: int, in_f: int, group_size: int) -> float:
+    """q(b): relative squared error of a rank-1 term u s v^T with v (length in) and u (length out) quantized to b bits
+    (grouped along their length); 1 for a dropped vector (b = 0)."""
+    if bits == 0:
+        return 1.0
+    return _vector_error(bits, in_f, group_size) + _vector_error(bits, out_f, group_size)
+
+
+def _hull(out_f: int, in_f: int, group_size: int) -> list[tuple[int, float, int]]:
+    """The lower convex hull of a vector's options from 'dropped': [(bits, error q, bytes)], bytes increasing."""
+    pts = [(0, 1.0, 0)] + [(b, quant_error(b, out_f, in_f, group_size),
+                             band_bytes(out_f, in_f, b, 1, group_size, "out")) for b in ALLOC_BITS]
+    pts.sort(key=lambda p: (p[2], p[1]))
+    hull = [pts[0]]
+    for p in pts[1:]:
+        if p[1] >= hull[-1][1]:
+            continue  # costs more, no less error
+        while len(hull) >= 2:
+            (_, e0, c0), (_, e1, c1) = hull[-2], hull[-1]
+            if (e0 - e1) / (c1 - c0) <= (e0 - p[1]) / (p[2] - c0):  # hull[-1] lies above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(groups: list[ShapeGroup], budget: int, group_size: int) -> dict[tuple[int, int], Ranks]:
+    """(out, in) -> bands ((bits, rank), ...) of each group, highest bits first, with
+    sum_g count_g * bands_bytes(g) <= budget, chosen greedily (module docstring)."""
+    steps = []  # (efficiency, group index, vector index, hull step)
+    hulls = [_hull(g.out_f, g.in_f, group_size) for g in groups]
+    for gi, g in enumerate(groups):
+        w = torch.cummin(g.weights.float(), 0).values.tolist()  # non-increasing: bands stay contiguous
+        hull = hulls[gi]
+        for k, wk in enumerate(w):
+            for j in range(1, len(hull)):
+                (_, e0, c0), (_, e1, c1) = hull[j - 1], hull[j]
+                steps.append((wk * (e0 - e1) / ((c1 - c0) * g.count), gi, k, j))
+    steps.sort(key=lambda s: -s[0])
+    level = [[0] * len(g.weights) for g in groups]  # hull index reached by each vector
+    left = budget
+    for eff, gi, k, j in steps:
+        if eff <= 0:
+            break
+        g, lv = groups[gi], level[gi]
+        if lv[k] != j - 1 or (k > 0 and lv[k - 1] < j):  # not the vector's next step, or bits would rise along k
+            continue
+        cost = (hulls[gi][j][2] - hulls[gi][j - 1][2]) * g.count
+        if cost <= left:
+            lv[k], left = j, left - cost
+    out = {}
+    for gi, g in enumerate(groups):
+        bits = [hulls[gi][j][0] for j in level[gi] if j > 0]
+        ranks: list[tuple[int, int]] = []
+        for b in bits:
+            if ranks and ranks[-1][0] == b:
+                ranks[-1] = (b, ranks[-1][1] + 1)
+            else:
+                ranks.append((b, 1))
+        out[(g.out_f, g.in_f)] = tuple(ranks)
+    return _trim(groups, out, budget, group_size)
+
+
+def _trim(groups: list[ShapeGroup], plan: dict[tuple[int, int], Ranks], budget: int,
+          group_size: int) -> dict[tuple[int, int], Ranks]:
+    """Drop last vectors until the exact bytes (packing rounds up per band) fit the budget."""
+    def total() -> int:
+        return sum(g.count * bands_bytes(g.out_f, g.in_f, plan[(g.out_f, g.in_f)], group_size, "out")
+                   for g in groups)
+
+    while total() > budget:
+        # the last vector of the group whose last vector weighs least
+        gi = min((i for i, g in enumerate(groups) if plan[(g.out_f, g.in_f)]),
+                 key=lambda i: float(groups[i].weights[sum(r for _, r in plan[(groups[i].out_f, groups[i].in_f)]) - 1]))
+        key = (groups[gi].out_f, groups[gi].in_f)
+        ranks = list(plan[key])
+        b, r = ranks[-1]
+        ranks[-1:] = [(b, r - 1)] if r > 1 else []
+        plan[key] = tuple(ranks)
+    return plan

@@ -48,6 +48,19 @@ class Adapter:
                    if n not in shared) + self.gains_nbytes
 
     @property
+    def parts_nbytes(self) -> dict[str, int]:
+        """The tenant's own bytes per part of a whole fine-tune: projections (every decoder-layer module), tables,
+        gains (those present)."""
+        shared = self.kind.shared_params
+        out: dict[str, int] = {}
+        for (layer, _), p in self.params.items():
+            part = "tables" if layer == MODEL_LAYER else "projections"
+            out[part] = out.get(part, 0) + sum(t.numel() * t.element_size() for n, t in p.items() if n not in shared)
+        if self.gains:
+            out["gains"] = self.gains_nbytes
+        return out
+
+    @property
     def gains_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.gains.values())
 
@@ -57,7 +70,8 @@ class Adapter:
 
     @property
     def layers(self) -> list[int]:
-        return sorted({layer for layer, _ in self.params})
+        """The decoder layers it adapts (a table is not a layer)."""
+        return sorted({layer for layer, _ in self.params if layer != MODEL_LAYER})
 
     def to(self, dtype: torch.dtype) -> Adapter:
         """Floating-point parameters cast to dtype; integer ones (packed codes, indices) kept as stored."""

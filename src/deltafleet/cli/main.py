@@ -79,7 +79,10 @@ def info(
                     at.add_row(sub.name, "[red]invalid[/red]", str(e), "", "", "")
                     continue
                 c = a.config
-                at.add_row(sub.name, c.kind, c.summary, ",".join(c.targets), str(len(a.layers)), f"{a.nbytes:,}")
+                parts = a.parts_nbytes
+                size = f"{a.nbytes:,}" + ("" if set(parts) <= {"projections"} else
+                                          " (" + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + ")")
+                at.add_row(sub.name, c.kind, c.summary, ",".join(c.targets), str(len(a.layers)), size)
             console.print(at)
     except DeltafleetError as e:
         _fail(e)

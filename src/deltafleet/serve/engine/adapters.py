@@ -222,7 +222,11 @@ class AdapterManager:
 
     @staticmethod
     def _info(adapter: Adapter, form: ServingForm | CompactForm, path: Path | None) -> dict:
-        return {"kind": adapter.config.kind, "summary": adapter.config.summary,
+        parts = adapter.parts_nbytes
+        summary = adapter.config.summary
+        if set(parts) - {"projections"}:  # a whole fine-tune: say what each part holds
+            summary += "; " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in parts.items())
+        return {"kind": adapter.config.kind, "summary": summary, "parts": parts,
                 "targets": list(adapter.config.targets), "bytes": form.nbytes,
                 "manifest": (read_manifest(path) or {}) if path is not None else {}}
 

@@ -11,8 +11,11 @@ Objective: the sum over modules of the relative squared error of the reconstruct
     sum_m sum_k w_mk q(b_mk),   w_mk = s_mk^2 h_mk / sum_j s_mj^2 h_mj,
 where s_mk is the k-th singular value of module m's delta, h_mk = v_k^T H v_k its input energy along the right
 singular vector v_k (H: the calibration Hessian of the module's input; 1 without calibration, i.e. weight space),
-and q(b) the relative squared error of a triplet whose U and V are quantized to b bits (`quant_error`: measured
-on Gaussian vectors with the layout's group size; q(0) = 1, a dropped vector; q(16) = 0). A shape's modules share
+and q(b) the relative squared error of a triplet whose U and V are quantized to b bits: measured per module shape
+on the leading triplets of one of its deltas, quantized as compression will quantize them (GPTQ with the module's
+Hessian, error in its output space; or round-to-nearest, error in weight space), by the method
+(`methods.svd.measured_errors`); without that, `quant_error` (Gaussian vectors). q(0) = 1 (a dropped vector),
+q(16) = 0. A shape's modules share
 one plan (the `qlowrank` kind keeps bands per shape), so the shape's weight per index is the sum over its modules.
 
 Greedy: every vector's options form a lower convex hull of (bytes, error) points, the same for all vectors of a
@@ -34,25 +37,40 @@ from deltafleet.compress.budget import band_bytes, bands_bytes
 from deltafleet.store.quantized import dequantize, rtn_quantize
 
 ALLOC_BITS = (2, 3, 4, 8, FP16_BITS)  # the bit widths allocation chooses from (0: dropped)
+# How a module's relative error counts in the objective: "module" every module alike, "size" in proportion to its
+# parameters (a table counts as 49152 x 576 weights, not as one module), "energy" in proportion to its delta's
+# (activation-weighted) energy, i.e. the absolute error.
+ALLOC_WEIGHTS = ("module", "size", "energy")
 
 
 @dataclass(frozen=True)
 class ShapeGroup:
     """The modules of one shape: out, in, how many, and weights (K,): the summed relative energy per singular-vector
-    index, K = min(out, in)."""
+    index, K = min(out, in); errors: q(b) per bit width measured on this shape's own vectors (`measured_errors`),
+    else the Gaussian model (`quant_error`)."""
 
     out_f: int
     in_f: int
     count: int
     weights: Tensor
+    errors: dict[int, float] | None = None
+
+    def q(self, bits: int, group_size: int) -> float:
+        if bits == 0:
+            return 1.0
+        if self.errors is not None and bits in self.errors:
+            return self.errors[bits]
+        return quant_error(bits, self.out_f, self.in_f, group_size)
 
 
-def vector_weights(S: Tensor, Vt: Tensor, H: Tensor | None = None) -> Tensor:
-    """S (K,), Vt (K, in), H (in, in) or None -> w (K,): s_k^2 h_k / sum_j s_j^2 h_j (h_k = v_k^T H v_k, or 1)."""
+def vector_weights(S: Tensor, Vt: Tensor, H: Tensor | None = None, scale: float | None = 1.0) -> Tensor:
+    """S (K,), Vt (K, in), H (in, in) or None -> w (K,): scale * s_k^2 h_k / sum_j s_j^2 h_j (h_k = v_k^T H v_k /
+    tr(H) * in, or 1); scale None: the energies unnormalised (`ALLOC_WEIGHTS` "energy")."""
     e = S.float() ** 2
     if H is not None:
-        e = e * ((Vt.float() @ H.float()) * Vt.float()).sum(1).clamp(min=0)
-    return e / e.sum().clamp(min=1e-30)
+        Hn = H.float() * (H.shape[0] / H.diagonal().sum().clamp(min=1e-30))
+        e = e * ((Vt.float() @ Hn) * Vt.float()).sum(1).clamp(min=0)
+    return e if scale is None else scale * e / e.sum().clamp(min=1e-30)
 
 
 @functools.lru_cache(maxsize=64)
@@ -75,10 +93,10 @@ def quant_error(bits: int, out_f: int, in_f: int, group_size: int) -> float:
     return _vector_error(bits, in_f, group_size) + _vector_error(bits, out_f, group_size)
 
 
-def _hull(out_f: int, in_f: int, group_size: int) -> list[tuple[int, float, int]]:
+def _hull(g: ShapeGroup, group_size: int) -> list[tuple[int, float, int]]:
     """The lower convex hull of a vector's options from 'dropped': [(bits, error q, bytes)], bytes increasing."""
-    pts = [(0, 1.0, 0)] + [(b, quant_error(b, out_f, in_f, group_size),
-                             band_bytes(out_f, in_f, b, 1, group_size, "out")) for b in ALLOC_BITS]
+    pts = [(0, 1.0, 0)] + [(b, g.q(b, group_size), band_bytes(g.out_f, g.in_f, b, 1, group_size, "out"))
+                           for b in ALLOC_BITS]
     pts.sort(key=lambda p: (p[2], p[1]))
     hull = [pts[0]]
     for p in pts[1:]:
@@ -98,7 +116,7 @@ def allocate(groups: list[ShapeGroup], budget: int, group_size: int) -> dict[tup
     """(out, in) -> bands ((bits, rank), ...) of each group, highest bits first, with
     sum_g count_g * bands_bytes(g) <= budget, chosen greedily (module docstring)."""
     steps = []  # (efficiency, group index, vector index, hull step)
-    hulls = [_hull(g.out_f, g.in_f, group_size) for g in groups]
+    hulls = [_hull(g, group_size) for g in groups]
     for gi, g in enumerate(groups):
         w = torch.cummin(g.weights.float(), 0).values.tolist()  # non-increasing: bands stay contiguous
         hull = hulls[gi]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import U_GROUPS
+from deltafleet.compress.alloc import ALLOC_WEIGHTS
 from deltafleet.compress.budget import ALLOC_PLAN, parse_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.errors import DeltafleetError
@@ -36,6 +37,7 @@ class CompressSettings:
     u_groups: delta-come's U grouped along the rank ('rank', per output row) or along out ('out'); see budget.
     damp, act_order: GPTQ settings (paper: 0.01, act-order). seed: DARE's drop mask.
     distill_steps, distill_lr: BitDelta scale distillation on calibration text (0 steps: off).
+    alloc_weight: how `plan='alloc'` weighs a module's relative error (`compress.alloc.ALLOC_WEIGHTS`).
     """
 
     method: str
@@ -49,6 +51,7 @@ class CompressSettings:
     seed: int = 0
     distill_steps: int = 0
     distill_lr: float = 1e-4
+    alloc_weight: str = "size"
     schema_version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class CompressSettings:
             raise ValueError(f"group_size={self.group_size!r}: must be a positive integer")
         if self.u_groups not in U_GROUPS:
             raise ValueError(f"u_groups={self.u_groups!r}: must be one of {U_GROUPS}")
+        if self.alloc_weight not in ALLOC_WEIGHTS:
+            raise ValueError(f"alloc_weight={self.alloc_weight!r}: must be one of {ALLOC_WEIGHTS}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer={self.quantizer!r}: must be one of {QUANTIZERS}")
         if not 0 <= self.damp < 1:

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import FP16_BITS, QLowRankConfig, Ranks, shape_key
-from deltafleet.adapters.registry import Params
-from deltafleet.compress.alloc import ShapeGroup, allocate, vector_weights
+from deltafleet.adapters.registry import Params, get_kind
+from deltafleet.compress.alloc import ALLOC_BITS, ShapeGroup, allocate, vector_weights
 from deltafleet.compress.budget import ALLOC_PLAN, Band, bands_bytes, plan_ranks, resolve_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
@@ -75,16 +75,49 @@ def band_plan(ds: DeltaSet, s: CompressSettings, plan: tuple[Band, ...]) -> tupl
                  for (o, i), b in sorted(ds.shape_budgets(s.ratio).items()))
 
 
+MEASURE_RANK = 32  # leading triplets of one delta per shape on which q(b) is measured
+
+
+def measured_errors(delta: Tensor, svd: tuple[Tensor, Tensor, Tensor], H: Tensor | None,
+                    s: CompressSettings) -> dict[int, float]:
+    """q(b) for `compress.alloc`: the relative squared error of the leading MEASURE_RANK triplets of `delta` quantized
+    at b bits as `quantize_factors` quantizes them, in the output space of H (in weight space without H)."""
+    U, S, Vt = svd
+    r = min(MEASURE_RANK, S.numel())
+    svd_r = (U[:, :r], S[:r], Vt[:r])
+    D = (svd_r[0] * svd_r[1]) @ svd_r[2]
+    out = {}
+    for bits in ALLOC_BITS:
+        if bits == FP16_BITS:
+            out[bits] = 0.0
+            continue
+        cfg = QLowRankConfig(targets=PROJECTIONS, bands=((shape_key(*delta.shape), ((bits, r),)),),
+                             group_size=s.group_size, u_groups=s.u_groups)
+        p = quantize_factors(D, ((bits, r),), s.group_size, H, s.damp, s.act_order, s.u_groups, svd_r)
+        E = get_kind("qlowrank").delta_weight(cfg, p, D) - D
+        if H is None:
+            out[bits] = float((E ** 2).sum() / (D ** 2).sum().clamp(min=1e-30))
+        else:
+            out[bits] = float(((E @ H) * E).sum() / ((D @ H) * D).sum().clamp(min=1e-30))
+    return out
+
+
 def allocated_plan(ds: DeltaSet, s: CompressSettings, hessians: dict | None,
                    svds: dict[tuple[int, str], tuple[Tensor, Tensor, Tensor]]) -> tuple[tuple[str, Ranks], ...]:
     """`--plan alloc`: bands per module shape from `compress.alloc.allocate` over the whole delta's budget."""
     if s.u_groups != "out":
         raise DeltafleetError(f"plan='alloc' needs u_groups='out' (its byte model), got {s.u_groups!r}")
     weights: dict[tuple[int, int], list] = {}
+    errors: dict[tuple[int, int], dict[int, float]] = {}
     for key, (U, S, Vt) in svds.items():
         H = hessians.get(key) if hessians is not None else None
-        weights.setdefault((U.shape[0], Vt.shape[1]), []).append(vector_weights(S, Vt, H))
-    groups = [ShapeGroup(o, i, len(ws), torch.stack(ws).sum(0)) for (o, i), ws in sorted(weights.items())]
+        o, i = U.shape[0], Vt.shape[1]
+        scale = {"module": 1.0, "size": o * i / 1e6, "energy": None}[s.alloc_weight]
+        weights.setdefault((o, i), []).append(vector_weights(S, Vt, H, scale))
+        if (o, i) not in errors:  # q(b) measured on the first delta of each shape
+            errors[(o, i)] = measured_errors(ds.deltas[key], (U, S, Vt), H, s)
+    groups = [ShapeGroup(o, i, len(ws), torch.stack(ws).sum(0), errors[(o, i)])
+              for (o, i), ws in sorted(weights.items())]
     plan = allocate(groups, sum(ds.budgets(s.ratio).values()), s.group_size)
     return tuple((shape_key(o, i), ranks) for (o, i), ranks in sorted(plan.items()))
 

@@ -52,7 +52,7 @@ def test_allocation_fits_the_budget_with_contiguous_non_increasing_bands(spec, b
 @pytest.mark.parametrize("ratio", [1 / 8, 1 / 32, 1 / 64])
 def test_alloc_beats_the_fixed_plan_at_equal_bytes(tiny_deltas, ratio):
     """Weight-space objective (RTN, no calibration): lower mean relative error within the same whole budget."""
-    fixed = compress_deltas(tiny_deltas, CompressSettings("delta-come", ratio=ratio, quantizer="rtn"))
+    fixed = compress_deltas(tiny_deltas, CompressSettings("delta-come", ratio=ratio, quantizer="rtn", plan="auto"))
     alloc = compress_deltas(tiny_deltas, CompressSettings("delta-come", ratio=ratio, quantizer="rtn", plan="alloc"))
     assert alloc.bytes <= ratio * alloc.fp16_bytes and fixed.bytes <= ratio * fixed.fp16_bytes
     assert alloc.mean_rel_error < fixed.mean_rel_error
@@ -66,5 +66,5 @@ def test_alloc_with_calibration_and_refusals(tiny_deltas, tiny_base_model, calib
     with pytest.raises(DeltafleetError, match="u_groups='out'"):
         compress_deltas(tiny_deltas, CompressSettings("delta-come", ratio=1 / 16, plan="alloc", quantizer="rtn",
                                                       u_groups="rank"))
-    with pytest.raises(DeltafleetError, match="lowrank is fp16 only"):
-        compress_deltas(tiny_deltas, CompressSettings("lowrank", ratio=1 / 16, plan="alloc"))
+    lowrank = compress_deltas(tiny_deltas, CompressSettings("lowrank", ratio=1 / 16, quantizer="rtn"))
+    assert {b for _, ranks in lowrank.adapter.config.bands for b, _ in ranks} == {16}  # the default plan: fp16

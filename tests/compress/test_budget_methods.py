@@ -59,7 +59,7 @@ def test_ratio_parsing():
 @pytest.mark.parametrize("method,u_groups", [("delta-come", "rank"), ("delta-come", "out"), ("lowrank", "rank"),
                                              ("bitdelta", "rank"), ("dare", "rank")])
 def test_every_module_fits_its_budget_and_bytes_are_counted_exactly(tiny_deltas, method, u_groups):
-    s = CompressSettings(method, ratio=1 / 8, quantizer="rtn", u_groups=u_groups)
+    s = CompressSettings(method, ratio=1 / 8, quantizer="rtn", u_groups=u_groups, plan="auto")  # per-module budgets
     c = compress_deltas(tiny_deltas, s)
     for st in c.stats:
         o, i = st.shape

@@ -35,7 +35,9 @@ def tenants(tiny_llama, tiny_deltas, tmp_path_factory):
     fp = base_fingerprint(tiny_llama)
     for name, method, u_groups in (("dc", "delta-come", "rank"), ("dco", "delta-come", "out"),
                                    ("lr", "lowrank", "rank"), ("bd", "bitdelta", "rank")):
-        c = compress_deltas(tiny_deltas, CompressSettings(method, ratio=1 / 8, quantizer="rtn", u_groups=u_groups))
+        plan = "alloc" if u_groups == "out" else "auto"  # allocation needs U grouped along out
+        c = compress_deltas(tiny_deltas, CompressSettings(method, ratio=1 / 8, quantizer="rtn", u_groups=u_groups,
+                                                          plan=plan))
         save_compressed(c, d / name, base_fingerprint=fp)
     lora = random_adapter(cfg, LoraConfig(r=4, alpha=8.0, targets=ALL), seed=3)
     lora = type(lora)(lora.config, {k: {n: t * 2 for n, t in p.items()} for k, p in lora.params.items()})

@@ -177,7 +177,7 @@ def bench_compress_command(
     ratios: str = typer.Option("1/8,1/16,1/32,1/64,1/128,1/256", help="Comma-separated ratios."),
     out: Path = typer.Option(..., help="Output directory: frontier.md, frontier.png, frontier.json."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq or rtn."),
-    plan: str = typer.Option("auto", help=PLAN_HELP),
+    plan: str = typer.Option("alloc", help=PLAN_HELP),
     u_groups: str = typer.Option("out", help=U_GROUPS_HELP),
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
     calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),

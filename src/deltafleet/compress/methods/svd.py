@@ -13,6 +13,7 @@ i.e. S_b V_b_hat H V_b_hat^T S_b (computed from H, with the already-quantized V)
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import FP16_BITS, QLowRankConfig, Ranks, shape_key
 from deltafleet.adapters.registry import Params, get_kind
 from deltafleet.compress.alloc import ALLOC_BITS, ShapeGroup, allocate, vector_weights
-from deltafleet.compress.budget import ALLOC_PLAN, Band, bands_bytes, plan_ranks, resolve_plan
+from deltafleet.compress.budget import ALLOC_PLAN, AUTO_PLAN, Band, bands_bytes, plan_ranks, resolve_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
 from deltafleet.errors import DeltafleetError
@@ -170,9 +171,8 @@ class LowRank(_SVDMethod):
         return (Band(FP16_BITS, None),)
 
     def compress(self, ds: DeltaSet, s: CompressSettings, ctx: Context) -> Adapter:
-        if s.plan == ALLOC_PLAN:
-            raise DeltafleetError("plan='alloc' allocates delta-come's bit widths; lowrank is fp16 only")
-        return super().compress(ds, s, ctx)
+        # one fp16 band, whatever the plan (`alloc` and band plans are delta-come's)
+        return super().compress(ds, replace(s, plan=AUTO_PLAN), ctx)
 
 
 register_method(DeltaCoMe())

@@ -1,4 +1,4 @@
-"""A whole SmolLM2 fine-tune (json-field, delta-come at 1/16, every byte counted) served by the engine in a mixed
+"""Usage: python results/compress/json-whole/serve_vs_merge.py ROOT. A whole SmolLM2 fine-tune (json-field, delta-come at 1/16, every byte counted) served by the engine in a mixed
 batch vs its merge: greedy tokens and the logits of one forward (fp32)."""
 import time, torch, sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from deltafleet.serve.engine.backends import make_backend
 from deltafleet.serve.engine.layout import BatchLayout
 from deltafleet.serve.engine.pools import POOL_CLASSES, pool_specs_for
 from deltafleet.serve.engine.types import NO_ADAPTER
-root = Path(sys.argv[1])
+root = Path(sys.argv[1])  # holds json16: deltafleet compress --finetuned /tmp/ft-json --method delta-come --ratio 1/16 --out ROOT/json16
 base, path = load_model("smollm2-135m", dtype=torch.float32)
 tok = load_tokenizer(path)
 merged, adapter, _ = merged_model("smollm2-135m", root / "json16")

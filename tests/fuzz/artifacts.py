@@ -100,6 +100,28 @@ def _qlowrank():
                           bands=(("32x32", ((16, 1), (4, 2))), ("16x32", ((2, 2),)), ("32x64", ((8, 1), (3, 1)))))
 
 
+def _qlowrank_whole():
+    """A whole fine-tune's delta: projections and both tables (the fuzz base is untied) of one band plan."""
+    from deltafleet.adapters.qlowrank import QLowRankConfig
+
+    return QLowRankConfig(targets=("q_proj", "v_proj"), group_size=8, u_groups="out",
+                          bands=(("32x32", ((8, 1), (2, 2))), ("16x32", ((4, 1),)), ("64x32", ((3, 2),))))
+
+
+def _whole(config) -> Callable[[Path], None]:
+    """A compressed whole fine-tune: projection and table deltas plus a gain delta for every RMSNorm."""
+    def build(d: Path) -> None:
+        from deltafleet.adapters import random_adapter
+        from deltafleet.adapters.delta_format import write_artifact
+
+        cfg = model_config()
+        adapter = random_adapter(cfg, config(), seed=3, whole=True)
+        shapes = {k: cfg.module_shape(k[1]) for k in adapter.params}
+        write_artifact(adapter, d, shapes, {}, {"base_model": "fuzz-llama", "base_fingerprint": "sha256:fuzz",
+                                                "method": "fuzz", "bytes": {"compressed": adapter.nbytes}})
+    return build
+
+
 def _bitdelta():
     from deltafleet.adapters.bitdelta.functional import BitDeltaConfig
 
@@ -206,6 +228,7 @@ def _read_tenancy(d: Path) -> object:
 
 _PEFT = ("adapter_config.json", "adapter_model.safetensors", "deltafleet.json")
 _DELTA = ("deltafleet.json", "delta.safetensors", "extras.safetensors")
+_DELTA_WHOLE = tuple(f for f in _DELTA if f != "extras.safetensors")  # nothing outside modules and gains
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("safetensors", _safetensors, ("w.safetensors",), _read_safetensors),
     Target("manifest", _adapter(_lora), ("deltafleet.json",), _read_manifest),
@@ -214,6 +237,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("deltafleet-lowrank", _adapter(_lowrank), ("deltafleet.json", "adapter_model.safetensors"),
            _read_adapter),
     Target("delta-qlowrank", _compressed(_qlowrank), _DELTA, _read_compressed, rehash=True),
+    Target("delta-whole", _whole(_qlowrank_whole), _DELTA_WHOLE, _read_compressed, rehash=True),
     Target("delta-bitdelta", _compressed(_bitdelta), _DELTA, _read_compressed, rehash=True),
     Target("delta-sparse", _compressed(_sparse), _DELTA, _read_compressed, rehash=True),
     Target("quantized-base", _quantized_base,

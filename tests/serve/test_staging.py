@@ -19,9 +19,9 @@ from tests.serve.conftest import SoloReference
 def compact_root(tiny_llama, tmp_path_factory):
     cfg = ModelConfig.from_file(tiny_llama / "config.json")
     root = tmp_path_factory.mktemp("compact")
-    qcfg = kind_configs(cfg, 1 / 4)["delta"]
-    for i in range(3):
-        save_adapter(random_adapter(cfg, qcfg, seed=40 + i), root / f"q{i}", model_cfg=cfg)
+    qcfg = kind_configs(cfg, 1 / 4)["ft"]
+    for i in range(3):  # whole fine-tunes: projections, tables and gains
+        save_adapter(random_adapter(cfg, qcfg, seed=40 + i, whole=True), root / f"q{i}", model_cfg=cfg)
     return root
 
 
@@ -36,7 +36,7 @@ def test_compact_tenants_expand_off_the_engine_loop_and_serve_the_merged_answer(
 
     monkeypatch.setattr(CompactForm, "materialize", recording)
     rank = max(sum(r for _, r in ranks) for _, ranks in kind_configs(
-        ModelConfig.from_file(tiny_llama / "config.json"), 1 / 4)["delta"].bands)
+        ModelConfig.from_file(tiny_llama / "config.json"), 1 / 4)["ft"].bands)
     engine = Engine.from_pretrained(tiny_llama, compact_root, EngineConfig(
         dtype="float32", max_batch=4, max_model_len=64, lora_slots=1, road_slots=1, delta_slots=2,
         max_delta_rank=rank, pafi_slots=0, hiwi_slots=0))

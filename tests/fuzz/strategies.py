@@ -24,9 +24,9 @@ JSON_VALUES = st.recursive(SCALARS, lambda c: st.one_of(st.lists(c, max_size=4),
 # Field names the readers know, so that added keys hit real fields as well as unknown ones.
 FIELD_NAMES = st.sampled_from([
     "schema_version", "format", "kind", "config", "targets", "r", "alpha", "use_rslora", "rank", "variant",
-    "group_size", "bands", "u_groups", "nnz", "modules", "shape", "files", "extras", "gains", "name", "base_fingerprint",
+    "group_size", "bands", "u_groups", "nnz", "modules", "shape", "files", "extras", "name", "base_fingerprint",
     "peft_type", "lora_alpha", "target_modules", "bias", "use_dora", "bits", "dense_dtype", "quantized_tables",
-    "codec", "sign", "qsigns", "qin", "qout",
+    "codec", "sign", "qsigns", "qin", "qout", "gains",
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rope_parameters", "rope_scaling", "rope_theta", "rms_norm_eps",
     "eos_token_id", "bos_token_id", "tie_word_embeddings", "max_position_embeddings", "model_type", "hidden_act",

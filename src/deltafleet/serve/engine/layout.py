@@ -114,7 +114,9 @@ class BatchLayout:
         the pool's LM-head table."""
         if id(st) not in cache:
             sub: PoolStep | None = st
-            if logits_index is not None:
+            every_row = logits_index is not None and self.tokens_per_row == 1 and logits_index.numel() == \
+                self.num_tokens and bool((logits_index == torch.arange(self.num_tokens)).all())  # a decode step
+            if logits_index is not None and not every_row:
                 T = self.tokens_per_row
                 rows = [self.rows[i // T] for i in logits_index.tolist()]
                 sub = next((s for s in BatchLayout.build(rows, 1).pool_steps if s.pool is st.pool), None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from deltafleet.adapters import random_adapter, save_adapter
 from deltafleet.adapters.serving import CompactForm
@@ -55,4 +56,27 @@ def test_compact_tenants_expand_off_the_engine_loop_and_serve_the_merged_answer(
     run("q0")  # back: expanded again, on the loader thread
     assert threads and all(t.startswith("adapter-loader") for t in threads), threads
     assert engine.adapters.stats.misses == 4 and len(engine.adapters.timings.to_slot) == 4
+    engine.shutdown()
+
+
+def test_staged_expansions_count_against_the_host_cache(tiny_llama, compact_root):
+    """A load keeps the expansion it built for the slot copy; those bytes count against `host_cache_bytes`, so
+    loaded forms that alone would fit are evicted (least recently used first) to make room."""
+    from deltafleet.adapters import load_adapter
+    from deltafleet.adapters.serving import to_serving_form
+
+    cfg = ModelConfig.from_file(tiny_llama / "config.json")
+    compact = load_adapter(compact_root / "q0", cfg).nbytes
+    expanded = to_serving_form(load_adapter(compact_root / "q0", cfg), torch.float32).nbytes
+    assert expanded > compact
+    budget = 3 * compact + expanded  # the three compact forms fit; their three staged expansions do not
+    engine = Engine.from_pretrained(tiny_llama, compact_root, EngineConfig(
+        dtype="float32", max_batch=4, max_model_len=64, lora_slots=1, road_slots=1, delta_slots=2,
+        max_delta_rank=256, pafi_slots=0, hiwi_slots=0, host_cache_bytes=budget))
+    for name in ("q0", "q1", "q2"):
+        engine.adapters.wait_loaded(name)
+    m = engine.adapters
+    assert len(m.staged) == 3 and m.stats.host_evictions >= 1
+    held = sum(f.nbytes for f in m.host.values()) + sum(x.nbytes for _, x in m.staged.values())
+    assert held <= budget or len(m.host) == 1
     engine.shutdown()

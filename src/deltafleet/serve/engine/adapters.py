@@ -6,7 +6,8 @@
   Every load failure, whatever its exception class, leaves the adapter FAILED with its message, logged once;
   nothing retries it (remove and add it again, or `replace` it).
 - Host memory keeps loaded serving forms in an LRU bounded by bytes; compact kinds (quantized compressed
-  deltas) are kept as stored and dequantized only when copied into a slot. Slots are reused least-recently-used
+  deltas) are kept as stored and dequantized only when copied into a slot. Expansions staged ahead of a slot copy
+  (at most MAX_STAGED) count against the same bound. Slots are reused least-recently-used
   among adapters that no running request holds.
 - A registered name points at one version (`_Entry`). `remove(name)` and `replace(name, ...)` detach that version
   at once: new requests see the name gone (or the new weights), requests already running keep their `Lease` on
@@ -280,6 +281,7 @@ class AdapterManager:
         self.staged[name] = (form, expanded)
         while len(self.staged) > MAX_STAGED:
             self.staged.popitem(last=False)
+        self._trim_host()
 
     def _ready(self, e: _Entry, form: ServingForm | CompactForm) -> bool:
         """Whether `form` may be copied into a slot now: a compact form only once expanded off the loop (or once
@@ -323,7 +325,11 @@ class AdapterManager:
         self._trim_host()
 
     def _trim_host(self) -> None:
+        """Keep host memory within `host_cache_bytes`: the loaded forms plus the expansions staged for slot copies
+        (at most MAX_STAGED, each waiting for its copy: never dropped here, or a tenant could be staged and dropped
+        forever) count; loaded forms no running request holds go, least recently used first."""
         total = sum(f.nbytes for f in self.host.values())
+        total += sum(expanded.nbytes for _, expanded in self.staged.values())
         for name in list(self.host):
             if total <= self.host_cache_bytes:
                 break

@@ -131,9 +131,9 @@ def test_a_served_whole_finetune_equals_its_merge(whole, tmp_path, method, backe
     base, _, ds = whole
     fp = base_fingerprint(base)
     dirs = []
-    for i, quantizer in enumerate(("rtn", "rtn")):
-        c = compress_deltas(ds, CompressSettings(method, ratio=1 / 16, quantizer=quantizer, seed=i))
-        if i:  # a second tenant: the same artifact with its deltas scaled, so the rows differ
+    for i in range(2):
+        c = compress_deltas(ds, CompressSettings(method, ratio=1 / 16, quantizer="rtn"))
+        if i:  # a second tenant: the same artifact with its gain deltas negated, so the two rows differ
             c.adapter.gains = {k: -g for k, g in c.adapter.gains.items()}
         dirs.append(save_compressed(c, tmp_path / f"t{i}", base_fingerprint=fp))
     model, _ = load_model(base)

@@ -53,8 +53,8 @@ class Adapter:
         gains (those present)."""
         shared = self.kind.shared_params
         out: dict[str, int] = {}
-        for (layer, _), p in self.params.items():
-            part = "tables" if layer == MODEL_LAYER else "projections"
+        for key, p in self.params.items():
+            part = part_of(key)
             out[part] = out.get(part, 0) + sum(t.numel() * t.element_size() for n, t in p.items() if n not in shared)
         if self.gains:
             out["gains"] = self.gains_nbytes
@@ -141,6 +141,14 @@ class Adapter:
             if tuple(g.shape) != (model_cfg.hidden_size,):
                 raise ValueError(f"{source}: gain delta {module_name(layer, name)} has shape {tuple(g.shape)}, "
                                  f"expected ({model_cfg.hidden_size},)")
+
+
+PARTS = ("projections", "tables", "gains")  # the parts of a whole fine-tune's delta
+
+
+def part_of(key: ModuleKey) -> str:
+    """Which part of a whole delta a module belongs to (`PARTS`): a table, an RMSNorm gain, else a projection."""
+    return "gains" if key[1] in GAIN_NORMS else "tables" if key[1] in TABLES else "projections"
 
 
 def module_name(layer: int, name: str) -> str:

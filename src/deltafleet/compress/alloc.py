@@ -15,8 +15,8 @@ and q(b) the relative squared error of a triplet whose U and V are quantized to 
 on the leading triplets of one of its deltas, quantized as compression will quantize them (GPTQ with the module's
 Hessian, error in its output space; or round-to-nearest, error in weight space), by the method
 (`methods.svd.measured_errors`); without that, `quant_error` (Gaussian vectors). q(0) = 1 (a dropped vector),
-q(16) = 0. A shape's modules share
-one plan (the `qlowrank` kind keeps bands per shape), so the shape's weight per index is the sum over its modules.
+q(16) = 0. A shape's modules share one plan (the `qlowrank` kind keeps bands per shape), so the shape's weight
+per index is the sum over its modules, each scaled by `ALLOC_WEIGHTS` (default: its parameter count).
 
 Greedy: every vector's options form a lower convex hull of (bytes, error) points, the same for all vectors of a
 shape up to the weight; all hull steps of all vectors are taken in order of error reduction per byte while they

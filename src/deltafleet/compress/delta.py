@@ -81,14 +81,6 @@ class DeltaSet:
         return out
 
 
-PARTS = ("projections", "tables", "gains")
-
-
-def part_of(key: ModuleKey) -> str:
-    """Which part of a whole delta a module belongs to (`PARTS`)."""
-    return "gains" if key[1] in GAIN_NORMS else "tables" if key[1] in TABLES else "projections"
-
-
 def load_state(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     cfg = ModelConfig.from_file(path / "config.json")
     return cfg, validate_state(cfg, *read_checkpoint_tensors(path), path)

@@ -6,8 +6,8 @@
 Each module's stored bytes (projections and tables) are summed from the tensors the method produced (codes,
 scales, zero points, indices: everything), checked against `DeltaSet.budgets`, and reported beside its relative
 reconstruction error ||Delta - Delta_hat||_F / ||Delta||_F. The RMSNorm gain deltas are added to the adapter
-exactly (fp16). `Compressed.parts` gives the bytes of each part (`delta.PARTS`) against its fp16 bytes; the ratio
-is over the whole delta.
+exactly (fp16). `Compressed.parts` gives the bytes of each part (`adapters.adapter.PARTS`) against its fp16
+bytes; the ratio is over the whole delta.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters import Adapter
-from deltafleet.adapters.adapter import module_name
+from deltafleet.adapters.adapter import PARTS, module_name, part_of
 from deltafleet.compress.budget import fp16_bytes
 from deltafleet.compress.calib import capture_hessians
-from deltafleet.compress.delta import PARTS, DeltaSet, part_of
+from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.methods import CompressSettings, Context, get_method
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.llama import Transformer
@@ -57,11 +57,11 @@ class Compressed:
     @property
     def fp16_bytes(self) -> int:
         """The whole delta in fp16 (projections, tables, gains)."""
-        return sum(s.fp16_bytes for s in self.stats) + sum(g.numel() * 2 for g in self.adapter.gains.values())
+        return sum(s.fp16_bytes for s in self.stats) + self.adapter.gains_nbytes  # gains are stored as fp16
 
     @property
     def parts(self) -> dict[str, dict[str, int]]:
-        """part (`delta.PARTS`, those present) -> {"bytes", "fp16_bytes", "modules"}."""
+        """part (`adapters.adapter.PARTS`, those present) -> {"bytes", "fp16_bytes", "modules"}."""
         out: dict[str, dict[str, int]] = {}
         for st in self.stats:
             p = out.setdefault(part_of((st.layer, st.proj)), {"bytes": 0, "fp16_bytes": 0, "modules": 0})
@@ -69,9 +69,8 @@ class Compressed:
             p["fp16_bytes"] += st.fp16_bytes
             p["modules"] += 1
         if self.adapter.gains:
-            out["gains"] = {"bytes": self.adapter.gains_nbytes,
-                            "fp16_bytes": sum(g.numel() * 2 for g in self.adapter.gains.values()),
-                            "modules": len(self.adapter.gains)}
+            n = self.adapter.gains_nbytes  # stored as fp16: their own fp16 bytes
+            out["gains"] = {"bytes": n, "fp16_bytes": n, "modules": len(self.adapter.gains)}
         return {k: out[k] for k in PARTS if k in out}
 
     @property

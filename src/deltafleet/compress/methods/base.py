@@ -30,7 +30,8 @@ QUANTIZERS = ("gptq", "rtn")
 @dataclass(frozen=True)
 class CompressSettings:
     """
-    method: a name in METHODS. ratio: compressed bytes / fp16 delta bytes, per projection, in (0, 1].
+    method: a name in METHODS. ratio: compressed bytes / fp16 bytes of the whole delta (projections, tables,
+    gains), in (0, 1].
     plan: delta-come's bits per singular vector: 'alloc' (default) allocated per vector, module shape and part on
     measured errors (compress.alloc); 'auto' the paper's fixed bands ('8:2,3:32,2:*' at 1/16, see compress.budget);
     or explicit bands, highest bits first. Other methods ignore it.

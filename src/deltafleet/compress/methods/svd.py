@@ -79,10 +79,10 @@ def band_plan(ds: DeltaSet, s: CompressSettings, plan: tuple[Band, ...]) -> tupl
 MEASURE_RANK = 32  # leading triplets of one delta per shape on which q(b) is measured
 
 
-def measured_errors(delta: Tensor, svd: tuple[Tensor, Tensor, Tensor], H: Tensor | None,
-                    s: CompressSettings) -> dict[int, float]:
-    """q(b) for `compress.alloc`: the relative squared error of the leading MEASURE_RANK triplets of `delta` quantized
-    at b bits as `quantize_factors` quantizes them, in the output space of H (in weight space without H)."""
+def measured_errors(svd: tuple[Tensor, Tensor, Tensor], H: Tensor | None, s: CompressSettings) -> dict[int, float]:
+    """q(b) for `compress.alloc`: the relative squared error of the leading MEASURE_RANK triplets of a delta (its thin
+    SVD U, S, V^T) quantized at b bits as `quantize_factors` quantizes them, in the output space of H (in weight
+    space without H)."""
     U, S, Vt = svd
     r = min(MEASURE_RANK, S.numel())
     svd_r = (U[:, :r], S[:r], Vt[:r])
@@ -92,7 +92,7 @@ def measured_errors(delta: Tensor, svd: tuple[Tensor, Tensor, Tensor], H: Tensor
         if bits == FP16_BITS:
             out[bits] = 0.0
             continue
-        cfg = QLowRankConfig(targets=PROJECTIONS, bands=((shape_key(*delta.shape), ((bits, r),)),),
+        cfg = QLowRankConfig(targets=PROJECTIONS, bands=((shape_key(*D.shape), ((bits, r),)),),
                              group_size=s.group_size, u_groups=s.u_groups)
         p = quantize_factors(D, ((bits, r),), s.group_size, H, s.damp, s.act_order, s.u_groups, svd_r)
         E = get_kind("qlowrank").delta_weight(cfg, p, D) - D
@@ -116,7 +116,7 @@ def allocated_plan(ds: DeltaSet, s: CompressSettings, hessians: dict | None,
         scale = {"module": 1.0, "size": o * i / 1e6, "energy": None}[s.alloc_weight]
         weights.setdefault((o, i), []).append(vector_weights(S, Vt, H, scale))
         if (o, i) not in errors:  # q(b) measured on the first delta of each shape
-            errors[(o, i)] = measured_errors(ds.deltas[key], (U, S, Vt), H, s)
+            errors[(o, i)] = measured_errors((U, S, Vt), H, s)
     groups = [ShapeGroup(o, i, len(ws), torch.stack(ws).sum(0), errors[(o, i)])
               for (o, i), ws in sorted(weights.items())]
     plan = allocate(groups, sum(ds.budgets(s.ratio).values()), s.group_size)

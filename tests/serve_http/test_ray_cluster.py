@@ -131,12 +131,19 @@ async def _concurrent(client: openai.AsyncOpenAI, model: str, n: int, max_tokens
 
 
 def test_a_hot_tenant_spreads_over_the_replicas(cluster):
+    """Bursts of 12 concurrent requests for one tenant: once a replica is `spill` (3) requests over the other, the
+    tenant spreads. The router reads loads from stats reported every 0.5 s, so a burst the first replica absorbs
+    before its load shows may stay on it (seen once in a fresh-clone run on 2 busy cores): up to 3 bursts."""
     before = cluster.per_replica("globex-delta")
     client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key=KEYS["globex"], max_retries=0, timeout=120)
-    assert len(asyncio.run(_concurrent(client, "globex-delta", 12, max_tokens=48))) == 12
-    after = cluster.per_replica("globex-delta")
-    served = {r: after[r] - before.get(r, 0) for r in after if after[r] > before.get(r, 0)}
-    assert len(served) == 2 and sum(served.values()) == 12, served  # more than `spill` (3) over the other: spread
+    for burst in range(1, 4):
+        assert len(asyncio.run(_concurrent(client, "globex-delta", 12, max_tokens=48))) == 12
+        after = cluster.per_replica("globex-delta")
+        served = {r: after[r] - before.get(r, 0) for r in after if after[r] > before.get(r, 0)}
+        assert sum(served.values()) == 12 * burst, served  # every request answered, once
+        if len(served) == 2:
+            break
+    assert len(served) == 2, served  # spread over both replicas
 
 
 def test_load_replace_unload_reach_every_replica(cluster):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deltafleet.adapters import LoraConfig, RoadConfig, load_adapter, merge_adapter, random_adapter, save_adapter
-from deltafleet.adapters.serving import to_serving_form
+from deltafleet.adapters.serving import to_quantized_form, to_serving_form
 from deltafleet.compress import CompressSettings, compress_deltas, extract_deltas, load_extras, save_compressed
 from deltafleet.compress.delta import weight_name
 from deltafleet.compress.merge import merge_to_checkpoint, merged_model
@@ -73,7 +73,11 @@ def test_engine_serves_compressed_deltas_in_mixed_batches_like_the_merged_recons
     listing = {e["name"]: e for e in engine.adapters.listing()}
     for name in ("dc", "dco", "lr"):
         manifest = listing[name]["manifest"]
-        assert listing[name]["bytes"] == manifest["bytes"]["compressed"]  # host memory: the compressed bytes
+        if name == "dco":  # kept quantized for the qdelta pool: codes as stored, group scales and biases in fp32
+            assert engine.adapters.host[name].family == "qadditive"
+            assert manifest["bytes"]["compressed"] < listing[name]["bytes"] < 1.25 * manifest["bytes"]["compressed"]
+        else:
+            assert listing[name]["bytes"] == manifest["bytes"]["compressed"]  # host memory: the compressed bytes
         assert "table deltas and the norm gain deltas" in manifest["serving"]
         assert set(manifest["bytes"]["parts"]) == {"projections", "tables", "gains"}
     assert engine.adapters.host["dc"].nbytes == load_adapter(tenants / "dc").nbytes
@@ -123,22 +127,30 @@ def test_the_whole_delta_is_extracted(whole):
     assert sorted(ds.gains) == [(MODEL_LAYER, "norm"), (0, "input_layernorm")] and ds.extras == {}
 
 
-@pytest.mark.parametrize("method", ["delta-come", "lowrank"])
+@pytest.mark.parametrize("method", ["delta-come", "lowrank", "delta-come-quantized"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_served_whole_finetune_equals_its_merge(whole, tmp_path, method, backend):
     """Ratio 1/16, two tenants of the method in one pool, rows mixed with the base: each row's logits (every
-    position, and the LM head on selected rows) equal the merged artifact's."""
+    position, and the LM head on selected rows) equal the merged artifact's. delta-come-quantized: U grouped along
+    out (the default), served in the qadditive pool as stored (native kernel where the shapes allow: the untied
+    base; the torch path on the tied one, whose 300-token vocabulary is no multiple of 64)."""
     base, _, ds = whole
     fp = base_fingerprint(base)
+    quantized = method == "delta-come-quantized"
+    settings = (CompressSettings("delta-come", ratio=1 / 16, quantizer="rtn", u_groups="out", plan="alloc")
+                if quantized else CompressSettings(method, ratio=1 / 16, quantizer="rtn"))
     dirs = []
     for i in range(2):
-        c = compress_deltas(ds, CompressSettings(method, ratio=1 / 16, quantizer="rtn"))
+        c = compress_deltas(ds, settings)
         if i:  # a second tenant: the same artifact with its gain deltas negated, so the two rows differ
             c.adapter.gains = {k: -g for k, g in c.adapter.gains.items()}
         dirs.append(save_compressed(c, tmp_path / f"t{i}", base_fingerprint=fp))
     model, _ = load_model(base)
     adapters = [load_adapter(d, model.config, expected_fingerprint=fp) for d in dirs]
-    forms = [to_serving_form(a, torch.float32) for a in adapters]
+    forms = [(to_quantized_form if quantized else to_serving_form)(a, torch.float32) for a in adapters]
+    if quantized and None in forms:
+        (bits,) = {b for f in adapters for _, ranks in f.config.bands for b, _ in ranks if (300 * b) % 8}
+        pytest.skip(f"a {bits}-bit band of a 300-column table is not whole bytes a row: served expanded")
     (spec,) = pool_specs_for((f.family, f.width) for f in forms)
     pool = POOL_CLASSES[spec.family](spec, model.config, torch.float32)
     for slot, f in enumerate(forms):

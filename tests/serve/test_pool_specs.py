@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deltafleet.adapters import LoraConfig, RoadConfig, random_adapter
+from deltafleet.adapters.qadditive import QADDITIVE
 from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SPARSE, to_serving_form
 from deltafleet.models.generate import greedy_generate
 from deltafleet.models.loading import load_model
@@ -16,7 +17,8 @@ from deltafleet.serve.engine.pools import AdditivePool, ElementwisePool, PoolSpe
 
 @pytest.mark.parametrize("args,match", [
     (("", ADDITIVE, 1, 4), "name='': a pool needs a non-empty name"),
-    (("p", "dense", 1, 4), r"pool 'p': family='dense': must be one of \['additive', 'elementwise', 'norm', 'sparse'\]"),
+    (("p", "dense", 1, 4),
+     r"pool 'p': family='dense': must be one of \['additive', 'elementwise', 'norm', 'qadditive', 'sparse'\]"),
     (("p", ADDITIVE, 0, 4), "pool 'p': slots=0: must be an integer >= 1"),
     (("p", ADDITIVE, 2.5, 4), "pool 'p': slots=2.5: must be an integer >= 1"),
     (("p", ADDITIVE, 1, 0), "pool 'p': width=0: must be an integer >= 1"),
@@ -34,11 +36,12 @@ def test_pool_class_holds_its_own_family(tiny_llama):
         AdditivePool(PoolSpec("r", ELEMENTWISE, 1, 64), cfg, torch.float32)
 
 
-def test_default_pools_are_the_standard_five():
-    assert EngineConfig().pools == (PoolSpec("lora", ADDITIVE, 32, 16), PoolSpec("delta", ADDITIVE, 4, 256),
+def test_default_pools_are_the_standard_six():
+    assert EngineConfig().pools == (PoolSpec("lora", ADDITIVE, 32, 16), PoolSpec("qdelta", QADDITIVE, 32, 256),
+                                    PoolSpec("delta", ADDITIVE, 4, 256),
                                     PoolSpec("road", ELEMENTWISE, 64, 64), PoolSpec("pafi", SPARSE, 32, 20_000),
                                     PoolSpec("hiwi", NORM, 64, 1))
-    assert EngineConfig(delta_slots=0, road_group_size=32, pafi_slots=0, hiwi_slots=0).pools == (
+    assert EngineConfig(delta_slots=0, road_group_size=32, pafi_slots=0, hiwi_slots=0, qdelta_slots=0).pools == (
         PoolSpec("lora", ADDITIVE, 32, 16), PoolSpec("road", ELEMENTWISE, 64, 32))
     assert EngineConfig(pafi_density=0.005).pools[-2] == PoolSpec("pafi", SPARSE, 32, 5_000)
     assert standard_pools(0, 16, 0, 256, 0, 64) == ()
@@ -48,7 +51,7 @@ def test_engine_config_pools_validation():
     spec = PoolSpec("a", ADDITIVE, 2, 8)
     assert EngineConfig(pools=[spec]).pools == (spec,)
     assert EngineConfig(pools=()).pools == ()
-    with pytest.raises(ValueError, match="lora_slots=3: pools= replaces the lora/delta/road/pafi/hiwi fields"):
+    with pytest.raises(ValueError, match="lora_slots=3: pools= replaces the lora/delta/qdelta/road/pafi/hiwi fields"):
         EngineConfig(pools=(spec,), lora_slots=3)
     with pytest.raises(ValueError, match="pools: name 'a' used twice"):
         EngineConfig(pools=(spec, PoolSpec("a", ELEMENTWISE, 1, 64)))

@@ -40,7 +40,7 @@ def test_compact_tenants_expand_off_the_engine_loop_and_serve_the_merged_answer(
         ModelConfig.from_file(tiny_llama / "config.json"), 1 / 4)["ft"].bands)
     engine = Engine.from_pretrained(tiny_llama, compact_root, EngineConfig(
         dtype="float32", max_batch=4, max_model_len=64, lora_slots=1, road_slots=1, delta_slots=2,
-        max_delta_rank=rank, pafi_slots=0, hiwi_slots=0))
+        max_delta_rank=rank, pafi_slots=0, hiwi_slots=0, qdelta_slots=0))
     ref = SoloReference(tiny_llama, compact_root)
     prompt = [5, 9, 14, 3]
 
@@ -72,7 +72,7 @@ def test_staged_expansions_count_against_the_host_cache(tiny_llama, compact_root
     budget = 3 * compact + expanded  # the three compact forms fit; their three staged expansions do not
     engine = Engine.from_pretrained(tiny_llama, compact_root, EngineConfig(
         dtype="float32", max_batch=4, max_model_len=64, lora_slots=1, road_slots=1, delta_slots=2,
-        max_delta_rank=256, pafi_slots=0, hiwi_slots=0, host_cache_bytes=budget))
+        max_delta_rank=256, pafi_slots=0, hiwi_slots=0, qdelta_slots=0, host_cache_bytes=budget))
     for name in ("q0", "q1", "q2"):
         engine.adapters.wait_loaded(name)
     m = engine.adapters

@@ -97,6 +97,11 @@ class AdapterKind(ABC):
         """One projection's slot contents for the serving engine (`adapters.serving`); None: merge-only."""
         return None
 
+    def quantized_form(self, cfg: AdapterConfig, params: Params) -> ServingParams | None:
+        """One projection's slot contents in the qadditive family (`adapters.qadditive`: kept as stored, dequantized
+        by the kernel as it reads them), or None (the default): served in `serving_form`'s family only."""
+        return None
+
     def check_serving(self, cfg: AdapterConfig, params: Params) -> None:
         """Raise ValueError if `serving_form` would: what a reader checks of a compact kind's stored tensors. The
         default builds the form; a kind may check the stored tensors without building it (cheaper)."""

@@ -441,3 +441,86 @@ def sign_unpack_(packed: torch.Tensor, out: torch.Tensor) -> bool:
         return False
     fn(R, C, packed.data_ptr(), packed.shape[1], int(out.dtype is torch.bfloat16), out.data_ptr())
     return True
+
+
+# qlora_cpu.c: quantized BGMV and embedding lookup over a qadditive pool (`adapters.qadditive`)
+_QPOOL_ARGS = [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]  # bits .. bbias, idx, null_row
+_QLORA_ARGS = {"qlora_bgmv": [_I64] * 5 + [_PTR, _I64, _PTR, _I64, _I64] + _QPOOL_ARGS,  # n in out R G, x sx y sy bf16
+               "qlora_embed": [_I64] * 5 + [_PTR, _PTR, _I64, _I64] + _QPOOL_ARGS}  # n H V R G, ids y sy bf16
+QLORA_ALIGN = 64  # in, out and the group size must be multiples of this (the widest vector block: 3-bit, 64 codes)
+_QPOOL = {"bits": torch.uint8, "aoff": torch.int64, "boff": torch.int64, "data": torch.uint8,
+          "ascale": torch.float32, "abias": torch.float32, "bscale": torch.float32, "bbias": torch.float32}
+
+
+@cache
+def qlora(name: str):
+    """qlora_cpu.c's `qlora_bgmv` or `qlora_embed`, or None when native kernels are unavailable."""
+    return _function("qlora_cpu", name, _QLORA_ARGS[name])
+
+
+@cache
+def qlora_path() -> str | None:
+    """Which path this CPU's build of qlora_cpu.c took: 'avx2' or 'portable' (None: no kernel)."""
+    fn = _function("qlora_cpu", "qlora_path", [], ctypes.c_int)
+    return None if fn is None else {2: "avx2", 0: "portable"}[fn()]
+
+
+class BoundQBgmv:
+    """qlora_cpu.c bound to one qadditive pool module's tensors (S slots; shapes in `adapters.qadditive`, with a
+    slot dimension first and at least `DATA_PAD` bytes of data after a slot's rows): `in_f`, `out_f` the module's
+    (for a table: H, V), `group` the pool's group size. The pool side is checked once here."""
+
+    __slots__ = ("bgmv", "embed", "t", "in_f", "out_f", "R", "group", "static")
+
+    def __init__(self, t: dict[str, torch.Tensor], in_f: int, out_f: int, group: int):
+        self.bgmv, self.embed, self.t = qlora("qlora_bgmv"), qlora("qlora_embed"), t
+        self.in_f, self.out_f, self.R, self.group = in_f, out_f, t["bits"].shape[1], group
+        self.static = (t["bits"].data_ptr(), t["aoff"].data_ptr(), t["boff"].data_ptr(), t["data"].data_ptr(),
+                       t["data"].stride(0), t["ascale"].data_ptr(), t["abias"].data_ptr(), t["bscale"].data_ptr(),
+                       t["bbias"].data_ptr())
+
+    @classmethod
+    def bind(cls, t: dict[str, torch.Tensor], in_f: int, out_f: int, group: int) -> BoundQBgmv | None:
+        """None when the kernel is unavailable or the tensors do not fit its contract (dtypes, contiguous, on the
+        CPU; in, out and group multiples of `QLORA_ALIGN`)."""
+        if qlora("qlora_bgmv") is None or any(t[n].dtype is not dt or not t[n].is_contiguous() or not t[n].is_cpu
+                                              for n, dt in _QPOOL.items()):
+            return None
+        S, R = t["bits"].shape
+        gi, go = -(-in_f // max(group, 1)), -(-out_f // max(group, 1))
+        if not (group > 0 and in_f % QLORA_ALIGN == 0 and out_f % QLORA_ALIGN == 0 and group % QLORA_ALIGN == 0
+                and t["aoff"].shape == t["boff"].shape == (S, R) and t["data"].shape[0] == S
+                and t["ascale"].shape == t["abias"].shape == (S, R, gi)
+                and t["bscale"].shape == t["bbias"].shape == (S, R, go)):
+            return None
+        return cls(t, in_f, out_f, group)
+
+    def _fits(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, n: int, in_f: int, out_f: int) -> bool:
+        return (y.dtype in ACTIVATION_DTYPES and index.dtype is _I64T and y.shape[-1] == out_f
+                and y.numel() == n * out_f and x.numel() == n * in_f and y.is_contiguous() and x.is_contiguous()
+                and index.is_contiguous() and x.is_cpu and y.is_cpu and index.is_cpu)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
+        """y[i] += (x[i] @ A_k.T) @ B_k in place, k = index[i] != null_row, A_k, B_k the slot's dequantized rows.
+        x (..., in), y (..., out) of one dtype (float32 or bfloat16), contiguous; index (N,) int64. Returns False
+        (and does nothing) when the batch does not fit the contract."""
+        n = index.shape[0]
+        if not (x.dtype is y.dtype and x.shape[-1] == self.in_f and self._fits(x, y, index, n, self.in_f, self.out_f)):
+            return False
+        self.bgmv(n, self.in_f, self.out_f, self.R, self.group, x.data_ptr(), self.in_f, y.data_ptr(), self.out_f,
+                  int(y.dtype is torch.bfloat16), *self.static, index.data_ptr(), null_row)
+        return True
+
+    def embedding(self, ids: torch.Tensor, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
+        """A table (A (R, H), B (R, V): in_f = H, out_f = V): y[i] += B_k[:, ids[i]] @ A_k in place for every i with
+        k = index[i] != null_row. ids (N,) int64 token ids in [0, V); y (..., H) float32 or bfloat16, contiguous.
+        Returns False (and does nothing) when the batch does not fit the contract."""
+        n = index.shape[0]
+        if not (ids.dtype is _I64T and ids.numel() == n and ids.is_contiguous() and ids.is_cpu
+                and self._fits(ids, y, index, n, 1, self.in_f)):
+            return False
+        if n and not (int(ids.min()) >= 0 and int(ids.max()) < self.out_f):
+            return False
+        self.embed(n, self.in_f, self.out_f, self.R, self.group, ids.data_ptr(), y.data_ptr(), self.in_f,
+                   int(y.dtype is torch.bfloat16), *self.static, index.data_ptr(), null_row)
+        return True

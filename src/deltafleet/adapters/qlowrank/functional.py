@@ -1,7 +1,9 @@
 """qlowrank math: dW = sum over bands of U_b diag(S_b) V_b^T, with V_b^T (r_b, in) and U_b (out, r_b) quantized to
 the band's bit width (group-wise, `store.quantized`), or kept in fp16 for 16-bit bands; S_b (r_b,) fp16.
 Applied to activations right to left, y' = y + U (S * (V^T x)), so it is served without a dense matrix: additive,
-slot A = diag(S) V^T (R, in), B = U^T (R, out) over all bands, dequantized only when written into a slot (compact).
+slot A = diag(S) V^T (R, in), B = U^T (R, out) over all bands, dequantized only when written into a slot (compact);
+or, with U stored grouped along out, quantized as stored (`quantized_form`, the qadditive family: each band's codes
+are the slot's rows, S folded into A's group scales).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deltafleet.adapters.qadditive import QADDITIVE, QBITS, QRows, pack_module
 from deltafleet.adapters.qlowrank.config import FP16_BITS, QLowRankConfig
 from deltafleet.adapters.registry import AdapterKind, Params
 from deltafleet.adapters.serving import ADDITIVE, ServingParams
@@ -69,6 +72,34 @@ def qlowrank_factors(cfg: QLowRankConfig, params: Params, out_f: int,
     return torch.cat(Us, 1), torch.cat(Ss), torch.cat(Vts, 0)
 
 
+def _rows(params: Params, prefix: str, bits: int, r: int, columns: int, group: int, row_scale: Tensor) -> QRows:
+    """One band of A (V^T, rows scaled by S) or of B (U^T) as qadditive rows."""
+    if bits == FP16_BITS:
+        data = params[prefix].to(torch.float16).contiguous().view(torch.uint8).reshape(-1)
+        scale = row_scale[:, None].expand(r, -(-columns // group)).contiguous()
+        return QRows(bits, data, scale, torch.zeros_like(scale))
+    t = _stored(params, prefix)
+    scale = t[f"{prefix}.qscale"].float() * row_scale[:, None]
+    return QRows(bits, t[f"{prefix}.qcodes"], scale, -t[f"{prefix}.qzero"].float() * scale)
+
+
+def qlowrank_quantized(cfg: QLowRankConfig, params: Params, out_f: int, in_f: int) -> dict[str, Tensor] | None:
+    """The qadditive slot tensors of one module (`adapters.qadditive`), or None when the layout does not allow it:
+    U grouped along the rank, or a row that is not a whole number of bytes."""
+    bands = cfg.ranks(out_f, in_f)
+    if cfg.u_groups != "out" or any(b not in QBITS or (in_f * b) % 8 or (out_f * b) % 8 for b, _ in bands):
+        return None
+    a, b = [], []
+    for i, (bits, r) in enumerate(bands):
+        S = params[f"b{i}.S"].float()
+        if bits == FP16_BITS:  # U (out, r) stored as is: its rows are U^T's
+            params = {**params, f"b{i}.Ut": params[f"b{i}.U"].t()}
+        a.append(_rows(params, f"b{i}.V", bits, r, in_f, cfg.group_size, S))
+        b.append(_rows(params, f"b{i}.Ut" if bits == FP16_BITS else f"b{i}.U", bits, r, out_f, cfg.group_size,
+                       torch.ones(r)))
+    return pack_module(a, b, in_f, out_f)
+
+
 def qlowrank_apply(x: Tensor, y: Tensor, U: Tensor, S: Tensor, Vt: Tensor) -> Tensor:
     """x (..., in), y (..., out) -> y + ((x Vt^T) * S) U^T = y + U (S * (Vt x)), never forming (out, in)."""
     return y + ((x @ Vt.t().to(x.dtype)) * S.to(x.dtype)) @ U.t().to(x.dtype)
@@ -113,6 +144,13 @@ class QLowRankKind(AdapterKind):
     def serving_form(self, cfg: QLowRankConfig, params: Params) -> ServingParams:
         U, S, Vt = qlowrank_factors(cfg, params, *qlowrank_shape(cfg, params))
         return ServingParams(ADDITIVE, S.numel(), {"A": Vt * S[:, None], "B": U.t()})
+
+    def quantized_form(self, cfg: QLowRankConfig, params: Params) -> ServingParams | None:
+        out_f, in_f = qlowrank_shape(cfg, params)
+        tensors = qlowrank_quantized(cfg, params, out_f, in_f)
+        if tensors is None:
+            return None
+        return ServingParams(QADDITIVE, int(tensors["bits"].numel()), tensors, group=cfg.group_size)
 
     def check_serving(self, cfg: QLowRankConfig, params: Params) -> None:
         """The stored tensors rebuild (shapes, dtypes, zero points in range: `QuantizedMatrix.from_tensors`); once

@@ -6,7 +6,8 @@
   Every load failure, whatever its exception class, leaves the adapter FAILED with its message, logged once;
   nothing retries it (remove and add it again, or `replace` it).
 - Host memory keeps loaded serving forms in an LRU bounded by bytes; compact kinds (quantized compressed
-  deltas) are kept as stored and dequantized only when copied into a slot. Expansions staged ahead of a slot copy
+  deltas) are kept quantized: in the qadditive form when a pool of it exists (copied into a slot as they are),
+  else as stored and dequantized only when copied into a slot. Expansions staged ahead of a slot copy
   (at most MAX_STAGED) count against the same bound. Slots are reused least-recently-used
   among adapters that no running request holds.
 - A registered name points at one version (`_Entry`). `remove(name)` and `replace(name, ...)` detach that version
@@ -213,7 +214,7 @@ class AdapterManager:
 
     def _forms(self, name: str, adapter: Adapter) -> tuple[ServingForm | CompactForm, ServingForm]:
         """(host form, serving form), or DeltafleetError when no pool takes it."""
-        form, expanded = host_forms(adapter, self.dtype)
+        form, expanded = host_forms(adapter, self.dtype, frozenset(p.family for p in self.pools if p.slots))
         if not any(p.accepts(form) for p in self.pools):
             raise DeltafleetError(
                 f"adapter {name!r} ({adapter.config.kind}, {form.family} width {form.width}) fits no slot "

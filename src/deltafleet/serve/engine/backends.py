@@ -6,6 +6,7 @@ Semantics (the reference backend spells them out token by token; fast backends m
     sparse:       y[i] += x[i] @ dW(values[k_i])^T                dW in CSR over the pool's shared (cols, row_ptr)
     norm:         y[i] += x[i] * delta[k_i]                        x: the RMSNorm's normalised input (HiWi)
     embedding:    y[i] += B[k_i, :, t_i] @ A[k_i]                  a table (V, H) as A (R, H), B (R, V); t_i token id
+    qadditive:    as additive, A[k_i] and B[k_i] the slot's rows dequantized (`adapters.qadditive.dense_rows`)
 Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchanged.
 
 - `reference`: a plain loop over tokens; the oracle in tests.
@@ -21,7 +22,10 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
   Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
   Sparse is the native sparse-additive kernel (each token reads its slot's values over the shared mask), else one
   gather of inputs and values and one index_add (`adapters.pafi.functional.sparse_apply_batched`). Norm is one
-  gather and one fused multiply-add on every backend (60 norms a step, two ATen ops each).
+  gather and one fused multiply-add on every backend (60 norms a step, two ATen ops each). Qadditive is the
+  native quantized BGMV (`native/qlora_cpu.c`: rows dequantized as read, the stored bytes streamed), and its
+  tables' embedding lookup a native kernel too; else each distinct slot's rows are dequantized and applied as a
+  matmul pair.
 
 A backend applies each pool family with its own method, named per family in `Backend.appliers`; the batch layout
 looks the method up once per step and pool (`applier`), so a projection call dispatches on nothing.
@@ -37,9 +41,10 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.pafi.functional import sparse_apply, sparse_apply_batched
+from deltafleet.adapters.qadditive import QADDITIVE, dense_rows
 from deltafleet.adapters.road.functional import rotate_half_grouped
 from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SPARSE
-from deltafleet.native import BoundBgmv, BoundRoad, BoundSparse
+from deltafleet.native import BoundBgmv, BoundQBgmv, BoundRoad, BoundSparse
 from deltafleet.registry import Registry
 from deltafleet.serve.engine.pools import PoolStep
 
@@ -51,7 +56,9 @@ class Backend(ABC):
     name: str
     # pool family -> the method that applies one pool of that family to one projection (an `Applier`)
     appliers: ClassVar[dict[str, str]] = {ADDITIVE: "apply_additive", ELEMENTWISE: "apply_elementwise",
-                                          SPARSE: "apply_sparse", NORM: "apply_norm"}
+                                          SPARSE: "apply_sparse", NORM: "apply_norm", QADDITIVE: "apply_qadditive"}
+    # pool family -> the method that applies a whole fine-tune's table at the embedding lookup
+    embedders: ClassVar[dict[str, str]] = {ADDITIVE: "embed_additive", QADDITIVE: "embed_qadditive"}
 
     def applier(self, family: str) -> Applier:
         """The method applying pools of `family`: x (..., in), y (..., out) with N = prod(...) tokens -> adapted
@@ -86,13 +93,38 @@ class Backend(ABC):
         return torch.addcmul(y2, x2, tensors["delta"].index_select(0, step.index).to(y.dtype)).reshape(shape)
 
     def apply_embedding(self, ids: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
-        """ids (...) token ids, y (..., H) their embeddings; a table's rows added per member token, one matmul per
-        distinct slot: (n_k, R) coefficients B[k, :, t] @ A[k] (R, H)."""
+        """ids (...) token ids, y (..., H) their embeddings -> y plus each member token's row of its slot's table."""
+        name = self.embedders.get(step.pool.family)
+        if name is None:
+            raise ValueError(f"pool family {step.pool.family!r} holds no tables; backend {self.name!r} embeds "
+                             f"{sorted(self.embedders)}")
+        return getattr(self, name)(ids, y, tensors, step)
+
+    def embed_additive(self, ids: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
+        """One matmul per distinct slot: (n_k, R) coefficients B[k, :, t] @ A[k] (R, H)."""
+        return self._embed(ids, y, step, lambda slot: (tensors["A"][slot], tensors["B"][slot]))
+
+    def embed_qadditive(self, ids: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
+        """As `embed_additive`, each distinct slot's rows dequantized (A (R, H), B (R, V))."""
+        H, V = y.shape[-1], step.pool.cfg.vocab_size
+        return self._embed(ids, y, step, lambda slot: _dense_slot(tensors, slot, H, V, step.pool.group))
+
+    @staticmethod
+    def _embed(ids: Tensor, y: Tensor, step: PoolStep, table) -> Tensor:
         shape = y.shape
         t, out = ids.reshape(-1), y.reshape(-1, shape[-1]).clone()
-        A, B = tensors["A"], tensors["B"]
         for slot, tok in step.segments:
-            out.index_add_(0, tok, (B[slot][:, t[tok]].t().to(y.dtype) @ A[slot].to(y.dtype)))
+            A, B = table(slot)
+            out.index_add_(0, tok, (B[:, t[tok]].t().to(y.dtype) @ A.to(y.dtype)))
+        return out.reshape(shape)
+
+    def apply_qadditive(self, x: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
+        """Each distinct slot's rows dequantized, one matmul pair per slot over its tokens."""
+        shape = y.shape
+        x2, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
+        for slot, tok in step.segments:
+            A, B = _dense_slot(tensors, slot, x2.shape[-1], shape[-1], step.pool.group)
+            out = out.index_add(0, tok, (x2[tok] @ A.t().to(x.dtype)) @ B.to(x.dtype))
         return out.reshape(shape)
 
     @abstractmethod
@@ -122,12 +154,28 @@ class ReferenceBackend(Backend):
         return out
 
 
-    def apply_embedding(self, ids, y, tensors, step):
+    def embed_additive(self, ids, y, tensors, step):
+        return self._embed_tokens(ids, y, step, lambda k: (tensors["A"][k], tensors["B"][k]))
+
+    def embed_qadditive(self, ids, y, tensors, step):
+        H, V = y.shape[-1], step.pool.cfg.vocab_size
+        return self._embed_tokens(ids, y, step, lambda k: _dense_slot(tensors, k, H, V, step.pool.group))
+
+    @staticmethod
+    def _embed_tokens(ids, y, step, table):
         shape = y.shape
         t, out = ids.reshape(-1), y.reshape(-1, shape[-1]).clone()
         for i in range(out.shape[0]):
-            k = int(step.index[i])
-            out[i] = out[i] + tensors["B"][k, :, int(t[i])].to(y.dtype) @ tensors["A"][k].to(y.dtype)
+            A, B = table(int(step.index[i]))
+            out[i] = out[i] + B[:, int(t[i])].to(y.dtype) @ A.to(y.dtype)
+        return out.reshape(shape)
+
+    def apply_qadditive(self, x, y, tensors, step):
+        shape = y.shape
+        x2, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1]).clone()
+        for i in range(out.shape[0]):
+            A, B = _dense_slot(tensors, int(step.index[i]), x2.shape[-1], shape[-1], step.pool.group)
+            out[i] += (x2[i] @ A.t().to(x.dtype)) @ B.to(x.dtype)
         return out.reshape(shape)
 
     def apply_norm(self, x, y, tensors, step):
@@ -171,6 +219,24 @@ class CpuBackend(Backend):
             if kernel is not None and kernel(x.contiguous(), y, step.index, step.width, step.pool.null):
                 return y
         return super().apply_additive(x, y, tensors, step)
+
+    def apply_qadditive(self, x, y, tensors, step):
+        if self.native:
+            kernel = self._binding(tensors, lambda: BoundQBgmv.bind(tensors, x.shape[-1], y.shape[-1],
+                                                                    step.pool.group))
+            if kernel is not None and kernel(x.contiguous(), y, step.index, step.pool.null):
+                return y
+        return super().apply_qadditive(x, y, tensors, step)
+
+    def embed_qadditive(self, ids, y, tensors, step):
+        if self.native:
+            H, V = y.shape[-1], step.pool.cfg.vocab_size
+            kernel = self._binding(tensors, lambda: BoundQBgmv.bind(tensors, H, V, step.pool.group))
+            out = y.contiguous().clone()
+            if kernel is not None and kernel.embedding(ids.reshape(-1).contiguous(), out, step.index,
+                                                       step.pool.null):
+                return out
+        return super().embed_qadditive(ids, y, tensors, step)
 
     def apply_elementwise(self, x, y, tensors, step):
         if self.native:
@@ -244,6 +310,11 @@ class CpuBackend(Backend):
 
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _dense_slot(tensors: dict[str, Tensor], slot: int, in_f: int, out_f: int, group: int) -> tuple[Tensor, Tensor]:
+    """A (r, in), B (r, out) fp32 of one slot of a qadditive pool module (`adapters.qadditive.dense_rows`)."""
+    return dense_rows({n: t[slot] for n, t in tensors.items()}, in_f, out_f, group)
 
 
 def _grouped_mm_works() -> bool:

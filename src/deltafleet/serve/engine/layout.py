@@ -120,6 +120,7 @@ class BatchLayout:
                 T = self.tokens_per_row
                 rows = [self.rows[i // T] for i in logits_index.tolist()]
                 sub = next((s for s in BatchLayout.build(rows, 1).pool_steps if s.pool is st.pool), None)
-            width = st.pool.tensors[(MODEL_LAYER, "lm_head")]["A"].shape[1]
+            table = st.pool.tensors[(MODEL_LAYER, "lm_head")]
+            width = (table["A"] if "A" in table else table["bits"]).shape[1]  # additive or qadditive rows
             cache[id(st)] = None if sub is None else replace(sub, width=width)
         return cache[id(st)]

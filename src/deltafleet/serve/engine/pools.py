@@ -9,7 +9,8 @@ admin call freeing a slot): the pool's tensors are inference tensors, read by fo
 `no_grad`.
 
 Shapes: additive A (n+1, R_max, in), B (n+1, R_max, out) (a table: in = H, out = V; a whole fine-tune's norm
-gain delta (n+1, H)); elementwise c, s (n+1, out); sparse values (n+1, nnz)
+gain delta (n+1, H)); qadditive the tensors of `adapters.qadditive` with a slot dimension first, R_max rows and
+data (n+1, D_max + DATA_PAD); elementwise c, s (n+1, out); sparse values (n+1, nnz)
 with the pool's one mask per projection, cols (nnz,) and row_ptr (out+1,) (PaFi: the mask of the base); norm delta
 (n+1, H) per RMSNorm (HiWi).
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.adapter import ModuleKey
+from deltafleet.adapters.qadditive import DATA_PAD, QADDITIVE
 from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, GAIN, NORM, SLOT_TENSORS, SPARSE, ServingForm
 from deltafleet.models.config import MODEL_LAYER, ModelConfig
 from deltafleet.registry import Registry
@@ -163,6 +165,71 @@ class AdditivePool(Pool):
             t[slot].zero_()
 
 
+class QAdditivePool(Pool):
+    """Quantized additive adapters kept as stored (`adapters.qadditive`), of one group size: the first adapter
+    written into the empty pool sets it. A module's tensors are sized by the widest form written so far (rows,
+    data bytes; a table by its own rows): a larger one regrows them (a new tensor dict, so bound kernels rebind),
+    keeping the other slots'. The null row has no rows (bits 0)."""
+
+    family = QADDITIVE
+
+    def __init__(self, spec: PoolSpec, model_cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__(spec, model_cfg, dtype)
+        self.group = 0
+
+    @classmethod
+    def specs_for(cls, widths: list[int]) -> list[PoolSpec]:
+        return [PoolSpec(cls.family, cls.family, len(widths), max(widths))]
+
+    def accepts(self, form: ServingForm) -> bool:
+        return (form.family == QADDITIVE and form.width <= self.width
+                and (self.group in (0, form.group) or not any(self.slot_modules)))
+
+    def _allocate(self, key: ModuleKey, src: dict[str, Tensor]) -> dict[str, Tensor]:
+        if GAIN in src:
+            return {GAIN: torch.zeros(self.slots + 1, self.cfg.hidden_size, dtype=self.dtype)}
+        return self._sized(src, src["bits"].shape[0] if key[0] == MODEL_LAYER else self.width, src["data"].numel())
+
+    def _sized(self, like: dict[str, Tensor], R: int, D: int) -> dict[str, Tensor]:
+        """Zeroed tensors for every slot: R rows, D data bytes (plus the kernel's padding), groups as `like`'s."""
+        n = self.slots + 1
+        return {name: torch.zeros(n, D + DATA_PAD, dtype=t.dtype) if name == "data" else
+                torch.zeros(n, R, *t.shape[1:], dtype=t.dtype) for name, t in like.items()}
+
+    @torch.inference_mode()
+    def write(self, slot: int, form: ServingForm) -> None:
+        if not any(m for s, m in enumerate(self.slot_modules) if s != slot):
+            self.group = form.group
+        elif form.group != self.group:
+            raise ValueError(f"pool {self.name!r}: group size {form.group} differs from the pool's {self.group}")
+        for key, src in form.modules.items():
+            held = self.tensors.get(key)
+            if held is None or GAIN in src:
+                continue
+            R, D = held["bits"].shape[1], held["data"].shape[1] - DATA_PAD
+            if src["bits"].shape[0] > R or src["data"].numel() > D:
+                grown = self._sized(src, max(R, src["bits"].shape[0]), max(D, src["data"].numel()))
+                for name, t in held.items():
+                    grown[name][:, :t.shape[1]] = t
+                self.tensors[key] = grown
+        super().write(slot, form)
+
+    def _write_module(self, slot, dst, src):
+        if GAIN in dst:
+            dst[GAIN][slot] = src[GAIN]
+            return
+        r = src["bits"].shape[0]
+        for name, t in src.items():
+            if name == "data":
+                dst[name][slot, :t.numel()] = t
+            else:
+                dst[name][slot, :r] = t
+
+    def _clear_module(self, slot, dst):
+        for t in dst.values():
+            t[slot].zero_()
+
+
 class ElementwisePool(Pool):
     """RoAd-style adapters that share one group size G (= width)."""
 
@@ -278,6 +345,7 @@ def register_pool_class(cls: type[Pool]) -> type[Pool]:
 
 
 register_pool_class(AdditivePool)
+register_pool_class(QAdditivePool)
 register_pool_class(ElementwisePool)
 register_pool_class(SparsePool)
 register_pool_class(NormPool)

@@ -1,0 +1,339 @@
+/* Quantized BGMV for CPU decode: each token's compressed-delta rows are dequantized as they are read, in place from
+ * the slot pool (the compact form of Delta-CoMe's mixed-precision low-rank deltas, Ping et al. 2024, sec. 3: a
+ * delta is U diag(S) V^T with singular vectors in bands of 2/3/4/8-bit or fp16). A decode step then streams the
+ * stored bytes (2 bits a weight at 1/64) instead of an expanded bf16 copy (16 bits a weight). The reference
+ * semantics are `adapters.qadditive` (`dense_rows`) and `ReferenceBackend.apply_qadditive`.
+ *
+ * A slot k holds up to R rows; row j has bit width bits[k, j] in {2, 3, 4, 8, 16} (0: no row; rows are packed
+ * from j = 0 and a slot's first 0 ends them). Row j of A (R, in) and of B (R, out) are byte ranges of the slot's
+ * data buffer starting at aoff[k, j], boff[k, j]: little-endian bit streams of codes (`store.quantized`), or fp16
+ * values for 16. Every G columns of a row form a group with a float32 scale and bias: w = code * scale + bias
+ * (scale = fp16 scale, bias = -zero * scale; S folded into A's; fp16 rows have scale 1 or S, bias 0).
+ *
+ *     for every token i with k = idx[i] != null_row:
+ *         h[j]  = sum_c A_kj[c] * x[i, c]          for the slot's rows j
+ *         y[i] += sum_j h[j] * B_kj                (out,)
+ *
+ *   x (n, in) row stride sx, y (n, out) row stride sy (float32, or bfloat16 widened on the stack and rounded back
+ *   once); bits (S, R) uint8; aoff, boff (S, R) int64; data (S, D) uint8 row stride sd, with at least 32 bytes
+ *   after each row's end readable; ascale, abias (S, R, ceil(in / G)); bscale, bbias (S, R, ceil(out / G))
+ *   float32. Contract (checked by the caller): in, out and G multiples of 64.
+ *
+ * Embedding lookup of a table (A (R, H), B (R, V)): y[i] += sum_j B_kj[t_i] * A_kj for token ids t (n,).
+ *
+ * Vector layout (AVX2): a block is 8 lanes of L bytes each holding K codes; a lane's codes are consecutive
+ * columns, so one unpack yields K vectors of 8 codes whose columns stride by K. b = 2, 4, 8: L = 1, K = 8 / b;
+ * b = 3: L = 3, K = 8; b = 16: one fp16 per lane. Activations are permuted once per token and band into the same
+ * order (x[blk + l*K + s] -> xp[blk + s*8 + l]), so the row loops are plain loads, shifts, converts and FMAs;
+ * B rows accumulate into a permuted buffer that is added back once per band. Without AVX2 the rows are read
+ * code by code in column order. */
+#include <stdint.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define DF_AVX2 1
+#endif
+
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal: renormalise */
+        uint32_t e = 113u, m = man;
+        while (!(m & 0x400u)) { m <<= 1; e--; }
+        u = sign | (e << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* code c of a row (column order), b in {2, 3, 4, 8, 16}, as a float */
+static inline float code_at(const uint8_t *p, int b, int64_t c) {
+    if (b == 16) {
+        uint16_t h;
+        memcpy(&h, p + 2 * c, 2);
+        return f16_to_f32(h);
+    }
+    const int64_t bit = c * b;
+    const uint32_t w = (uint32_t)p[bit >> 3] | ((uint32_t)p[(bit >> 3) + 1] << 8);
+    return (float)((w >> (bit & 7)) & ((1u << b) - 1u));
+}
+
+static inline int64_t lane_codes(int b) { return b == 3 ? 8 : (b == 16 ? 1 : 8 / b); }
+
+#ifdef DF_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 lanes of one block, as 32-bit integers (b = 2, 4, 8: a byte each; 3: three bytes each) */
+static inline __m256i lanes_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+static inline __m256i lanes_u24(const uint8_t *p) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p); /* bytes 0..31; 24..31 unused (padding) */
+    const __m256i dw = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
+    const __m256i sh = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                        0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    return _mm256_shuffle_epi8(dw, sh);
+}
+
+/* One row's dot product with the permuted activation xp, and one row's update of the permuted output yp, for a
+ * bit width B_ with K_ codes a lane and LANES(p) the block's lanes; BLK_BYTES bytes a block. */
+#define DEFINE_QROW(B_, K_, BLK_BYTES, LANES)                                                         \
+static inline float qdot_b##B_(const uint8_t *p, const float *xp, const float *sc, const float *bi, \
+                                const float *xs, int64_t C, int64_t G) {                             \
+    const __m256i mask = _mm256_set1_epi32((1 << B_) - 1);                                           \
+    float total = 0.0f;                                                                              \
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {                                            \
+        const int64_t end = g0 + G < C ? g0 + G : C;                                                  \
+        __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();                                \
+        for (int64_t c = g0; c < end; c += 8 * K_) {                                                 \
+            const __m256i v = LANES(p + (c / (8 * K_)) * BLK_BYTES);                                 \
+            for (int s = 0; s < K_; s += 2) {                                                        \
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(                           \
+                          _mm256_srli_epi32(v, s * B_), mask)), _mm256_loadu_ps(xp + c + 8 * s), acc); \
+                if (s + 1 < K_)                                                                      \
+                    acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(                      \
+                               _mm256_srli_epi32(v, (s + 1) * B_), mask)),                           \
+                               _mm256_loadu_ps(xp + c + 8 * (s + 1)), acc2);                         \
+            }                                                                                        \
+        }                                                                                            \
+        total += sc[gi] * hsum8(_mm256_add_ps(acc, acc2)) + bi[gi] * xs[gi];                         \
+    }                                                                                                \
+    return total;                                                                                    \
+}                                                                                                    \
+static inline void qaxpy_b##B_(float h, const uint8_t *p, const float *sc, const float *bi, float *yp, \
+                               int64_t C, int64_t G) {                                               \
+    const __m256i mask = _mm256_set1_epi32((1 << B_) - 1);                                           \
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {                                            \
+        const int64_t end = g0 + G < C ? g0 + G : C;                                                  \
+        const __m256 hs = _mm256_set1_ps(h * sc[gi]), hb = _mm256_set1_ps(h * bi[gi]);               \
+        for (int64_t c = g0; c < end; c += 8 * K_) {                                                 \
+            const __m256i v = LANES(p + (c / (8 * K_)) * BLK_BYTES);                                 \
+            for (int s = 0; s < K_; s++) {                                                           \
+                float *o = yp + c + 8 * s;                                                           \
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(             \
+                    _mm256_srli_epi32(v, s * B_), mask)), hs, _mm256_add_ps(_mm256_loadu_ps(o), hb))); \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+}
+
+DEFINE_QROW(2, 4, 8, lanes_u8)
+DEFINE_QROW(4, 2, 8, lanes_u8)
+DEFINE_QROW(8, 1, 8, lanes_u8)
+DEFINE_QROW(3, 8, 24, lanes_u24)
+
+static inline float qdot_b16(const uint8_t *p, const float *xp, const float *sc, const float *bi, const float *xs,
+                             int64_t C, int64_t G) {
+    float total = 0.0f;
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {
+        const int64_t end = g0 + G < C ? g0 + G : C;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t c = g0; c < end; c += 8)
+            acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * c))),
+                                  _mm256_loadu_ps(xp + c), acc);
+        total += sc[gi] * hsum8(acc) + bi[gi] * xs[gi];
+    }
+    return total;
+}
+
+static inline void qaxpy_b16(float h, const uint8_t *p, const float *sc, const float *bi, float *yp, int64_t C,
+                             int64_t G) {
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {
+        const int64_t end = g0 + G < C ? g0 + G : C;
+        const __m256 hs = _mm256_set1_ps(h * sc[gi]), hb = _mm256_set1_ps(h * bi[gi]);
+        for (int64_t c = g0; c < end; c += 8) {
+            const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * c)));
+            _mm256_storeu_ps(yp + c, _mm256_fmadd_ps(w, hs, _mm256_add_ps(_mm256_loadu_ps(yp + c), hb)));
+        }
+    }
+}
+
+static inline float qdot(int b, const uint8_t *p, const float *xp, const float *sc, const float *bi,
+                         const float *xs, int64_t C, int64_t G) {
+    switch (b) {
+    case 2: return qdot_b2(p, xp, sc, bi, xs, C, G);
+    case 3: return qdot_b3(p, xp, sc, bi, xs, C, G);
+    case 4: return qdot_b4(p, xp, sc, bi, xs, C, G);
+    case 8: return qdot_b8(p, xp, sc, bi, xs, C, G);
+    default: return qdot_b16(p, xp, sc, bi, xs, C, G);
+    }
+}
+
+static inline void qaxpy(int b, float h, const uint8_t *p, const float *sc, const float *bi, float *yp, int64_t C,
+                         int64_t G) {
+    switch (b) {
+    case 2: qaxpy_b2(h, p, sc, bi, yp, C, G); break;
+    case 3: qaxpy_b3(h, p, sc, bi, yp, C, G); break;
+    case 4: qaxpy_b4(h, p, sc, bi, yp, C, G); break;
+    case 8: qaxpy_b8(h, p, sc, bi, yp, C, G); break;
+    default: qaxpy_b16(h, p, sc, bi, yp, C, G);
+    }
+}
+
+static inline int64_t layout_codes(int b) { return lane_codes(b); }
+#else
+/* Portable rows: column order (no permutation). */
+static inline float qdot(int b, const uint8_t *p, const float *xp, const float *sc, const float *bi,
+                         const float *xs, int64_t C, int64_t G) {
+    float total = 0.0f;
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {
+        const int64_t end = g0 + G < C ? g0 + G : C;
+        float acc = 0.0f;
+        for (int64_t c = g0; c < end; c++) acc += code_at(p, b, c) * xp[c];
+        total += sc[gi] * acc + bi[gi] * xs[gi];
+    }
+    return total;
+}
+
+static inline void qaxpy(int b, float h, const uint8_t *p, const float *sc, const float *bi, float *yp, int64_t C,
+                         int64_t G) {
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {
+        const int64_t end = g0 + G < C ? g0 + G : C;
+        const float hs = h * sc[gi], hb = h * bi[gi];
+        for (int64_t c = g0; c < end; c++) yp[c] += code_at(p, b, c) * hs + hb;
+    }
+}
+
+static inline int64_t layout_codes(int b) { (void)b; return 1; }
+#endif
+
+/* x (n,) column order -> xp in the unpack order of K codes a lane (K = 1: a copy) */
+static void permute(const float *x, float *xp, int64_t n, int64_t K) {
+    if (K == 1) {
+        memcpy(xp, x, (size_t)n * sizeof *x);
+        return;
+    }
+    for (int64_t blk = 0; blk < n; blk += 8 * K)
+        for (int64_t l = 0; l < 8; l++)
+            for (int64_t s = 0; s < K; s++) xp[blk + s * 8 + l] = x[blk + l * K + s];
+}
+
+static void unpermute_add(const float *yp, float *y, int64_t n, int64_t K) {
+    if (K == 1) {
+        for (int64_t c = 0; c < n; c++) y[c] += yp[c];
+        return;
+    }
+    for (int64_t blk = 0; blk < n; blk += 8 * K)
+        for (int64_t l = 0; l < 8; l++)
+            for (int64_t s = 0; s < K; s++) y[blk + l * K + s] += yp[blk + s * 8 + l];
+}
+
+/* y (C,) += sum over rows j0 <= j < j1 of h[j] * row_j, rows taken band by band (equal bit widths are adjacent) */
+static void rows_axpy(const uint8_t *bits, const int64_t *off, const uint8_t *data, const float *sc, const float *bi,
+                      int64_t ng, const float *h, int64_t nrows, float *y, float *yp, int64_t C, int64_t G) {
+    for (int64_t j = 0; j < nrows;) {
+        const int b = bits[j];
+        const int64_t K = layout_codes(b);
+        memset(yp, 0, (size_t)C * sizeof *yp);
+        for (; j < nrows && bits[j] == b; j++) qaxpy(b, h[j], data + off[j], sc + j * ng, bi + j * ng, yp, C, G);
+        unpermute_add(yp, y, C, K);
+    }
+}
+
+static inline int64_t rows_of(const uint8_t *bits, int64_t R) {
+    int64_t r = 0;
+    while (r < R && bits[r]) r++;
+    return r;
+}
+
+static inline void widen(const void *src, int is_bf16, float *dst, int64_t n) {
+    if (is_bf16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_f32(s[j]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static inline void narrow(const float *src, void *dst, int is_bf16, int64_t n) {
+    if (is_bf16) {
+        uint16_t *d = (uint16_t *)dst;
+        for (int64_t j = 0; j < n; j++) d[j] = f32_to_bf16(src[j]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* x_bf16 / y_bf16: whether x, y are bfloat16 (else float32) */
+void qlora_bgmv(int64_t n, int64_t in_f, int64_t out_f, int64_t R, int64_t G, const void *x, int64_t sx, void *y,
+                int64_t sy, int64_t act_bf16, const uint8_t *bits, const int64_t *aoff, const int64_t *boff,
+                const uint8_t *data, int64_t sd, const float *ascale, const float *abias, const float *bscale,
+                const float *bbias, const int64_t *idx, int64_t null_row) {
+    const int64_t gin = (in_f + G - 1) / G, gout = (out_f + G - 1) / G, esz = act_bf16 ? 2 : 4;
+    _Pragma("omp parallel for schedule(dynamic, 1) if (n > 1)")
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t k = idx[i];
+        if (k == null_row) continue;
+        const uint8_t *bk = bits + k * R;
+        const int64_t nrows = rows_of(bk, R);
+        if (nrows == 0) continue;
+        float xf[in_f], xp[in_f], xs[gin], h[nrows], yf[out_f], yp[out_f];
+        widen((const char *)x + i * sx * esz, (int)act_bf16, xf, in_f);
+        for (int64_t g = 0; g < gin; g++) {
+            float s = 0.0f;
+            for (int64_t c = g * G; c < in_f && c < (g + 1) * G; c++) s += xf[c];
+            xs[g] = s;
+        }
+        const uint8_t *dk = data + k * sd;
+        const float *as = ascale + k * R * gin, *ab = abias + k * R * gin;
+        int64_t K = -1;
+        for (int64_t j = 0; j < nrows; j++) {
+            const int b = bk[j];
+            if (layout_codes(b) != K) {
+                K = layout_codes(b);
+                permute(xf, xp, in_f, K);
+            }
+            h[j] = qdot(b, dk + aoff[k * R + j], xp, as + j * gin, ab + j * gin, xs, in_f, G);
+        }
+        void *yi = (char *)y + i * sy * esz;
+        widen(yi, (int)act_bf16, yf, out_f);
+        rows_axpy(bk, boff + k * R, dk, bscale + k * R * gout, bbias + k * R * gout, gout, h, nrows, yf, yp, out_f, G);
+        narrow(yf, yi, (int)act_bf16, out_f);
+    }
+}
+
+void qlora_embed(int64_t n, int64_t H, int64_t V, int64_t R, int64_t G, const int64_t *ids, void *y, int64_t sy,
+                 int64_t act_bf16, const uint8_t *bits, const int64_t *aoff, const int64_t *boff,
+                 const uint8_t *data, int64_t sd, const float *ascale, const float *abias, const float *bscale,
+                 const float *bbias, const int64_t *idx, int64_t null_row) {
+    const int64_t gh = (H + G - 1) / G, gv = (V + G - 1) / G, esz = act_bf16 ? 2 : 4;
+    _Pragma("omp parallel for schedule(dynamic, 1) if (n > 1)")
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t k = idx[i];
+        if (k == null_row) continue;
+        const uint8_t *bk = bits + k * R;
+        const int64_t nrows = rows_of(bk, R), t = ids[i], g = t / G;
+        if (nrows == 0) continue;
+        const uint8_t *dk = data + k * sd;
+        float coef[nrows], yf[H], yp[H];
+        for (int64_t j = 0; j < nrows; j++)
+            coef[j] = code_at(dk + boff[k * R + j], bk[j], t) * bscale[(k * R + j) * gv + g] + bbias[(k * R + j) * gv + g];
+        void *yi = (char *)y + i * sy * esz;
+        widen(yi, (int)act_bf16, yf, H);
+        rows_axpy(bk, aoff + k * R, dk, ascale + k * R * gh, abias + k * R * gh, gh, coef, nrows, yf, yp, H, G);
+        narrow(yf, yi, (int)act_bf16, H);
+    }
+}
+
+/* 2: AVX2 row loops, 0: portable */
+int qlora_path(void) {
+#ifdef DF_AVX2
+    return 2;
+#else
+    return 0;
+#endif
+}

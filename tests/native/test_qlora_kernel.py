@@ -1,0 +1,161 @@
+"""The native quantized BGMV (`native/qlora_cpu.c`) against its reference (`adapters.qadditive.dense_rows`, then the
+additive formula in fp32): bands of every supported bit width in one slot, slots of different row counts, the null
+row and empty slots untouched, fp32 and bf16 activations, the table's embedding lookup, the portable build; and the
+qlowrank kind's quantized form equal to its expanded serving form."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from deltafleet import native
+from deltafleet.adapters.qadditive import DATA_PAD, QBITS, dense_rows
+from deltafleet.adapters.qlowrank import QLowRankConfig
+from deltafleet.adapters.qlowrank.functional import QLowRankKind, qlowrank_factors
+from tests.conftest import assert_close
+
+IN, OUT, G = 192, 320, 64
+PLANS = [((16, 2), (8, 3), (4, 2), (3, 4), (2, 5)), ((2, 9),), ((3, 1), (2, 1))]
+
+
+def _pool(plans, in_f=IN, out_f=OUT, group=G, seed=0):
+    """A qadditive pool module holding one random qlowrank delta per plan (slot s = plan s), one empty slot and the
+    null row last."""
+    kind, g = QLowRankKind(), torch.Generator().manual_seed(seed)
+    forms = []
+    for plan in plans:
+        cfg = QLowRankConfig(targets=("q_proj",), bands=((f"{out_f}x{in_f}", plan),), group_size=group,
+                             u_groups="out")
+        forms.append(kind.quantized_form(cfg, kind.init_params(cfg, out_f, in_f, identity=False, generator=g)))
+    S, R = len(forms) + 2, max(f.width for f in forms) + 3
+    D = max(f.tensors["data"].numel() for f in forms) + DATA_PAD
+    gi, go = -(-in_f // group), -(-out_f // group)
+    pool = {"bits": torch.zeros(S, R, dtype=torch.uint8), "aoff": torch.zeros(S, R, dtype=torch.int64),
+            "boff": torch.zeros(S, R, dtype=torch.int64), "data": torch.zeros(S, D, dtype=torch.uint8),
+            "ascale": torch.zeros(S, R, gi), "abias": torch.zeros(S, R, gi), "bscale": torch.zeros(S, R, go),
+            "bbias": torch.zeros(S, R, go)}
+    for s, f in enumerate(forms):
+        r = f.width
+        for name, t in f.tensors.items():
+            if name == "data":
+                pool[name][s, :t.numel()] = t
+            else:
+                pool[name][s, :r] = t
+    return pool, S - 1  # the last row is the null row
+
+
+def _dense(pool, k, in_f=IN, out_f=OUT, group=G):
+    return dense_rows({n: t[k] for n, t in pool.items()}, in_f, out_f, group)
+
+
+def _reference(pool, x, y, index, null):
+    out = y.float().clone()
+    for i, k in enumerate(index.tolist()):
+        if k != null:
+            A, B = _dense(pool, k)
+            out[i] += (x[i].float() @ A.T) @ B
+    return out
+
+
+def test_kernel_builds_here():
+    assert native.qlora("qlora_bgmv") is not None and native.qlora_path() in ("avx2", "portable")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qbgmv_matches_the_dequantized_reference(dtype):
+    pool, null = _pool(PLANS)
+    kernel = native.BoundQBgmv.bind(pool, IN, OUT, G)
+    g = torch.Generator().manual_seed(1)
+    index = torch.tensor([0, 1, null, 2, 0, 3, 2, 1, null, 0, 1])  # slot 3 is empty
+    x = torch.randn(len(index), IN, generator=g).to(dtype)
+    y = torch.randn(len(index), OUT, generator=g).to(dtype)
+    want = _reference(pool, x, y, index, null)
+    got = y.clone()
+    assert kernel(x, got, index, null)
+    untouched = (index == null) | (index == 3)
+    assert torch.equal(got[untouched], y[untouched])
+    op = "reordered" if dtype is torch.float32 else "rounded"
+    assert_close(got.float(), want, op, dtype, k=IN * 16, scale=float(want.abs().max()))
+    assert not torch.equal(got[~untouched], y[~untouched])
+
+
+def test_every_bit_width_alone():
+    for bits in QBITS:
+        pool, null = _pool([((bits, 3),)], seed=bits)
+        x, y = torch.randn(2, IN), torch.randn(2, OUT)
+        index = torch.tensor([0, null])
+        got = y.clone()
+        assert native.BoundQBgmv.bind(pool, IN, OUT, G)(x, got, index, null)
+        assert_close(got, _reference(pool, x, y, index, null), "reordered", k=IN, msg=f"{bits} bits")
+
+
+def test_embedding_lookup_matches_the_reference():
+    pool, null = _pool(PLANS, seed=2)  # a table: H = IN, V = OUT
+    kernel = native.BoundQBgmv.bind(pool, IN, OUT, G)
+    index = torch.tensor([1, 0, null, 2, 0])
+    ids = torch.tensor([5, OUT - 1, 7, 0, 63])
+    y = torch.randn(5, IN)
+    want = y.clone()
+    for i, k in enumerate(index.tolist()):
+        if k != null:
+            A, B = _dense(pool, k)
+            want[i] += B[:, ids[i]] @ A
+    got = y.clone()
+    assert kernel.embedding(ids, got, index, null)
+    assert_close(got, want, "reordered", k=16)
+    assert not kernel.embedding(torch.tensor([0, 1, 2, 3, OUT]), y.clone(), index, null)  # an id past the table
+
+
+def test_contract_violations_fall_back():
+    pool, null = _pool(PLANS)
+    assert native.BoundQBgmv.bind(pool, IN, OUT, 32) is None  # group not a multiple of 64
+    assert native.BoundQBgmv.bind(pool, IN + 8, OUT, G) is None  # scales disagree with in
+    assert native.BoundQBgmv.bind({**pool, "ascale": pool["ascale"].double()}, IN, OUT, G) is None
+    kernel = native.BoundQBgmv.bind(pool, IN, OUT, G)
+    y = torch.zeros(2, OUT)
+    assert not kernel(torch.randn(2, IN + 1), y, torch.tensor([0, 1]), null)  # x of the wrong width
+    assert not kernel(torch.randn(2, IN).bfloat16(), y, torch.tensor([0, 1]), null)  # dtypes differ
+    assert torch.equal(y, torch.zeros(2, OUT))
+
+
+def test_quantized_form_equals_the_expanded_factors():
+    kind, g = QLowRankKind(), torch.Generator().manual_seed(3)
+    cfg = QLowRankConfig(targets=("q_proj",), bands=((f"{OUT}x{IN}", PLANS[0]),), group_size=G, u_groups="out")
+    params = kind.init_params(cfg, OUT, IN, identity=False, generator=g)
+    A, B = dense_rows(kind.quantized_form(cfg, params).tensors, IN, OUT, G)
+    U, S, Vt = qlowrank_factors(cfg, params, OUT, IN)
+    assert_close(A, Vt * S[:, None], "rounded")  # S folded into the group scales: one fp32 rounding
+    assert_close(B, U.t(), "exact")
+    rank_grouped = QLowRankConfig(targets=("q_proj",), bands=cfg.bands, group_size=G, u_groups="rank")
+    assert kind.quantized_form(rank_grouped, kind.init_params(rank_grouped, OUT, IN, identity=False,
+                                                              generator=g)) is None
+
+
+def test_portable_build_matches_the_native_one(tmp_path):
+    """The plain-loop build (no AVX2/FMA/F16C) computes what this machine's build computes."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the portable flags below are x86-64's")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
+    so = tmp_path / "portable.so"
+    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "qlora_cpu.c"), "-o", str(so)], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.qlora_path.restype = ctypes.c_int
+    assert lib.qlora_path() == 0
+    fn = lib.qlora_bgmv
+    fn.argtypes = native._QLORA_ARGS["qlora_bgmv"]
+    pool, null = _pool(PLANS, seed=4)
+    index = torch.tensor([2, 0, null, 1])
+    x, y = torch.randn(4, IN), torch.randn(4, OUT)
+    got, want = y.clone(), y.clone()
+    t = pool
+    fn(4, IN, OUT, t["bits"].shape[1], G, x.data_ptr(), IN, got.data_ptr(), OUT, 0, t["bits"].data_ptr(),
+       t["aoff"].data_ptr(), t["boff"].data_ptr(), t["data"].data_ptr(), t["data"].stride(0), t["ascale"].data_ptr(),
+       t["abias"].data_ptr(), t["bscale"].data_ptr(), t["bbias"].data_ptr(), index.data_ptr(), null)
+    assert native.BoundQBgmv.bind(pool, IN, OUT, G)(x, want, index, null)
+    assert_close(got, want, "reordered", k=IN * 16, scale=float(want.abs().max()))

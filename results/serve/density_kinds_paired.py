@@ -1,4 +1,4 @@
-"""Decode at batch 32 with every tenant resident (64 delta slots: the `ft` and `delta` sets both stay in theirs), per adapter kind, relative to the base alone: the cases
+"""Decode at batch 32 with every tenant resident (64 qdelta slots, compressed tenants kept quantized as stored: the `ft` and `delta` sets both stay in theirs), per adapter kind, relative to the base alone: the cases
 interleaved, 3 rounds, medians (README: Tenant density). Needs the tenants `deltafleet bench density` writes
 (`ft`: whole fine-tunes with table and gains); `delta-NNNN` directories, projection-only compressed tenants that
 earlier versions of the bench wrote, are measured too when present."""
@@ -10,7 +10,7 @@ from deltafleet.bench.density import kind_configs, tenant_names
 model, path = load_model("smollm2-135m", dtype=torch.bfloat16)
 kc = kind_configs(model.config, 1/64)
 rank = max(sum(r for _, r in kc["ft"].ranks(*model.config.linear_shape(p))) for p in ("q_proj", "k_proj", "gate_proj", "down_proj"))
-e = Engine(model, load_tokenizer(path), EngineConfig(dtype="bfloat16", max_batch=32, max_model_len=80, lora_slots=32, road_slots=32, delta_slots=64, max_delta_rank=rank, pafi_slots=0, hiwi_slots=0))
+e = Engine(model, load_tokenizer(path), EngineConfig(dtype="bfloat16", max_batch=32, max_model_len=80, lora_slots=32, road_slots=32, delta_slots=0, qdelta_slots=64, max_delta_rank=rank, pafi_slots=0, hiwi_slots=0))
 root = Path.home() / ".cache/deltafleet/density-tenants"
 names = tenant_names(96)
 for n, k in names: e.adapters.add(n, root / n)

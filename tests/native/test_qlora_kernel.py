@@ -84,11 +84,29 @@ def test_qbgmv_matches_the_dequantized_reference(dtype):
     assert not torch.equal(got[~untouched], y[~untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runs_of_one_slot_match_the_reference(dtype):
+    """Consecutive tokens of one slot (prefill) share each row's dequantization: runs of 1 to 21 tokens (past the
+    kernel's run length of 16), the null row and the empty slot between them."""
+    pool, null = _pool(PLANS, seed=5)
+    index = torch.tensor([0] * 21 + [1] * 3 + [null] * 2 + [2] + [3] * 2 + [1] * 17 + [0])
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(len(index), IN, generator=g).to(dtype)
+    y = torch.randn(len(index), OUT, generator=g).to(dtype)
+    got = y.clone()
+    assert native.BoundQBgmv.bind(pool, IN, OUT, G)(x, got, index, null)
+    want = _reference(pool, x, y, index, null)
+    op = "reordered" if dtype is torch.float32 else "rounded"
+    assert_close(got.float(), want, op, dtype, k=IN * 16, scale=float(want.abs().max()))
+    untouched = (index == null) | (index == 3)
+    assert torch.equal(got[untouched], y[untouched])
+
+
 def test_every_bit_width_alone():
     for bits in QBITS:
         pool, null = _pool([((bits, 3),)], seed=bits)
-        x, y = torch.randn(2, IN), torch.randn(2, OUT)
-        index = torch.tensor([0, null])
+        x, y = torch.randn(4, IN), torch.randn(4, OUT)
+        index = torch.tensor([0, null, 0, 0])  # one token, then a run of two
         got = y.clone()
         assert native.BoundQBgmv.bind(pool, IN, OUT, G)(x, got, index, null)
         assert_close(got, _reference(pool, x, y, index, null), "reordered", k=IN, msg=f"{bits} bits")
@@ -150,11 +168,11 @@ def test_portable_build_matches_the_native_one(tmp_path):
     fn = lib.qlora_bgmv
     fn.argtypes = native._QLORA_ARGS["qlora_bgmv"]
     pool, null = _pool(PLANS, seed=4)
-    index = torch.tensor([2, 0, null, 1])
-    x, y = torch.randn(4, IN), torch.randn(4, OUT)
+    index = torch.tensor([2, 0, null, 1, 1, 1])
+    x, y = torch.randn(6, IN), torch.randn(6, OUT)
     got, want = y.clone(), y.clone()
     t = pool
-    fn(4, IN, OUT, t["bits"].shape[1], G, x.data_ptr(), IN, got.data_ptr(), OUT, 0, t["bits"].data_ptr(),
+    fn(6, IN, OUT, t["bits"].shape[1], G, x.data_ptr(), IN, got.data_ptr(), OUT, 0, t["bits"].data_ptr(),
        t["aoff"].data_ptr(), t["boff"].data_ptr(), t["data"].data_ptr(), t["data"].stride(0), t["ascale"].data_ptr(),
        t["abias"].data_ptr(), t["bscale"].data_ptr(), t["bbias"].data_ptr(), index.data_ptr(), null)
     assert native.BoundQBgmv.bind(pool, IN, OUT, G)(x, want, index, null)

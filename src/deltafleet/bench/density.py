@@ -137,10 +137,11 @@ def _run(engine: Engine, requests: list[Request], base: bool, clients: int) -> t
 
 def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
     model, path = load_model(cfg.base, dtype=getattr(torch, cfg.dtype))
+    ft = kind_configs(model.config, cfg.ratio)["ft"]
+    rows = max(sum(r for _, r in ft.ranks(*model.config.linear_shape(p))) for p in PROJECTIONS)
     ecfg = EngineConfig(dtype=cfg.dtype, max_batch=cfg.batch, max_model_len=cfg.prompt_len + cfg.max_tokens + 8,
-                        lora_slots=cfg.slots, max_lora_rank=16, road_slots=cfg.slots, delta_slots=cfg.slots,
-                        max_delta_rank=max(sum(r for _, r in kind_configs(model.config, cfg.ratio)["ft"].ranks(
-                                           *model.config.linear_shape(p))) for p in PROJECTIONS),
+                        lora_slots=cfg.slots, max_lora_rank=16, road_slots=cfg.slots, delta_slots=0,
+                        qdelta_slots=cfg.slots, max_delta_rank=rows,
                         pafi_slots=0, hiwi_slots=0, host_cache_bytes=int(cfg.host_cache_gb * 2**30),
                         loader_threads=cfg.loader_threads)
     try:

@@ -25,7 +25,8 @@
  * each token reads its A rows, then its B rows, one row after another (one sequential stream per matrix, not
  * several interleaved ones), prefetching PREFETCH_AHEAD bytes ahead of the read position and, before a token's
  * work starts, the heads of the streams that come next (its B, the next token's A), which no hardware
- * prefetcher can predict. With AVX2 + FMA the row loops are written with intrinsics (four independent
+ * prefetcher can predict. Tokens are handed to threads one at a time (dynamic): a pool's members are often one
+ * contiguous run of the batch (a mixed batch's LoRA rows, say), which a static split would give to one thread. With AVX2 + FMA the row loops are written with intrinsics (four independent
  * accumulators); otherwise they are plain loops left to the compiler. Tokens are independent: the loop over
  * them runs on OpenMP threads (torch's own runtime when loaded by it); RoAd only from ROAD_PARALLEL_MIN outputs
  * per call, below which a thread fork costs more than the work. */
@@ -156,7 +157,7 @@ void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                    
           const X *x, int64_t sx, X *y, int64_t sy,                                                  \
           const W *A, int64_t sa0, int64_t sa1, const W *B, int64_t sb0, int64_t sb1,                \
           const int64_t *idx, int64_t null_row) {                                                    \
-    _Pragma("omp parallel for schedule(static) if (n > 1)")                                          \
+    _Pragma("omp parallel for schedule(dynamic, 1) if (n > 1)")                                      \
     for (int64_t i = 0; i < n; i++) {                                                                \
         const int64_t k = idx[i];                                                                    \
         if (k == null_row) continue;                                                                 \

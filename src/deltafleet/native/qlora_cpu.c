@@ -26,8 +26,12 @@
  * b = 3: L = 3, K = 8; b = 16: one fp16 per lane. Activations are permuted once per token and band into the same
  * order (x[blk + l*K + s] -> xp[blk + s*8 + l]), so the row loops are plain loads, shifts, converts and FMAs;
  * B rows accumulate into a permuted buffer that is added back once per band. Without AVX2 the rows are read
- * code by code in column order. */
+ * code by code in column order.
+ *
+ * Consecutive tokens of one slot (a prefill chunk's rows) form runs of up to QRUN_MAX tokens: each row is then
+ * dequantized once into a float buffer and applied to every token of the run, instead of once per token. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -136,6 +140,48 @@ DEFINE_QROW(4, 2, 8, lanes_u8)
 DEFINE_QROW(8, 1, 8, lanes_u8)
 DEFINE_QROW(3, 8, 24, lanes_u24)
 
+/* One row dequantized into w (C,) in the permuted order of its bit width (the order of xp, yp). */
+#define DEFINE_QDEQ(B_, K_, BLK_BYTES, LANES)                                                         \
+static inline void qdeq_b##B_(const uint8_t *p, const float *sc, const float *bi, float *w, int64_t C, \
+                              int64_t G) {                                                           \
+    const __m256i mask = _mm256_set1_epi32((1 << B_) - 1);                                           \
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {                                            \
+        const int64_t end = g0 + G < C ? g0 + G : C;                                                  \
+        const __m256 vs = _mm256_set1_ps(sc[gi]), vb = _mm256_set1_ps(bi[gi]);                       \
+        for (int64_t c = g0; c < end; c += 8 * K_) {                                                 \
+            const __m256i v = LANES(p + (c / (8 * K_)) * BLK_BYTES);                                 \
+            for (int s = 0; s < K_; s++)                                                             \
+                _mm256_storeu_ps(w + c + 8 * s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(  \
+                    _mm256_srli_epi32(v, s * B_), mask)), vs, vb));                                  \
+        }                                                                                            \
+    }                                                                                                \
+}
+
+DEFINE_QDEQ(2, 4, 8, lanes_u8)
+DEFINE_QDEQ(4, 2, 8, lanes_u8)
+DEFINE_QDEQ(8, 1, 8, lanes_u8)
+DEFINE_QDEQ(3, 8, 24, lanes_u24)
+
+static inline void qdeq_b16(const uint8_t *p, const float *sc, const float *bi, float *w, int64_t C, int64_t G) {
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {
+        const int64_t end = g0 + G < C ? g0 + G : C;
+        const __m256 vs = _mm256_set1_ps(sc[gi]), vb = _mm256_set1_ps(bi[gi]);
+        for (int64_t c = g0; c < end; c += 8)
+            _mm256_storeu_ps(w + c, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * c))),
+                                                    vs, vb));
+    }
+}
+
+static inline void qdeq(int b, const uint8_t *p, const float *sc, const float *bi, float *w, int64_t C, int64_t G) {
+    switch (b) {
+    case 2: qdeq_b2(p, sc, bi, w, C, G); break;
+    case 3: qdeq_b3(p, sc, bi, w, C, G); break;
+    case 4: qdeq_b4(p, sc, bi, w, C, G); break;
+    case 8: qdeq_b8(p, sc, bi, w, C, G); break;
+    default: qdeq_b16(p, sc, bi, w, C, G);
+    }
+}
+
 static inline float qdot_b16(const uint8_t *p, const float *xp, const float *sc, const float *bi, const float *xs,
                              int64_t C, int64_t G) {
     float total = 0.0f;
@@ -208,6 +254,10 @@ static inline void qaxpy(int b, float h, const uint8_t *p, const float *sc, cons
     }
 }
 
+static inline void qdeq(int b, const uint8_t *p, const float *sc, const float *bi, float *w, int64_t C, int64_t G) {
+    for (int64_t c = 0; c < C; c++) w[c] = code_at(p, b, c) * sc[c / G] + bi[c / G];
+}
+
 static inline int64_t layout_codes(int b) { (void)b; return 1; }
 #endif
 
@@ -268,41 +318,118 @@ static inline void narrow(const float *src, void *dst, int is_bf16, int64_t n) {
     }
 }
 
-/* x_bf16 / y_bf16: whether x, y are bfloat16 (else float32) */
+/* One token: rows dequantized as they are streamed (a decode step's case: each row is read once). */
+static void qtoken(int64_t in_f, int64_t out_f, int64_t G, int64_t gin, int64_t gout, const void *xi, void *yi,
+                   int act_bf16, const uint8_t *bk, int64_t nrows, const int64_t *ao, const int64_t *bo,
+                   const uint8_t *dk, const float *as, const float *ab, const float *bs, const float *bb) {
+    float xf[in_f], xp[in_f], xs[gin], h[nrows], yf[out_f], yp[out_f];
+    widen(xi, act_bf16, xf, in_f);
+    for (int64_t g = 0; g < gin; g++) {
+        float s = 0.0f;
+        for (int64_t c = g * G; c < in_f && c < (g + 1) * G; c++) s += xf[c];
+        xs[g] = s;
+    }
+    int64_t K = -1;
+    for (int64_t j = 0; j < nrows; j++) {
+        const int b = bk[j];
+        if (layout_codes(b) != K) {
+            K = layout_codes(b);
+            permute(xf, xp, in_f, K);
+        }
+        h[j] = qdot(b, dk + ao[j], xp, as + j * gin, ab + j * gin, xs, in_f, G);
+    }
+    widen(yi, act_bf16, yf, out_f);
+    rows_axpy(bk, bo, dk, bs, bb, gout, h, nrows, yf, yp, out_f, G);
+    narrow(yf, yi, act_bf16, out_f);
+}
+
+/* m > 1 consecutive tokens of one slot (a prefill chunk's): each row dequantized once into w, then applied to every
+ * token of the run, in the row's permuted order (activations permuted per band, outputs added back per band). */
+static void qrun(int64_t m, int64_t in_f, int64_t out_f, int64_t G, int64_t gin, int64_t gout, const char *x0,
+                 char *y0, int64_t esz, int act_bf16, const uint8_t *bk, int64_t nrows, const int64_t *ao,
+                 const int64_t *bo, const uint8_t *dk, const float *as, const float *ab, const float *bs,
+                 const float *bb) {
+    const int64_t wn = in_f > out_f ? in_f : out_f;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(m * (2 * in_f + 2 * out_f + nrows) + wn));
+    if (buf == NULL) { /* out of memory: one token at a time needs no heap */
+        for (int64_t t = 0; t < m; t++)
+            qtoken(in_f, out_f, G, gin, gout, x0 + t * in_f * esz, y0 + t * out_f * esz, act_bf16, bk, nrows, ao, bo,
+                   dk, as, ab, bs, bb);
+        return;
+    }
+    float *xf = buf, *xp = xf + m * in_f, *yf = xp + m * in_f, *yp = yf + m * out_f, *h = yp + m * out_f,
+          *w = h + m * nrows;
+    for (int64_t t = 0; t < m; t++) widen(x0 + t * in_f * esz, act_bf16, xf + t * in_f, in_f);
+    int64_t K = -1;
+    for (int64_t j = 0; j < nrows; j++) {
+        const int b = bk[j];
+        if (layout_codes(b) != K) {
+            K = layout_codes(b);
+            for (int64_t t = 0; t < m; t++) permute(xf + t * in_f, xp + t * in_f, in_f, K);
+        }
+        qdeq(b, dk + ao[j], as + j * gin, ab + j * gin, w, in_f, G);
+        for (int64_t t = 0; t < m; t++) {
+            const float *xt = xp + t * in_f;
+            float acc = 0.0f;
+            for (int64_t c = 0; c < in_f; c++) acc += w[c] * xt[c];
+            h[t * nrows + j] = acc;
+        }
+    }
+    for (int64_t t = 0; t < m; t++) widen(y0 + t * out_f * esz, act_bf16, yf + t * out_f, out_f);
+    for (int64_t j = 0; j < nrows;) {
+        const int b = bk[j];
+        memset(yp, 0, sizeof(float) * (size_t)(m * out_f));
+        for (; j < nrows && bk[j] == b; j++) {
+            qdeq(b, dk + bo[j], bs + j * gout, bb + j * gout, w, out_f, G);
+            for (int64_t t = 0; t < m; t++) {
+                float *yt = yp + t * out_f;
+                const float ht = h[t * nrows + j];
+                for (int64_t c = 0; c < out_f; c++) yt[c] += ht * w[c];
+            }
+        }
+        for (int64_t t = 0; t < m; t++) unpermute_add(yp + t * out_f, yf + t * out_f, out_f, layout_codes(b));
+    }
+    for (int64_t t = 0; t < m; t++) narrow(yf + t * out_f, y0 + t * out_f * esz, act_bf16, out_f);
+    free(buf);
+}
+
+#ifndef QRUN_MAX
+#define QRUN_MAX 16 /* tokens of one slot sharing a row's dequantization (heap: QRUN_MAX * (in + out) floats x 2) */
+#endif
+
+/* act_bf16: whether x, y are bfloat16 (else float32). Consecutive tokens of one slot form runs (at most QRUN_MAX
+ * tokens); runs are handed to threads one at a time. */
 void qlora_bgmv(int64_t n, int64_t in_f, int64_t out_f, int64_t R, int64_t G, const void *x, int64_t sx, void *y,
                 int64_t sy, int64_t act_bf16, const uint8_t *bits, const int64_t *aoff, const int64_t *boff,
                 const uint8_t *data, int64_t sd, const float *ascale, const float *abias, const float *bscale,
                 const float *bbias, const int64_t *idx, int64_t null_row) {
     const int64_t gin = (in_f + G - 1) / G, gout = (out_f + G - 1) / G, esz = act_bf16 ? 2 : 4;
-    _Pragma("omp parallel for schedule(dynamic, 1) if (n > 1)")
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t k = idx[i];
-        if (k == null_row) continue;
-        const uint8_t *bk = bits + k * R;
-        const int64_t nrows = rows_of(bk, R);
-        if (nrows == 0) continue;
-        float xf[in_f], xp[in_f], xs[gin], h[nrows], yf[out_f], yp[out_f];
-        widen((const char *)x + i * sx * esz, (int)act_bf16, xf, in_f);
-        for (int64_t g = 0; g < gin; g++) {
-            float s = 0.0f;
-            for (int64_t c = g * G; c < in_f && c < (g + 1) * G; c++) s += xf[c];
-            xs[g] = s;
+    int64_t start[n > 0 ? n : 1], len[n > 0 ? n : 1], runs = 0;
+    for (int64_t i = 0; i < n;) {
+        int64_t j = i + 1;
+        while (j < n && idx[j] == idx[i] && j - i < QRUN_MAX) j++;
+        if (idx[i] != null_row && bits[idx[i] * R] != 0) {
+            start[runs] = i;
+            len[runs++] = j - i;
         }
-        const uint8_t *dk = data + k * sd;
-        const float *as = ascale + k * R * gin, *ab = abias + k * R * gin;
-        int64_t K = -1;
-        for (int64_t j = 0; j < nrows; j++) {
-            const int b = bk[j];
-            if (layout_codes(b) != K) {
-                K = layout_codes(b);
-                permute(xf, xp, in_f, K);
-            }
-            h[j] = qdot(b, dk + aoff[k * R + j], xp, as + j * gin, ab + j * gin, xs, in_f, G);
-        }
-        void *yi = (char *)y + i * sy * esz;
-        widen(yi, (int)act_bf16, yf, out_f);
-        rows_axpy(bk, boff + k * R, dk, bscale + k * R * gout, bbias + k * R * gout, gout, h, nrows, yf, yp, out_f, G);
-        narrow(yf, yi, (int)act_bf16, out_f);
+        i = j;
+    }
+    _Pragma("omp parallel for schedule(dynamic, 1) if (runs > 1)")
+    for (int64_t r = 0; r < runs; r++) {
+        const int64_t i = start[r], k = idx[i], nrows = rows_of(bits + k * R, R);
+        const char *xi = (const char *)x + i * sx * esz;
+        char *yi = (char *)y + i * sy * esz;
+        const uint8_t *bk = bits + k * R, *dk = data + k * sd;
+        const int64_t *ao = aoff + k * R, *bo = boff + k * R;
+        const float *as = ascale + k * R * gin, *ab = abias + k * R * gin, *bs = bscale + k * R * gout,
+                    *bb = bbias + k * R * gout;
+        if (len[r] == 1 || sx != in_f || sy != out_f)
+            for (int64_t t = 0; t < len[r]; t++)
+                qtoken(in_f, out_f, G, gin, gout, xi + t * sx * esz, yi + t * sy * esz, (int)act_bf16, bk, nrows, ao,
+                       bo, dk, as, ab, bs, bb);
+        else
+            qrun(len[r], in_f, out_f, G, gin, gout, xi, yi, esz, (int)act_bf16, bk, nrows, ao, bo, dk, as, ab, bs,
+                 bb);
     }
 }
 

@@ -30,6 +30,7 @@ only when it is written into a slot (`materialize`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -77,10 +78,11 @@ class ServingForm:
     modules: dict[ModuleKey, dict[str, Tensor]]
     group: int = 0
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes of the tenant's own tensors: a sparse family's mask (`SHARED_TENSORS`) is shared by every tenant
-        of the mask and is not counted per tenant."""
+        of the mask and is not counted per tenant. Computed once (a form is not changed once built; the host cache
+        sums every form's bytes at each load)."""
         return sum(t.numel() * t.element_size() for m in self.modules.values() for n, t in m.items()
                    if n not in SHARED_TENSORS)
 
@@ -101,7 +103,7 @@ class CompactForm:
     adapter: Adapter
     dtype: torch.dtype
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.adapter.nbytes
 

@@ -125,7 +125,7 @@ def _run(engine: Engine, requests: list[Request], base: bool, clients: int) -> t
     while todo or inflight:
         while todo and len(inflight) < clients:
             inflight.append(engine.submit(todo.pop()))
-        time.sleep(0.002)
+        time.sleep(0.01)  # (each poll holds the GIL the engine loop and the loader need)
         for h in [h for h in inflight if h.done.is_set()]:
             inflight.remove(h)
             out = h.result

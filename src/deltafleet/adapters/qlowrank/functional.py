@@ -8,6 +8,7 @@ are the slot's rows, S folded into A's group scales).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -33,17 +34,31 @@ def _band_shapes(out_f: int, in_f: int, bits: int, r: int, G: int, i: int,
 
 def qlowrank_shape(cfg: QLowRankConfig, params: Params) -> tuple[int, int]:
     """(out, in) of a module: the one shape in `cfg.bands` whose parameter shapes are exactly those of `params`."""
-    got = {n: tuple(t.shape) for n, t in params.items()}
-    kind = QLowRankKind()
-    hits = []
+    got = tuple(sorted((n, tuple(t.shape)) for n, t in params.items()))
+    hits = _shapes_by_signature(cfg).get(got, [])
+    if len(hits) != 1:
+        raise ValueError(f"qlowrank parameters {sorted(n for n, _ in got)} match {len(hits)} projection shapes of the "
+                         f"band plan; expected exactly one")
+    return hits[0]
+
+
+@lru_cache(maxsize=256)
+def _param_shapes(cfg: QLowRankConfig, out_f: int, in_f: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (bits, r) in enumerate(cfg.ranks(out_f, in_f)):
+        shapes |= _band_shapes(out_f, in_f, bits, r, cfg.group_size, i, cfg.stored_u_shape(out_f, r))
+    return tuple(shapes.items())
+
+
+@lru_cache(maxsize=64)
+def _shapes_by_signature(cfg: QLowRankConfig) -> dict[tuple, list[tuple[int, int]]]:
+    """Each band plan's parameter shapes (sorted) -> the projection shapes that have them (a load asks per module;
+    computed once per config)."""
+    out: dict[tuple, list[tuple[int, int]]] = {}
     for key, _ in cfg.bands:
         out_f, in_f = (int(v) for v in key.split("x"))
-        if kind.param_shapes(cfg, out_f, in_f) == got:
-            hits.append((out_f, in_f))
-    if len(hits) != 1:
-        raise ValueError(f"qlowrank parameters {sorted(got)} match {len(hits)} projection shapes of the band plan; "
-                         f"expected exactly one")
-    return hits[0]
+        out.setdefault(tuple(sorted(_param_shapes(cfg, out_f, in_f))), []).append((out_f, in_f))
+    return out
 
 
 def _stored(params: Params, prefix: str) -> Params:
@@ -112,11 +127,7 @@ class QLowRankKind(AdapterKind):
     compact = True
 
     def param_shapes(self, cfg: QLowRankConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for i, (bits, r) in enumerate(cfg.ranks(out_features, in_features)):
-            shapes |= _band_shapes(out_features, in_features, bits, r, cfg.group_size, i,
-                                   cfg.stored_u_shape(out_features, r))
-        return shapes
+        return dict(_param_shapes(cfg, out_features, in_features))
 
     def init_params(self, cfg: QLowRankConfig, out_features: int, in_features: int, *, identity: bool,
                     generator: torch.Generator) -> Params:

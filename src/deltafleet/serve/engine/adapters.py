@@ -108,13 +108,6 @@ class Lease:
     entry: _Entry = field(repr=False)
 
 
-def _one_intra_op_thread() -> None:
-    """A loader thread runs its torch ops on one thread (OpenMP's thread count is per calling thread): loads are
-    many small ops, and a team of its own would compete with the engine loop's for the same cores (on 2 cores,
-    two spinning OpenMP teams slowed a Zipf stream with loads 2.4x more than the loads' own CPU time)."""
-    torch.set_num_threads(1)
-
-
 class AdapterManager:
     def __init__(self, model_cfg: ModelConfig, dtype: torch.dtype, pools: list[Pool],
                  host_cache_bytes: int = 4 << 30, base_fingerprint: str | None = None, loader_threads: int = 1):
@@ -133,8 +126,7 @@ class AdapterManager:
         self._staging: set[str] = set()
         self._stage_failed: set[str] = set()  # expanded on the loop instead, so the failure fails the adapter
         self._lock = threading.RLock()
-        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader",
-                                            initializer=_one_intra_op_thread)
+        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
 
     # ------------------------------------------------------------------ registry of names (any thread)
     def scan(self, directory: str | Path) -> list[str]:

@@ -167,9 +167,10 @@ class AdditivePool(Pool):
 
 class QAdditivePool(Pool):
     """Quantized additive adapters kept as stored (`adapters.qadditive`), of one group size: the first adapter
-    written into the empty pool sets it. A module's tensors are sized by the widest form written so far (rows,
-    data bytes; a table by its own rows): a larger one regrows them (a new tensor dict, so bound kernels rebind),
-    keeping the other slots'. The null row has no rows (bits 0)."""
+    written into the empty pool sets it (a different one reallocates the empty pool's tensors). A module's tensors
+    are sized by the widest form written so far (rows, data bytes; a table by its own rows): a larger one regrows
+    them (a new tensor dict, so bound kernels rebind), keeping the other slots'. The null row has no rows (bits
+    0)."""
 
     family = QADDITIVE
 
@@ -198,7 +199,10 @@ class QAdditivePool(Pool):
 
     @torch.inference_mode()
     def write(self, slot: int, form: ServingForm) -> None:
-        if not any(m for s, m in enumerate(self.slot_modules) if s != slot):
+        self.clear(slot)
+        if not any(self.slot_modules):
+            if form.group != self.group:  # an empty pool takes the new group size: scales are shaped by it
+                self.tensors.clear()
             self.group = form.group
         elif form.group != self.group:
             raise ValueError(f"pool {self.name!r}: group size {form.group} differs from the pool's {self.group}")

@@ -14,9 +14,12 @@ from deltafleet.adapters import LoraConfig, random_adapter, save_adapter
 from deltafleet.adapters.qadditive import QADDITIVE, dense_rows
 from deltafleet.adapters.serving import ADDITIVE, to_quantized_form
 from deltafleet.bench.density import kind_configs
-from deltafleet.models.config import PROJECTIONS, ModelConfig
+from deltafleet.models.config import MODEL_LAYER, PROJECTIONS, ModelConfig
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from deltafleet.serve.engine.backends import CpuBackend, ReferenceBackend
+from deltafleet.serve.engine.layout import BatchLayout
 from deltafleet.serve.engine.pools import PoolSpec, QAdditivePool
+from tests.conftest import assert_close
 from tests.serve.conftest import SoloReference
 
 
@@ -111,3 +114,32 @@ def test_one_group_size_per_pool(model_cfg):
     assert pool.accepts(g128)
     pool.write(1, g128)
     assert pool.group == 128
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backends_agree_on_a_qdelta_pool(model_cfg, dtype):
+    """The native kernels, the torch path (each distinct slot's rows dequantized) and the token-by-token reference
+    give the same projection and embedding outputs for a batch over two tenants, an empty row and runs of one slot."""
+    pool = QAdditivePool(PoolSpec("qdelta", QADDITIVE, 3, 256), model_cfg, torch.float32)
+    for slot, seed in ((0, 80), (2, 81)):
+        pool.write(slot, _forms(model_cfg, 1 / 4, seed))
+    rows = [(pool, 2), (None, -1), (pool, 0), (pool, 2), (pool, 2)]
+    layout = BatchLayout.build(rows, 3)
+    (step,) = layout.pool_steps
+    g = torch.Generator().manual_seed(9)
+    out_f, in_f = model_cfg.linear_shape("down_proj")
+    x = torch.randn(len(rows) * 3, in_f, generator=g).to(dtype)
+    y = torch.randn(len(rows) * 3, out_f, generator=g).to(dtype)
+    ids = torch.randint(0, model_cfg.vocab_size, (len(rows) * 3,), generator=g)
+    e = torch.randn(len(rows) * 3, model_cfg.hidden_size, generator=g).to(dtype)
+    proj, table = pool.tensors[(1, "down_proj")], pool.tensors[(MODEL_LAYER, "lm_head")]
+    backends = {"reference": ReferenceBackend(), "torch": CpuBackend(native=False), "native": CpuBackend()}
+    got = {name: (b.apply_qadditive(x, y.clone(), proj, step), b.apply_embedding(ids, e.clone(), table, step))
+           for name, b in backends.items()}
+    op = "reordered" if dtype is torch.float32 else "rounded"
+    for name in ("torch", "native"):
+        for i, want in enumerate(got["reference"]):
+            assert_close(got[name][i].float(), want.float(), op, dtype, k=in_f, msg=name)
+    assert all(b is not None for _, b in backends["native"]._bound.values())  # the kernels were taken
+    assert torch.equal(got["native"][0][3:6], y[3:6])  # the base row is untouched
+    assert not torch.equal(got["native"][0][:3], y[:3])

@@ -152,6 +152,8 @@ def test_quantized_form_equals_the_expanded_factors():
     rank_grouped = QLowRankConfig(targets=("q_proj",), bands=cfg.bands, group_size=G, u_groups="rank")
     assert kind.quantized_form(rank_grouped, kind.init_params(rank_grouped, OUT, IN, identity=False,
                                                               generator=g)) is None
+    five = QLowRankConfig(targets=("q_proj",), bands=((f"{OUT}x{IN}", ((5, 2),)),), group_size=G, u_groups="out")
+    assert kind.quantized_form(five, kind.init_params(five, OUT, IN, identity=False, generator=g)) is None
 
 
 def test_portable_build_matches_the_native_one(tmp_path):

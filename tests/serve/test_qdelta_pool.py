@@ -72,6 +72,20 @@ def test_without_a_qdelta_pool_the_tenant_is_served_expanded(tiny_llama, tenants
     assert expanded.adapters.host["q1"].family == ADDITIVE and quantized.adapters.host["q1"].family == QADDITIVE
 
 
+def test_a_tenant_the_qdelta_pool_cannot_take_now_is_served_expanded(tiny_llama, tenants, model_cfg):
+    """A tenant of another group size than the qdelta pool's residents: expanded into 'delta', the same answer."""
+    qcfg = replace(kind_configs(model_cfg, 1 / 4)["ft"], group_size=64)
+    save_adapter(random_adapter(model_cfg, qcfg, seed=64, whole=True), tenants / "g64", model_cfg=model_cfg)
+    engine = _engine(tiny_llama, tenants)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    first = engine.generate([Request([4, 8, 15], params, adapter="q0")])
+    engine.adapters.wait_loaded("g64")
+    out = engine.generate([Request([4, 8, 15], params, adapter="g64"), Request([4, 8, 15], params, adapter="q0")])
+    ref = SoloReference(tiny_llama, tenants)
+    assert [o.token_ids for o in out] == [ref([4, 8, 15], 6, "g64"), first[0].token_ids]
+    assert engine.adapters.host["g64"].family == ADDITIVE and engine.adapters.entries["g64"].slot[0].name == "delta"
+
+
 def _forms(model_cfg, ratio, seed, group_size=None):
     qcfg = kind_configs(model_cfg, ratio)["ft"]
     if group_size is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from deltafleet.adapters import Adapter, load_adapter
+from deltafleet.adapters.qadditive import QADDITIVE
 from deltafleet.adapters.serving import CompactForm, ServingForm, host_forms
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
@@ -213,8 +214,11 @@ class AdapterManager:
         return self._forms(name, adapter)[0]
 
     def _forms(self, name: str, adapter: Adapter) -> tuple[ServingForm | CompactForm, ServingForm]:
-        """(host form, serving form), or DeltafleetError when no pool takes it."""
+        """(host form, serving form), or DeltafleetError when no pool takes it. A quantized form that no pool takes
+        now (wider than the qdelta pool, or of another group size than the tenants in it) is served expanded."""
         form, expanded = host_forms(adapter, self.dtype, frozenset(p.family for p in self.pools if p.slots))
+        if form.family == QADDITIVE and not any(p.accepts(form) for p in self.pools):
+            form, expanded = host_forms(adapter, self.dtype)
         if not any(p.accepts(form) for p in self.pools):
             raise DeltafleetError(
                 f"adapter {name!r} ({adapter.config.kind}, {form.family} width {form.width}) fits no slot "

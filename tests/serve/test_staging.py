@@ -80,3 +80,20 @@ def test_staged_expansions_count_against_the_host_cache(tiny_llama, compact_root
     held = sum(f.nbytes for f in m.host.values()) + sum(x.nbytes for _, x in m.staged.values())
     assert held <= budget or len(m.host) == 1
     engine.shutdown()
+
+
+def test_replace_keeps_the_expansion_its_read_built(tiny_llama, compact_root, monkeypatch):
+    """`replace` reads and validates the new weights in the caller's thread, building their serving form: that
+    form is staged for the slot copy, not built a second time."""
+    calls = []
+    expand = CompactForm.materialize
+    monkeypatch.setattr(CompactForm, "materialize", lambda self: calls.append(1) or expand(self))
+    engine = Engine.from_pretrained(tiny_llama, compact_root, EngineConfig(
+        dtype="float32", max_batch=4, max_model_len=64, lora_slots=1, road_slots=1, delta_slots=2,
+        max_delta_rank=256, pafi_slots=0, hiwi_slots=0, qdelta_slots=0))
+    engine.adapters.replace("q0", compact_root / "q2")
+    assert "q0" in engine.adapters.staged
+    prompt = [5, 9, 14, 3]
+    (out,) = engine.generate([Request(prompt, SamplingParams(max_tokens=6, ignore_eos=True), adapter="q0")])
+    assert out.token_ids == SoloReference(tiny_llama, compact_root)(prompt, 6, "q2") and calls == []
+    engine.shutdown()

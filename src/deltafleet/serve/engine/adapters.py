@@ -174,12 +174,15 @@ class AdapterManager:
             new = _Entry(name, None, info=self._info(source, form, None))
         else:  # the caller chose this path (the HTTP gateway confines it to the adapters root first)
             path = Path(source)
-            form, _, info = self._read(name, path)
+            form, expanded, info = self._read(name, path)
             new = _Entry(name, path, info=info)
         with self._lock:
             self._detach(self._entry(name))
             self._register(new)
             self._put_host(new, form)
+            if isinstance(source, Adapter) or not isinstance(form, CompactForm):
+                return
+            self._put_staged(name, form, expanded)  # the serving form the read built, for the slot copy
 
     def remove(self, name: str) -> None:
         """Unregister `name` at once; its slot is freed now if no running request holds it, else at the last

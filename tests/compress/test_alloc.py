@@ -68,3 +68,46 @@ def test_alloc_with_calibration_and_refusals(tiny_deltas, tiny_base_model, calib
                                                       u_groups="rank"))
     lowrank = compress_deltas(tiny_deltas, CompressSettings("lowrank", ratio=1 / 16, quantizer="rtn"))
     assert {b for _, ranks in lowrank.adapter.config.bands for b, _ in ranks} == {16}  # the default plan: fp16
+
+
+@pytest.mark.parametrize("ratio", [1 / 8, 1 / 32])
+def test_per_matrix_allocation_gives_modules_their_own_plans(tiny_deltas, tmp_path, ratio):
+    """alloc_per='matrix': one plan per module (objective no worse than per shape, the same budget), saved and
+    loaded with its 'OUTxIN@module' keys; the loaded artifact's factors are the compressed ones."""
+    from deltafleet.adapters import load_adapter
+    from deltafleet.compress import save_compressed
+
+    per = {a: compress_deltas(tiny_deltas, CompressSettings("delta-come", ratio=ratio, quantizer="rtn", alloc_per=a))
+           for a in ("shape", "matrix")}
+    m = per["matrix"]
+    assert m.bytes <= ratio * m.fp16_bytes and m.bytes > 0.95 * ratio * m.fp16_bytes
+    keys = [k for k, _ in m.adapter.config.bands]
+    assert all("@" in k for k in keys) and len(keys) == len(tiny_deltas.deltas)
+    plans_by_shape: dict = {}
+    for k, ranks in m.adapter.config.bands:
+        plans_by_shape.setdefault(k.split("@")[0], set()).add(ranks)
+    assert any(len(p) > 1 for p in plans_by_shape.values())  # some shape's modules were given different plans
+    assert m.mean_rel_error <= per["shape"].mean_rel_error * 1.02
+    d = save_compressed(m, tmp_path / "m")
+    loaded = load_adapter(d)
+    assert loaded.config == m.adapter.config
+    for key, params in m.adapter.params.items():
+        out_f, in_f = tiny_deltas.deltas[key].shape
+        want = m.adapter.kind.delta_weight(m.adapter.config, params, torch.zeros(out_f, in_f))
+        got = loaded.kind.delta_weight(loaded.config, loaded.params[key], torch.zeros(out_f, in_f))
+        torch.testing.assert_close(got, want)
+
+
+def test_module_plan_keys_are_validated():
+    from deltafleet.adapters.qlowrank import QLowRankConfig
+
+    cfg = QLowRankConfig(targets=("q_proj",), bands=(("64x64", ((2, 4),)), ("64x64@layers.1.q_proj", ((8, 1),))),
+                         u_groups="out")
+    assert cfg.ranks(64, 64) == ((2, 4),) and cfg.ranks(64, 64, "layers.0.q_proj") == ((2, 4),)
+    assert cfg.ranks(64, 64, "layers.1.q_proj") == ((8, 1),)
+    for bad in ("64x64@", "64x64@../x", "64x64@layers.1.q_proj.A", "x@layers.1.q_proj"):
+        with pytest.raises(ValueError, match="must be a projection shape"):
+            QLowRankConfig(targets=("q_proj",), bands=((bad, ((2, 4),)),))
+    only_modules = QLowRankConfig(targets=("q_proj",), bands=(("64x64@layers.1.q_proj", ((8, 1),)),))
+    with pytest.raises(ValueError, match=r"no band plan for a 64x64 projection \(layers.0.q_proj\)"):
+        only_modules.ranks(64, 64, "layers.0.q_proj")

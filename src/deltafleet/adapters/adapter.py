@@ -127,7 +127,7 @@ class Adapter:
                                  f"table delta serves both")
             if layer != MODEL_LAYER and not 0 <= layer < model_cfg.num_layers:
                 raise ValueError(f"{source}: layer {layer} out of range (model has {model_cfg.num_layers})")
-            want = self.kind.param_shapes(self.config, *model_cfg.module_shape(proj))
+            want = self.kind.module_param_shapes(self.config, *model_cfg.module_shape(proj), module_name(layer, proj))
             for name, shape in want.items():
                 got = tuple(p[name].shape) if name in p else None
                 if got != shape:

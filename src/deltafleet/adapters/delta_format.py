@@ -153,7 +153,7 @@ def load_compressed(directory: str | Path, manifest: dict[str, Any] | None = Non
     for (layer, proj), p in params.items():
         out_f, in_f = shapes[module_name(layer, proj)]
         try:
-            want = kind.param_shapes(config, out_f, in_f)
+            want = kind.module_param_shapes(config, out_f, in_f, module_name(layer, proj))
         except ValueError as e:
             raise ArtifactError(mpath, str(e)) from None
         got = {n: tuple(t.shape) for n, t in p.items()}

@@ -71,6 +71,12 @@ class AdapterKind(ABC):
     def param_shapes(self, cfg: AdapterConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         """Shapes of one projection's parameters."""
 
+    def module_param_shapes(self, cfg: AdapterConfig, out_features: int, in_features: int,
+                            module: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of one named module's parameters (`param_shapes` unless the config gives modules their own, as
+        qlowrank's per-matrix band plans do)."""
+        return self.param_shapes(cfg, out_features, in_features)
+
     @abstractmethod
     def init_params(self, cfg: AdapterConfig, out_features: int, in_features: int, *, identity: bool,
                     generator: torch.Generator) -> Params:

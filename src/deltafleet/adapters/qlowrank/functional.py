@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters.qadditive import QADDITIVE, QBITS, QRows, pack_module
-from deltafleet.adapters.qlowrank.config import FP16_BITS, QLowRankConfig
+from deltafleet.adapters.qlowrank.config import FP16_BITS, QLowRankConfig, Ranks, key_shape, shape_key
 from deltafleet.adapters.registry import AdapterKind, Params
 from deltafleet.adapters.serving import ADDITIVE, ServingParams
 from deltafleet.store.quantized import QuantizedMatrix, num_groups, packed_nbytes
@@ -34,31 +34,43 @@ def _band_shapes(out_f: int, in_f: int, bits: int, r: int, G: int, i: int,
 
 def qlowrank_shape(cfg: QLowRankConfig, params: Params) -> tuple[int, int]:
     """(out, in) of a module: the one shape in `cfg.bands` whose parameter shapes are exactly those of `params`."""
+    return qlowrank_plan(cfg, params)[:2]
+
+
+def qlowrank_plan(cfg: QLowRankConfig, params: Params) -> tuple[int, int, Ranks]:
+    """(out, in, bands) of a module: the one plan of `cfg.bands` (a shape's, or a module's own) whose parameter
+    shapes are exactly those of `params` (the parameters determine the plan: ranks are the S lengths, bits the code
+    sizes)."""
     got = tuple(sorted((n, tuple(t.shape)) for n, t in params.items()))
-    hits = _shapes_by_signature(cfg).get(got, [])
+    hits = _plans_by_signature(cfg).get(got, ())
     if len(hits) != 1:
         raise ValueError(f"qlowrank parameters {sorted(n for n, _ in got)} match {len(hits)} projection shapes of the "
                          f"band plan; expected exactly one")
-    return hits[0]
+    return next(iter(hits))
 
 
 @lru_cache(maxsize=256)
-def _param_shapes(cfg: QLowRankConfig, out_f: int, in_f: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _param_shapes(cfg: QLowRankConfig, out_f: int, in_f: int,
+                  module: str | None = None) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return _plan_shapes(cfg, out_f, in_f, cfg.ranks(out_f, in_f, module))
+
+
+def _plan_shapes(cfg: QLowRankConfig, out_f: int, in_f: int, ranks: Ranks) -> tuple[tuple[str, tuple[int, ...]], ...]:
     shapes: dict[str, tuple[int, ...]] = {}
-    for i, (bits, r) in enumerate(cfg.ranks(out_f, in_f)):
+    for i, (bits, r) in enumerate(ranks):
         shapes |= _band_shapes(out_f, in_f, bits, r, cfg.group_size, i, cfg.stored_u_shape(out_f, r))
     return tuple(shapes.items())
 
 
 @lru_cache(maxsize=64)
-def _shapes_by_signature(cfg: QLowRankConfig) -> dict[tuple, list[tuple[int, int]]]:
-    """Each band plan's parameter shapes (sorted) -> the projection shapes that have them (a load asks per module;
+def _plans_by_signature(cfg: QLowRankConfig) -> dict[tuple, frozenset[tuple[int, int, Ranks]]]:
+    """Each band plan's parameter shapes (sorted) -> the (out, in, bands) that have them (a load asks per module;
     computed once per config)."""
-    out: dict[tuple, list[tuple[int, int]]] = {}
-    for key, _ in cfg.bands:
-        out_f, in_f = (int(v) for v in key.split("x"))
-        out.setdefault(tuple(sorted(_param_shapes(cfg, out_f, in_f))), []).append((out_f, in_f))
-    return out
+    out: dict[tuple, set] = {}
+    for key, ranks in cfg.bands:
+        out_f, in_f = key_shape(key)
+        out.setdefault(tuple(sorted(_plan_shapes(cfg, out_f, in_f, ranks))), set()).add((out_f, in_f, ranks))
+    return {k: frozenset(v) for k, v in out.items()}
 
 
 def _stored(params: Params, prefix: str) -> Params:
@@ -72,7 +84,7 @@ def qlowrank_factors(cfg: QLowRankConfig, params: Params, out_f: int,
                      in_f: int) -> tuple[Tensor, Tensor, Tensor]:
     """Dequantized U (out, R), S (R,), V^T (R, in) in fp32, bands concatenated (R = total rank)."""
     Us, Ss, Vts = [], [], []
-    for i, (bits, r) in enumerate(cfg.ranks(out_f, in_f)):
+    for i, (bits, r) in enumerate(_ranks(cfg, params, out_f, in_f)):
         if bits == FP16_BITS:
             Vt, U = params[f"b{i}.V"].float(), params[f"b{i}.U"].float()
         else:
@@ -101,7 +113,7 @@ def _rows(params: Params, prefix: str, bits: int, r: int, columns: int, group: i
 def qlowrank_quantized(cfg: QLowRankConfig, params: Params, out_f: int, in_f: int) -> dict[str, Tensor] | None:
     """The qadditive slot tensors of one module (`adapters.qadditive`), or None when the layout does not allow it:
     U grouped along the rank, or a row that is not a whole number of bytes."""
-    bands = cfg.ranks(out_f, in_f)
+    bands = _ranks(cfg, params, out_f, in_f)
     if cfg.u_groups != "out" or any(b not in QBITS or (in_f * b) % 8 or (out_f * b) % 8 for b, _ in bands):
         return None
     a, b = [], []
@@ -113,6 +125,15 @@ def qlowrank_quantized(cfg: QLowRankConfig, params: Params, out_f: int, in_f: in
         b.append(_rows(params, f"b{i}.Ut" if bits == FP16_BITS else f"b{i}.U", bits, r, out_f, cfg.group_size,
                        torch.ones(r)))
     return pack_module(a, b, in_f, out_f)
+
+
+def _ranks(cfg: QLowRankConfig, params: Params, out_f: int, in_f: int) -> Ranks:
+    """The bands of a module of shape (out, in) with these parameters (its own plan, or its shape's)."""
+    o, i, ranks = qlowrank_plan(cfg, params)
+    if (o, i) != (out_f, in_f):
+        raise ValueError(f"qlowrank parameters of a {shape_key(o, i)} projection given for a "
+                         f"{shape_key(out_f, in_f)} one")
+    return ranks
 
 
 def qlowrank_apply(x: Tensor, y: Tensor, U: Tensor, S: Tensor, Vt: Tensor) -> Tensor:
@@ -128,6 +149,10 @@ class QLowRankKind(AdapterKind):
 
     def param_shapes(self, cfg: QLowRankConfig, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         return dict(_param_shapes(cfg, out_features, in_features))
+
+    def module_param_shapes(self, cfg: QLowRankConfig, out_features: int, in_features: int,
+                            module: str) -> dict[str, tuple[int, ...]]:
+        return dict(_param_shapes(cfg, out_features, in_features, module))
 
     def init_params(self, cfg: QLowRankConfig, out_features: int, in_features: int, *, identity: bool,
                     generator: torch.Generator) -> Params:
@@ -166,8 +191,8 @@ class QLowRankKind(AdapterKind):
     def check_serving(self, cfg: QLowRankConfig, params: Params) -> None:
         """The stored tensors rebuild (shapes, dtypes, zero points in range: `QuantizedMatrix.from_tensors`); once
         they do, dequantizing them cannot fail, so the factors are not built here (a third of a load's time)."""
-        out_f, in_f = qlowrank_shape(cfg, params)
-        for i, (bits, r) in enumerate(cfg.ranks(out_f, in_f)):
+        out_f, in_f, ranks = qlowrank_plan(cfg, params)
+        for i, (bits, r) in enumerate(ranks):
             if bits != FP16_BITS:
                 QuantizedMatrix.from_tensors(_stored(params, f"b{i}.V"), f"b{i}.V", (r, in_f), bits, cfg.group_size)
                 QuantizedMatrix.from_tensors(_stored(params, f"b{i}.U"), f"b{i}.U", cfg.stored_u_shape(out_f, r),

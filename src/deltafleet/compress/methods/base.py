@@ -17,7 +17,7 @@ from torch import Tensor
 
 from deltafleet.adapters import Adapter
 from deltafleet.adapters.qlowrank import U_GROUPS
-from deltafleet.compress.alloc import ALLOC_WEIGHTS
+from deltafleet.compress.alloc import ALLOC_PER, ALLOC_WEIGHTS
 from deltafleet.compress.budget import ALLOC_PLAN, parse_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.errors import DeltafleetError
@@ -40,6 +40,7 @@ class CompressSettings:
     damp, act_order: GPTQ settings (paper: 0.01, act-order). seed: DARE's drop mask.
     distill_steps, distill_lr: BitDelta scale distillation on calibration text (0 steps: off).
     alloc_weight: how `plan='alloc'` weighs a module's relative error (`compress.alloc.ALLOC_WEIGHTS`).
+    alloc_per: `plan='alloc'` gives every module its own plan ('matrix') or one per module shape ('shape').
     """
 
     method: str
@@ -54,6 +55,7 @@ class CompressSettings:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     alloc_weight: str = "size"
+    alloc_per: str = "shape"
     schema_version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class CompressSettings:
             raise ValueError(f"u_groups={self.u_groups!r}: must be one of {U_GROUPS}")
         if self.alloc_weight not in ALLOC_WEIGHTS:
             raise ValueError(f"alloc_weight={self.alloc_weight!r}: must be one of {ALLOC_WEIGHTS}")
+        if self.alloc_per not in ALLOC_PER:
+            raise ValueError(f"alloc_per={self.alloc_per!r}: must be one of {ALLOC_PER}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer={self.quantizer!r}: must be one of {QUANTIZERS}")
         if not 0 <= self.damp < 1:

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from deltafleet.adapters import Adapter
+from deltafleet.adapters.adapter import module_name
 from deltafleet.adapters.qlowrank import FP16_BITS, QLowRankConfig, Ranks, shape_key
 from deltafleet.adapters.registry import Params, get_kind
-from deltafleet.compress.alloc import ALLOC_BITS, ShapeGroup, allocate, vector_weights
+from deltafleet.compress.alloc import ALLOC_BITS, ShapeGroup, allocate, allocate_groups, vector_weights
 from deltafleet.compress.budget import ALLOC_PLAN, AUTO_PLAN, Band, bands_bytes, plan_ranks, resolve_plan
 from deltafleet.compress.delta import DeltaSet
 from deltafleet.compress.methods.base import CompressSettings, Context, Method, register_method
@@ -105,21 +106,33 @@ def measured_errors(svd: tuple[Tensor, Tensor, Tensor], H: Tensor | None, s: Com
 
 def allocated_plan(ds: DeltaSet, s: CompressSettings, hessians: dict | None,
                    svds: dict[tuple[int, str], tuple[Tensor, Tensor, Tensor]]) -> tuple[tuple[str, Ranks], ...]:
-    """`--plan alloc`: bands per module shape from `compress.alloc.allocate` over the whole delta's budget."""
+    """`--plan alloc`: bands per module ('OUTxIN@module', `alloc_per='matrix'`) or per module shape ('OUTxIN') from
+    `compress.alloc` over the whole delta's budget."""
     if s.u_groups != "out":
         raise DeltafleetError(f"plan='alloc' needs u_groups='out' (its byte model), got {s.u_groups!r}")
-    weights: dict[tuple[int, int], list] = {}
+    weights: dict[tuple[int, str], Tensor] = {}
     errors: dict[tuple[int, int], dict[int, float]] = {}
-    for key, (U, S, Vt) in svds.items():
+    for key, (U, S, Vt) in sorted(svds.items()):
         H = hessians.get(key) if hessians is not None else None
         o, i = U.shape[0], Vt.shape[1]
         scale = {"module": 1.0, "size": o * i / 1e6, "energy": None}[s.alloc_weight]
-        weights.setdefault((o, i), []).append(vector_weights(S, Vt, H, scale))
+        weights[key] = vector_weights(S, Vt, H, scale)
         if (o, i) not in errors:  # q(b) measured on the first delta of each shape
             errors[(o, i)] = measured_errors((U, S, Vt), H, s)
+    budget = sum(ds.budgets(s.ratio).values())
+    if s.alloc_per == "matrix":
+        keys = sorted(weights)
+        shapes = [(svds[k][0].shape[0], svds[k][2].shape[1]) for k in keys]
+        groups = [ShapeGroup(o, i, 1, weights[k], errors[(o, i)]) for k, (o, i) in zip(keys, shapes, strict=True)]
+        plans = allocate_groups(groups, budget, s.group_size)
+        return tuple((shape_key(o, i, module_name(*k)), ranks)
+                     for k, (o, i), ranks in zip(keys, shapes, plans, strict=True))
+    by_shape: dict[tuple[int, int], list[Tensor]] = {}
+    for k, w in weights.items():
+        by_shape.setdefault((svds[k][0].shape[0], svds[k][2].shape[1]), []).append(w)
     groups = [ShapeGroup(o, i, len(ws), torch.stack(ws).sum(0), errors[(o, i)])
-              for (o, i), ws in sorted(weights.items())]
-    plan = allocate(groups, sum(ds.budgets(s.ratio).values()), s.group_size)
+              for (o, i), ws in sorted(by_shape.items())]
+    plan = allocate(groups, budget, s.group_size)
     return tuple((shape_key(o, i), ranks) for (o, i), ranks in sorted(plan.items()))
 
 
@@ -139,7 +152,7 @@ class _SVDMethod(Method):
         params = {}
         for (layer, proj), delta in ds.deltas.items():
             H = ctx.hessians.get((layer, proj)) if ctx.hessians is not None else None  # None: RTN (the embedding)
-            ranks = cfg.ranks(*delta.shape)
+            ranks = cfg.ranks(*delta.shape, module_name(layer, proj))
             if ranks:  # else not even one vector fits the budget: the module is left out (delta dropped)
                 params[(layer, proj)] = quantize_factors(delta, ranks, s.group_size, H, s.damp, s.act_order,
                                                          s.u_groups, svds.pop((layer, proj), None))
@@ -147,12 +160,13 @@ class _SVDMethod(Method):
         return Adapter(cfg, params)
 
     def module_budgets(self, ds: DeltaSet, s: CompressSettings, adapter: Adapter) -> dict[tuple[int, str], int]:
-        """With `--plan alloc` a module's budget is what the allocation gave its shape (the total is the whole
+        """With `--plan alloc` a module's budget is what the allocation gave it (or its shape; the total is the whole
         delta's budget); else `DeltaSet.budgets`."""
         if s.plan != ALLOC_PLAN:
             return super().module_budgets(ds, s, adapter)
         cfg = adapter.config
-        return {k: bands_bytes(*d.shape, cfg.ranks(*d.shape), s.group_size, s.u_groups) for k, d in ds.deltas.items()}
+        return {k: bands_bytes(*d.shape, cfg.ranks(*d.shape, module_name(*k)), s.group_size, s.u_groups)
+                for k, d in ds.deltas.items()}
 
 
 class DeltaCoMe(_SVDMethod):

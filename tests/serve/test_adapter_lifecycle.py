@@ -267,3 +267,26 @@ def test_adapter_load_timeout_validation():
         EngineConfig(adapter_load_timeout=0)
     with pytest.raises(ValueError, match="adapter_load_timeout=nan"):
         EngineConfig(adapter_load_timeout=float("nan"))
+
+
+def test_the_loader_thread_runs_torch_on_one_thread_and_leaves_other_threads_alone():
+    import ctypes
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltafleet.serve.engine.adapters import loader_thread_init
+
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(1, initializer=loader_thread_init) as ex:
+        inside = ex.submit(lambda: (torch.ones(1 << 18).sum(), torch.get_num_threads())[1]).result()
+    later = []
+    t = threading.Thread(target=lambda: later.append((torch.ones(1 << 18).sum(), torch.get_num_threads())[1]))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == before and later == [before]
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+        gomp = True
+    except OSError:
+        gomp = False
+    assert inside == (1 if gomp else before)  # torch's OpenMP runtime here is libgomp; another one: unchanged

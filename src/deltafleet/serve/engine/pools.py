@@ -119,6 +119,13 @@ class Pool(ABC):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.tensors.values() for t in m.values())
 
+    def _regrow(self, key: ModuleKey, grown: dict[str, Tensor]) -> None:
+        """Replace a module's tensors by larger ones (`grown`, every slot), keeping every slot's contents: a new
+        dict, so kernels bound to the old one rebind."""
+        for name, t in self.tensors[key].items():
+            grown[name][:, :t.shape[1]] = t
+        self.tensors[key] = grown
+
 
 class AdditivePool(Pool):
     family = ADDITIVE
@@ -146,10 +153,7 @@ class AdditivePool(Pool):
         for key, src in form.modules.items():
             held = self.tensors.get(key)
             if key[0] == MODEL_LAYER and held is not None and "A" in src and src["A"].shape[0] > held["A"].shape[1]:
-                grown = self._allocate(key, src)
-                for name, t in held.items():
-                    grown[name][:, :t.shape[1]] = t
-                self.tensors[key] = grown
+                self._regrow(key, self._allocate(key, src))
         super().write(slot, form)
 
     def _write_module(self, slot, dst, src):
@@ -212,10 +216,7 @@ class QAdditivePool(Pool):
                 continue
             R, D = held["bits"].shape[1], held["data"].shape[1] - DATA_PAD
             if src["bits"].shape[0] > R or src["data"].numel() > D:
-                grown = self._sized(src, max(R, src["bits"].shape[0]), max(D, src["data"].numel()))
-                for name, t in held.items():
-                    grown[name][:, :t.shape[1]] = t
-                self.tensors[key] = grown
+                self._regrow(key, self._sized(src, max(R, src["bits"].shape[0]), max(D, src["data"].numel())))
         super().write(slot, form)
 
     def _write_module(self, slot, dst, src):

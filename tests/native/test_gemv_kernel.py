@@ -6,9 +6,6 @@ without AVX2) computes what this machine's build computes; and `PrepackedLinear`
 from __future__ import annotations
 
 import ctypes
-import platform
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from torch import nn
 from deltafleet import native
 from deltafleet.models import prepack
 from tests.conftest import assert_close
+from tests.native.builds import build_with
 
 SHAPES = [(1, 576, 576), (3, 577, 202), (8, 64, 7), (2, 31, 5), (16, 1536, 100)]  # (M, K, N)
 
@@ -82,13 +80,7 @@ def test_refuses_what_it_cannot_do():
 
 def test_portable_build_matches_the_native_one(tmp_path):
     """The plain-loop build (no AVX2/FMA/AVX-512, as on older CPUs) computes what this machine's build computes."""
-    if platform.machine() != "x86_64":
-        pytest.skip("the portable flags below are x86-64's")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
-    so = tmp_path / "portable.so"
-    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "gemv_cpu.c"), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_with("gemv_cpu", tmp_path)
     path = lib.gemv_bf16_path
     path.restype = ctypes.c_int
     assert path() == 0

@@ -11,6 +11,7 @@ import torch
 
 from deltafleet import native
 from deltafleet.adapters.road.functional import rotate_half_grouped
+from tests.native.builds import build_with
 
 
 def _reference(x, y, A, B, index, r, null):
@@ -177,18 +178,7 @@ def test_disabled_by_environment(monkeypatch):
 
 def test_portable_build_matches_the_native_one(tmp_path):
     """The plain-loop build (no AVX2/FMA, as on older CPUs) computes what this machine's build computes."""
-    import ctypes
-    import platform
-    import shutil
-    import subprocess
-
-    if platform.machine() != "x86_64":
-        pytest.skip("the portable flags below are x86-64's")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
-    so = tmp_path / "portable.so"
-    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "lora_cpu.c"), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_with("lora_cpu", tmp_path)
     g = torch.Generator().manual_seed(4)
     idx = torch.tensor([0, 4, 1, 2, 3, 4, 0, 1, 2])
     for (act, dtype), suffix in native._SUFFIX.items():

@@ -6,9 +6,6 @@ qlowrank kind's quantized form equal to its expanded serving form."""
 from __future__ import annotations
 
 import ctypes
-import platform
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from deltafleet.adapters.qadditive import DATA_PAD, QBITS, dense_rows
 from deltafleet.adapters.qlowrank import QLowRankConfig
 from deltafleet.adapters.qlowrank.functional import QLowRankKind, qlowrank_factors
 from tests.conftest import assert_close
+from tests.native.builds import build_with
 
 IN, OUT, G = 192, 320, 64
 PLANS = [((16, 2), (8, 3), (4, 2), (3, 4), (2, 5)), ((2, 9),), ((3, 1), (2, 1))]
@@ -158,13 +156,7 @@ def test_quantized_form_equals_the_expanded_factors():
 
 def test_portable_build_matches_the_native_one(tmp_path):
     """The plain-loop build (no AVX2/FMA/F16C) computes what this machine's build computes."""
-    if platform.machine() != "x86_64":
-        pytest.skip("the portable flags below are x86-64's")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
-    so = tmp_path / "portable.so"
-    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "qlora_cpu.c"), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_with("qlora_cpu", tmp_path)
     lib.qlora_path.restype = ctypes.c_int
     assert lib.qlora_path() == 0
     fn = lib.qlora_bgmv

@@ -4,6 +4,8 @@ reassociation, for any token count, column tail and row stride; refuses tensors 
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from deltafleet import native
 from deltafleet.dtypes import cpu_flags
 from deltafleet.store.signs import pack_signs, unpack_signs
 from tests.conftest import assert_close
+from tests.native.builds import build_with
 
 
 def _case(seed: int, N: int, C: int, R: int):
@@ -83,20 +86,11 @@ def test_refuses_tensors_outside_the_contract():
 def test_portable_and_avx2_builds_match_the_native_one(tmp_path, arch, path):
     """The plain-loop build (no AVX-512, AVX2 or FMA) and the AVX2 build (x86-64-v3, no AVX-512) compute what this
     machine's build computes (they run here only if this CPU has what they were built for: AVX2 for the second)."""
-    import ctypes
-    import platform
-    import shutil
-    import subprocess
-
-    if platform.machine() != "x86_64" or native.sign_matmul() is None:
-        pytest.skip("the portable flags below are x86-64's")
-    cc = shutil.which("cc") or shutil.which("gcc")
+    if native.sign_matmul() is None:
+        pytest.skip("no native kernels here")
     if path == 1 and "avx2" not in cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    flags = [f for f in native.CFLAGS if f != "-march=native"] + arch
-    so = tmp_path / "build.so"
-    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "sign_cpu.c"), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_with("sign_cpu", tmp_path, tuple(arch))
     assert lib.sign_matmul_path() == path
     fn = lib.sign_matmul_f32
     fn.argtypes, fn.restype = native._SIGN_ARGS, ctypes.c_int

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deltafleet import native
+from tests.native.builds import build_with
 
 PAIRS = [(act, w) for act in (torch.float32, torch.bfloat16) for w in (torch.float32, torch.bfloat16)]
 # bf16 activations: y is rounded once from the fp32 sum, so it may differ from the exact result rounded by one bf16
@@ -160,18 +161,7 @@ def test_disabled_by_environment(monkeypatch):
 def test_portable_build_matches_the_native_one(tmp_path):
     """The plain-loop build (no AVX-512, AVX2 or FMA, as on older CPUs) computes what this machine's build
     computes."""
-    import ctypes
-    import platform
-    import shutil
-    import subprocess
-
-    if platform.machine() != "x86_64":
-        pytest.skip("the portable flags below are x86-64's")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    flags = [f for f in native.CFLAGS if f != "-march=native"] + ["-march=x86-64", "-mno-avx2", "-mno-fma"]
-    so = tmp_path / "portable.so"
-    subprocess.run([cc, *flags, str(native.SOURCE_DIR / "sparse_cpu.c"), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_with("sparse_cpu", tmp_path)
     for seed, ((act, wdtype), suffix) in enumerate(native._SUFFIX.items()):
         fn = getattr(lib, f"sparse_add_{suffix}")
         fn.argtypes = native._SPARSE_ARGS

@@ -1,22 +1,23 @@
 """`deltafleet bench density`: how many tenants one machine holds, and what serving them costs.
 
-Tenants of three kinds in equal thirds, written to disk once: LoRA r16 on all seven projections (bf16, peft
-format), RoAd (`road_1`, group 64, all seven projections) and compressed whole fine-tunes at 1/64 (`ft`:
-Delta-CoMe's `qlowrank` kind with the band plan `compress` uses at 1/64 over the whole delta, i.e. the
-projections and the embedding / LM-head table, plus exact fp16 gain deltas for all RMSNorms; random codes and
-scales). Weights are random draws of each kind's own initialiser (non-trivial), so every tenant's bytes are real
-and distinct.
+Tenants of three kinds in equal thirds, written to disk once: LoRA r16 on all seven projections (bf16, peft format),
+RoAd (`road_1`, group 64, all seven projections) and compressed whole fine-tunes at 1/64 (`ft`: Delta-CoMe's
+`qlowrank` kind with the band plan `compress` uses at 1/64 over the whole delta, i.e. the projections and the
+embedding / LM-head table, plus exact fp16 gain deltas for all RMSNorms; random codes and scales). Weights are
+random draws of each kind's own initialiser (non-trivial), so every tenant's bytes are real and distinct.
 
-For each N (e.g. 100 and 1000) one engine registers the first N tenants (disk tier), keeps loaded ones in its
-host cache (LRU, `host_cache_gb`) and copies the tenants a step needs into slots (32 per kind). A stream of
-`requests` requests with Zipf(`zipf`)-popular tenants runs with batch 32 (a request whose
-tenant is not in host memory waits while the loader thread reads it (prefetch starts at submission), the running
-batch goes on), alternated with
-the same stream on the base alone, `rounds` times; 32 closed-loop clients (each sends its next request when its
-last one ends) keep the batch full. Reported per N: bytes per tenant of each kind (on disk and in
-host memory), slot-miss rate, host-cache misses, the time from a request for a tenant not in host memory to the
-tenant being there (`to_host`, p50/p99: the read, queueing behind other loads included) and of the copy into a
-slot (`to_slot`), decode throughput with tenants over the base's (paired rounds), and the process's peak RSS.
+For each N (e.g. 100 and 1000) and tier (`TIERS`) one engine registers the first N tenants (disk tier), keeps loaded
+ones in its host cache (LRU, `host_cache_gb`; with `preloaded`, every tenant is read into it before the stream,
+`AdapterManager.preload`) and copies the tenants a step needs into slots (32 per kind). A stream of `requests`
+requests with Zipf(`zipf`)-popular tenants runs with batch 32 (a request whose tenant is not in host memory waits
+while the loader thread reads it (prefetch starts at submission), the running batch goes on), alternated with the
+same stream on the base alone, `rounds` times; 32 closed-loop clients (each sends its next request when its last one
+ends) keep the batch full.
+
+Reported per N: bytes per tenant of each kind (on disk and in host memory), slot-miss rate, host-cache misses, the
+time from a request for a tenant not in host memory to the tenant being there (`to_host`, p50/p99: the read,
+queueing behind other loads included) and of the copy into a slot (`to_slot`; `cold_load_p99_s` is the sum of the
+two p99s), decode throughput with tenants over the base's (paired rounds), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -58,9 +59,20 @@ class DensityConfig:
     zipf: float = 1.0
     rounds: int = 2
     ratio: float = 1 / 64
-    host_cache_gb: float = 4.0
+    host_cache_gb: float = 8.0
     loader_threads: int = 1
+    tiers: tuple[str, ...] = ("preloaded", "disk")
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tiers if t not in TIERS]
+        if not self.tiers or bad:
+            raise ValueError(f"tiers={self.tiers!r}: each must be one of {TIERS}")
+
+
+TIERS = ("preloaded", "disk")
+"""Where a tenant is when the stream starts: `preloaded` (every tenant read into host memory first, as S-LoRA keeps
+all adapters in main memory; a request then waits only for its slot copy) or `disk` (read when first requested)."""
 
 
 def kind_configs(cfg: ModelConfig, ratio: float) -> dict[str, object]:
@@ -135,7 +147,7 @@ def _run(engine: Engine, requests: list[Request], base: bool, clients: int) -> t
     return tokens / (time.perf_counter() - t0), failed, ttfts
 
 
-def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
+def measure(cfg: DensityConfig, root: Path, n: int, tier: str = "disk", log=lambda _: None) -> dict:
     model, path = load_model(cfg.base, dtype=getattr(torch, cfg.dtype))
     ft = kind_configs(model.config, cfg.ratio)["ft"]
     rows = max(sum(r for _, r in ft.ranks(*model.config.linear_shape(p))) for p in PROJECTIONS)
@@ -154,6 +166,14 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
     for name, _ in names:  # registered only (the disk tier), as a server's --adapters scan does
         engine.adapters.add(name, root / name)
     register_s = time.perf_counter() - t0
+    preload_s = None
+    if tier == "preloaded":
+        log(f"N={n}: preloading the tenants into host memory")
+        t0 = time.perf_counter()
+        engine.adapters.preload([name for name, _ in names])
+        while engine.adapters.preloading:
+            time.sleep(0.05)
+        preload_s = round(time.perf_counter() - t0, 2)
     rng = random.Random(cfg.seed + n)
     vocab = model.config.vocab_size
     stream = _stream([name for name, _ in names], cfg, rng, vocab)
@@ -165,7 +185,7 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
     engine.adapters.timings.to_slot.clear()
     pairs, with_t, base_t, failed, ttft_with, ttft_base = [], [], [], 0, [], []
     for r in range(cfg.rounds):
-        log(f"N={n}: round {r + 1}/{cfg.rounds} ({len(stream)} requests with tenants, then on the base)")
+        log(f"N={n} ({tier}): round {r + 1}/{cfg.rounds} ({len(stream)} requests with tenants, then on the base)")
         t, f, tt = _run(engine, stream, False, cfg.batch)
         b, _, bt = _run(engine, stream, True, cfg.batch)
         with_t.append(t)
@@ -175,7 +195,8 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
         ttft_with += tt
         ttft_base += bt
         stream = _stream([name for name, _ in names], cfg, rng, vocab)
-    stats = {k: v - before.get(k, 0) for k, v in engine.stats()["adapter_cache"].items()}  # the measured rounds
+    stats_all = engine.stats()["adapter_cache"]
+    stats = {k: v - before.get(k, 0) for k, v in stats_all.items()}  # the measured rounds
     listing = {row["name"]: row for row in engine.adapters.listing()}
     per_kind = {}
     for kind in KINDS:
@@ -186,7 +207,8 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
     timings = engine.adapters.timings
     engine.shutdown()
     return {
-        "tenants": n, "register_s": round(register_s, 3),
+        "tenants": n, "tier": tier, "register_s": round(register_s, 3), "preload_s": preload_s,
+        "preloaded": stats_all.get("preloads", 0),
         "bytes_per_tenant": per_kind,
         "slot_miss_rate": round(stats["misses"] / max(stats["hits"] + stats["misses"], 1), 4),
         "host_loads": stats["loads"], "host_evictions": stats["host_evictions"],
@@ -206,8 +228,10 @@ def measure(cfg: DensityConfig, root: Path, n: int, log=lambda _: None) -> dict:
 def run(cfg: DensityConfig, root: Path, log=lambda _: None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     write_tenants(cfg.base, root, max(cfg.tenants), cfg.ratio, log)
-    rows = [measure(cfg, root, n, log) for n in cfg.tenants]
-    largest = max(rows, key=lambda r: r["tenants"])
-    return {"config": asdict(cfg), **{k: largest[k] for k in ("tenants", "bytes_per_tenant", "throughput_vs_base",
-                                                              "cold_load_p99_s", "rss_gb", "peak_rss_gb")},
+    rows = [measure(cfg, root, n, tier, log) for tier in cfg.tiers for n in cfg.tenants]
+    keys = ("tenants", "bytes_per_tenant", "throughput_vs_base", "cold_load_p99_s", "rss_gb", "peak_rss_gb")
+    largest = {tier: max((r for r in rows if r["tier"] == tier), key=lambda r: r["tenants"]) for tier in cfg.tiers}
+    first = largest[cfg.tiers[0]]
+    return {"config": asdict(cfg), "tier": cfg.tiers[0], **{k: first[k] for k in keys},
+            "by_tier": {tier: {k: r[k] for k in keys if k != "bytes_per_tenant"} for tier, r in largest.items()},
             "rows": rows}

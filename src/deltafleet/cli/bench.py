@@ -605,8 +605,11 @@ def bench_density_command(
                                 "compressed full fine-tunes at 1/64)."),
     requests: int = typer.Option(256, min=1, help="Requests per stream (Zipf-popular tenants)."),
     rounds: int = typer.Option(2, min=1, help="Paired rounds (tenants, then the base) per tenant count."),
-    host_cache_gb: float = typer.Option(4.0, min=0.0, help="Host cache of loaded tenants (GiB)."),
+    host_cache_gb: float = typer.Option(8.0, min=0.0, help="Host cache of loaded tenants (GiB)."),
     loader_threads: int = typer.Option(1, min=1, help="The engine's adapter loader threads."),
+    tiers: str = typer.Option("preloaded,disk", help="Where tenants start, comma-separated: preloaded (read into "
+                              "host memory before the stream, as S-LoRA holds all adapters in main memory) and/or "
+                              "disk (read when first requested). The top-level figures are the first tier's."),
     root: Path | None = typer.Option(None, help="Where the tenants are written (kept for later runs; default: "
                                      "$DELTAFLEET_CACHE_DIR/density-tenants)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
@@ -618,7 +621,8 @@ def bench_density_command(
     from deltafleet.store.cache import cache_dir
 
     cfg = DensityConfig(base=base, dtype=resolve_dtype(dtype), tenants=tuple(int(t) for t in tenants.split(",")),
-                        requests=requests, rounds=rounds, host_cache_gb=host_cache_gb, loader_threads=loader_threads)
+                        requests=requests, rounds=rounds, host_cache_gb=host_cache_gb, loader_threads=loader_threads,
+                        tiers=tuple(t.strip() for t in tiers.split(",") if t.strip()))
     try:
         rep = run(cfg, root or cache_dir() / "density-tenants",
                   log=(lambda _: None) if as_json else (lambda m: console.print(m, highlight=False)))
@@ -628,11 +632,12 @@ def bench_density_command(
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return
-    table = Table("tenants", "bytes/tenant disk (lora/road/ft)", "slot misses", "host loads", "to host p50/p99 s",
-                  "slot copy p99 s", "vs base", "RSS GiB")
+    table = Table("tenants", "tier", "bytes/tenant disk (lora/road/ft)", "slot misses", "host loads",
+                  "to host p50/p99 s", "slot copy p99 s", "vs base", "RSS GiB")
     for r in rep["rows"]:
         b = r["bytes_per_tenant"]
-        table.add_row(str(r["tenants"]), " / ".join(f"{b[k]['disk'] / 1e6:.2f} MB" for k in ("lora", "road", "ft")),
+        table.add_row(str(r["tenants"]), r["tier"],
+                      " / ".join(f"{b[k]['disk'] / 1e6:.2f} MB" for k in ("lora", "road", "ft")),
                       f"{r['slot_miss_rate']:.3f}", str(r["host_loads"]),
                       f"{r['cold_load_to_host_p50_s']} / {r['cold_load_to_host_p99_s']}", str(r["slot_copy_p99_s"]),
                       f"{r['throughput_vs_base']:.2f}x", f"{r['peak_rss_gb']:.2f}")

@@ -70,7 +70,8 @@ class AdapterStats:
     misses: int = 0  # acquire had to copy it into a slot
     evictions: int = 0  # a resident adapter was evicted from its slot
     host_evictions: int = 0  # a loaded adapter was dropped from host memory
-    loads: int = 0  # loads from disk completed
+    loads: int = 0  # loads from disk completed (preloads included)
+    preloads: int = 0  # of which read ahead by `preload`, not for a request
 
 
 MAX_STAGED = 32  # expanded compact forms kept for their slot copy (Delta-CoMe 1/64 on SmolLM2: 24 MB each)
@@ -94,7 +95,7 @@ class _Entry:
     removed: bool = False  # detached by remove/replace: only finishes the requests that hold it
     error: str | None = None
     future: Future | None = None
-    requested: float = 0.0  # perf_counter when its current load was asked for
+    requested: float | None = None  # perf_counter when a request first asked for its current load (None: no request)
     refs: int = 0  # running requests holding it
     slot: tuple[Pool, int] | None = None
     info: dict = field(default_factory=dict)
@@ -145,6 +146,8 @@ class AdapterManager:
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader",
                                             initializer=loader_thread_init)
+        self._preload: deque[str] = deque()  # names `preload` still has to read, in order
+        self._preloading = False  # a preload job is queued or running on the loader
 
     # ------------------------------------------------------------------ registry of names (any thread)
     def scan(self, directory: str | Path) -> list[str]:
@@ -275,6 +278,8 @@ class AdapterManager:
         in host memory and not resident is expanded in the background (`stage`) instead."""
         with self._lock:
             e = self._entry(name)
+            if e.future is not None and not e.future.done() and e.requested is None:
+                e.requested = time.perf_counter()  # being preloaded: the request waits for that read
             if e.slot is not None or (e.future and not e.future.done()) or e.error:
                 return
             if name in self.host:
@@ -326,7 +331,8 @@ class AdapterManager:
             return staged[1]
         return form.materialize()
 
-    def _load(self, e: _Entry) -> None:  # loader thread
+    def _load(self, e: _Entry, preload: bool = False) -> None:  # loader thread
+        """Read `e` into host memory (a preload keeps it only if it fits without evicting, else stops preloading)."""
         try:
             form, expanded, info = self._read(e.name, e.path, e.root)
         except AdapterLoadError as err:
@@ -338,10 +344,56 @@ class AdapterManager:
             if e.removed:
                 return
             e.info = info
-            self.timings.to_host.append(time.perf_counter() - e.requested)
+            if preload and e.requested is None and self._host_bytes() + form.nbytes > self.host_cache_bytes:
+                self._preload.clear()  # full: what is read from now on is read for requests
+                return
+            if e.requested is not None:
+                self.timings.to_host.append(time.perf_counter() - e.requested)
+                e.requested = None
+            self.stats.preloads += preload
             self._put_host(e, form)
             if isinstance(form, CompactForm) and e.slot is None:  # loaded for a waiting request: keep the serving
                 self._put_staged(e.name, form, expanded)         # form built to validate it, for its slot copy
+
+    def preload(self, names: list[str] | None = None) -> None:
+        """Read registered adapters (`names`, default all, in order) into host memory in the background, as S-LoRA
+        keeps every adapter in main memory: a request for one then waits only for its copy into a slot. Preloading
+        never evicts: it stops at the first adapter that would not fit in `host_cache_bytes`. It runs one adapter at
+        a time on the loader threads, and a request's load queued meanwhile runs before the next one."""
+        with self._lock:
+            self._preload.extend(self.names() if names is None else names)
+            if not self._preloading and self._preload:
+                self._preloading = True
+                self._executor.submit(self._preload_next)
+
+    @property
+    def preloading(self) -> bool:
+        """A preload is still reading adapters."""
+        with self._lock:
+            return self._preloading
+
+    def _preload_next(self) -> None:  # loader thread
+        with self._lock:
+            e = None
+            while self._preload and e is None:
+                cand = self.entries.get(self._preload.popleft())
+                busy = cand is None or cand.error or cand.slot is not None or cand.name in self.host or (
+                    cand.future is not None and not cand.future.done())
+                e = None if busy else cand
+            if e is None:
+                self._preloading = False
+                return
+            e.future = future = Future()
+            future.set_running_or_notify_cancel()
+        try:
+            self._load(e, preload=True)
+        finally:
+            future.set_result(None)
+            with self._lock:
+                if self._preload:
+                    self._executor.submit(self._preload_next)  # behind the loads requests queued meanwhile
+                else:
+                    self._preloading = False
 
     def _put_host(self, e: _Entry, form: ServingForm | CompactForm) -> None:
         self.host[e.name] = form
@@ -353,8 +405,7 @@ class AdapterManager:
         """Keep host memory within `host_cache_bytes`: the loaded forms plus the expansions staged for slot copies
         (at most MAX_STAGED, each waiting for its copy: never dropped here, or a tenant could be staged and dropped
         forever) count; loaded forms no running request holds go, least recently used first."""
-        total = sum(f.nbytes for f in self.host.values())
-        total += sum(expanded.nbytes for _, expanded in self.staged.values())
+        total = self._host_bytes()
         for name in list(self.host):
             if total <= self.host_cache_bytes:
                 break
@@ -362,6 +413,10 @@ class AdapterManager:
             if e.refs == 0 and e.path is not None and len(self.host) > 1:
                 total -= self.host.pop(name).nbytes
                 self.stats.host_evictions += 1
+
+    def _host_bytes(self) -> int:
+        """Bytes held in host memory: the loaded forms and the expansions staged for slot copies."""
+        return sum(f.nbytes for f in self.host.values()) + sum(x.nbytes for _, x in self.staged.values())
 
     def _state(self, e: _Entry) -> AdapterState:
         if e.error:

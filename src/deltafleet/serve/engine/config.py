@@ -53,6 +53,9 @@ class EngineConfig:
     pafi_slots / pafi_density: resident sparse (PaFi) adapters whose shared mask has that density.
     hiwi_slots: resident RMSNorm-gain (HiWi) adapters.
     host_cache_bytes: loaded adapters kept in host memory (LRU).
+    preload_adapters: read the adapters of `adapters_dir` into host memory in the background from start-up, in
+        name order, until `host_cache_bytes` is full (S-LoRA's main-memory tier: a request for one then waits only
+        for its copy into a slot); requests' own loads go first. False: each is read when first requested.
     loader_threads: threads reading adapters from disk (and expanding compact ones for their slots).
     adapter_load_timeout: seconds a request waits for its adapter to load (from submission); then it fails with
         finish reason error. A request waiting only for a free slot of a loaded adapter does not time out.
@@ -82,6 +85,7 @@ class EngineConfig:
     hiwi_slots: int = 64
     qdelta_slots: int = 32
     host_cache_bytes: int = 4 << 30
+    preload_adapters: bool = False
     loader_threads: int = 1
     adapter_load_timeout: float = 60.0
     max_queue: int = 1024

@@ -90,7 +90,9 @@ class Engine:
         self.adapters = AdapterManager(mcfg, adt, pools, config.host_cache_bytes, base_fingerprint,
                                        config.loader_threads)
         if adapters_dir is not None:
-            self.adapters.scan(adapters_dir)
+            scanned = self.adapters.scan(adapters_dir)
+            if config.preload_adapters:
+                self.adapters.preload(scanned)
         eos = set(mcfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)

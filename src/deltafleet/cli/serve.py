@@ -50,6 +50,10 @@ def serve_command(
     max_batch: int = typer.Option(16, min=1, help="Running sequences at most."),
     max_model_len: int = typer.Option(2048, min=8, help="Prompt + generated tokens per sequence."),
     max_queue: int = typer.Option(256, min=1, help="Waiting requests at most; more get HTTP 429."),
+    host_cache_gb: float = typer.Option(4.0, min=0.001, help="Host memory for loaded adapters (GiB; LRU)."),
+    preload_adapters: bool = typer.Option(False, help="Read every adapter of --adapters into host memory in the "
+                                          "background from start-up, until --host-cache-gb is full (a request then "
+                                          "waits only for its slot copy); requests' own loads go first."),
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, min=1, help="Request bodies over this many bytes get HTTP "
                                        "413 before they are read in full."),
     shutdown_deadline: float = typer.Option(30.0, min=0.0, help="Seconds running requests get on shutdown."),
@@ -69,7 +73,8 @@ def serve_command(
         serve_ray(base, adapters, host, port, resolve_dtype(dtype), config, model_name, replicas, ray_address,
                   threads_per_replica, max_body_bytes,
                   dict(max_batch=max_batch, max_model_len=max_model_len, max_queue=max_queue,
-                       adapter_dtype=adapter_dtype, prepack=prepack, pafi_density=pafi_density))
+                       adapter_dtype=adapter_dtype, prepack=prepack, pafi_density=pafi_density,
+                       host_cache_bytes=int(host_cache_gb * 2**30), preload_adapters=preload_adapters))
         return
     from deltafleet.models.prepack import bound_primitive_caches
 
@@ -88,7 +93,8 @@ def serve_command(
         with console.status(f"loading {base} ({dt})"):
             gateway = build_gateway(base, adapters, dt, model_name, max_batch=max_batch,
                                     max_model_len=max_model_len, max_queue=max_queue, adapter_dtype=adapter_dtype,
-                                    prepack=prepack, pafi_density=pafi_density)
+                                    prepack=prepack, pafi_density=pafi_density,
+                                    host_cache_bytes=int(host_cache_gb * 2**30), preload_adapters=preload_adapters)
         console.print(f"loaded {gateway.model_name} in {time.perf_counter() - t0:.1f} s ({dt}); "
                       f"{len(gateway.adapter_names())} adapters; tenancy: "
                       f"{'open (no --config)' if tenancy.open else f'{len(tenancy.entries)} keys'}")

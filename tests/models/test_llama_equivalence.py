@@ -167,3 +167,59 @@ def test_smollm2_matches_transformers(smollm2_path):
     assert len(set(map(len, enc))) == 3
     assert_close(a[mask.bool()], b[mask.bool()], "reordered", **forward_chain(ours.config))
     assert tok.decode(a[0, len(enc[0]) - 1].argmax()).strip() == "Paris"
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("pad", [0, 5])
+def test_ragged_step_equals_each_sequence_alone(tiny_checkpoints, name, pad):
+    """A ragged call (`seq_lens`): decode tokens and prompt chunks of several lengths laid end to end (then `pad`
+    padding tokens) in one forward, each sequence at its own cache prefix. Its logits equal each sequence's chunk
+    run alone, the KV cache ends the same, and padding writes nothing."""
+    ours, _ = load_model(tiny_checkpoints[name])
+    cfg = ours.config
+    ids = token_batch(cfg.vocab_size, 4, 12, seed=6)
+    done = [5, 0, 9, 3]  # tokens already in each sequence's cache
+    lens = [1, 6, 1, 4]  # this call: a decode token, a first chunk, a decode token, a later chunk
+    slots = torch.tensor([3, 0, 2, 1])
+    with torch.no_grad():
+        cache = KVCache.allocate(cfg, slots=5, max_len=16, dtype=torch.float32)
+        alone_cache = KVCache.allocate(cfg, slots=5, max_len=16, dtype=torch.float32)
+        for b, n in enumerate(done):
+            if n:
+                for c in (cache, alone_cache):
+                    ours(ids[b:b + 1, :n], cache=c, cache_slots=slots[b:b + 1])
+        chunks = list(enumerate(zip(done, lens, strict=True)))
+        flat = torch.cat([ids[b, d:d + n] for b, (d, n) in chunks] + [torch.ones(pad, dtype=torch.long)])
+        pos = torch.cat([torch.arange(d, d + n) for _, (d, n) in chunks] + [torch.zeros(pad, dtype=torch.long)])
+        snapshot = cache.k[:, 4].clone()  # slot 4 belongs to nobody: padding must not write there (or anywhere)
+        got = ours(flat[None], positions=pos[None], cache=cache, cache_slots=slots, seq_lens=torch.tensor(lens))[0]
+        start = 0
+        for b, (d, n) in chunks:
+            alone = ours(ids[b:b + 1, d:d + n], positions=torch.arange(d, d + n)[None], cache=alone_cache,
+                         cache_slots=slots[b:b + 1])[0]
+            assert_close(got[start:start + n], alone, "reordered", **forward_chain(cfg))
+            start += n
+        assert got.shape[0] == sum(lens) + pad
+        for b, (d, n) in chunks:
+            s = int(slots[b])
+            assert_close(cache.k[:, s, :, :d + n], alone_cache.k[:, s, :, :d + n], "reordered",
+                         **forward_chain(cfg))
+        assert torch.equal(cache.k[:, 4], snapshot) and torch.equal(cache.k[:, :, :, 13:], alone_cache.k[:, :, :, 13:])
+
+
+def test_ragged_call_refuses_what_it_cannot_run(tiny_llama):
+    ours, _ = load_model(tiny_llama)
+    cache = KVCache.allocate(ours.config, slots=2, max_len=8, dtype=torch.float32)
+    ids, pos = torch.ones(1, 4, dtype=torch.long), torch.arange(4)[None]
+    with torch.no_grad():
+        for kw, match in [(dict(seq_lens=torch.tensor([2, 3])), "cover at most"),
+                          (dict(seq_lens=torch.tensor([0, 2])), "each >= 1"),
+                          (dict(seq_lens=torch.tensor([2, 2]), cache_slots=slice(0, 2)), "cache_slots as a"),
+                          (dict(seq_lens=torch.tensor([4]), cache_slots=torch.tensor([0]),
+                                positions=torch.arange(6, 10)[None]), "exceeds the KV cache")]:
+            args = dict(positions=pos, cache=cache, cache_slots=torch.tensor([0, 1])) | kw
+            with pytest.raises(ValueError, match=match):
+                ours(ids, **args)
+        with pytest.raises(ValueError, match="no attention_mask"):
+            ours(ids, positions=pos, attention_mask=torch.ones(1, 4), cache=cache, cache_slots=torch.tensor([0]),
+                 seq_lens=torch.tensor([4]))

@@ -114,3 +114,20 @@ def test_stop_token_ids(tiny_llama, adapters_dir, solo):
     out = engine.generate([Request(prompt, params, adapter="road1-all")])[0]
     assert out.finish_reason == FinishReason.STOP
     assert out.token_ids == full[: stop_at + 1]
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_prompts_joining_decoding_batches_in_one_forward(tiny_llama, adapters_dir, solo, mixed):
+    """Requests admitted while others decode: with `mixed_steps`, their prompt chunks (some split by
+    `prefill_tokens`) run in the decode step's forward, laid end to end and padded to the bucket; without, a prefill
+    forward runs first. Every adapter kind and the base, every answer equal to its solo reference either way."""
+    engine = make_engine(tiny_llama, adapters_dir, max_batch=5, prefill_tokens=7, prefill_bucket=4,
+                         mixed_steps=mixed)
+    reqs = workload(24, "distinct", True, seed=21)
+    outs = engine.generate(reqs)
+    for r, o in zip(reqs, outs, strict=True):
+        assert o.token_ids == solo(r.prompt_ids, r.params.max_tokens, r.adapter), (r.adapter, r.prompt_ids)
+    c = engine.counters
+    assert (c["mixed_steps"] > 5) == mixed and (c["mixed_steps"] == 0) == (not mixed)
+    assert c["prompt_tokens"] == sum(len(r.prompt_ids) for r in reqs)
+    assert c["decode_tokens"] + c["mixed_decode_tokens"] + sum(1 for _ in reqs) == c["generated_tokens"]

@@ -115,6 +115,12 @@ class AttentionInputs:
     write_rows: Tensor | None  # (M,) row b * T + t of each written token among the call's B * T; None: all, in order
     write_at: tuple | None  # (slot, :, position) of each written token: (M,) tensors, or (slice, :, int) for a view
     read_at: tuple | None  # (slots, :, :S): slots (B,) indices, or a slice (a view, no gather)
+    # A ragged call (`seq_lens`): its T tokens are B sequences laid end to end (then padding). Queries are
+    # attended per sequence, padded to Tq: `pad_index` (B * Tq,) picks each (sequence, query) token, `unpad_index`
+    # (T,) each token's row among the B * Tq outputs. None: the call is a (B, T) batch.
+    pad_index: Tensor | None = None
+    unpad_index: Tensor | None = None
+    padded: tuple[int, int] | None = None  # (B, Tq)
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -176,9 +182,14 @@ class Attention(nn.Module):
             cv[a.write_at] = v.to(cv.dtype)
             k, v = ck[a.read_at], cv[a.read_at]  # (B, nkv, S, hd)
         dt = a.attn_dtype
+        if a.pad_index is not None:  # ragged: (1, T) tokens -> (Bs, Tq) queries, one row per sequence
+            q = q.reshape(B * T, nh, hd)[a.pad_index].view(*a.padded, nh, hd)
         y = F.scaled_dot_product_attention(q.transpose(1, 2).to(dt), k.to(dt), v.to(dt), attn_mask=a.mask,
-                                           enable_gqa=True)  # (B, nh, T, hd)
-        return _project(self.o_proj, layer, "o_proj", y.transpose(1, 2).reshape(B, T, nh * hd).to(x.dtype), hook)
+                                           enable_gqa=True)  # (B, nh, T, hd), ragged (Bs, nh, Tq, hd)
+        y = y.transpose(1, 2).reshape(-1, nh * hd)
+        if a.unpad_index is not None:
+            y = y[a.unpad_index]
+        return _project(self.o_proj, layer, "o_proj", y.view(B, T, nh * hd).to(x.dtype), hook)
 
 
 class MLP(nn.Module):
@@ -294,6 +305,39 @@ class Transformer(nn.Module):
             mask = mask[:, None]
         return AttentionInputs(cos, sin, mask, attn_dtype, cache, write_rows, write_at, read_at)
 
+    def _ragged_inputs(self, positions: Tensor, seq_lens: Tensor, cache: KVCache | None,
+                       slots: Tensor | None, dtype: torch.dtype) -> AttentionInputs:
+        """Attention inputs of a ragged call: positions (1, T), the first sum(seq_lens) tokens B sequences laid
+        end to end, the rest padding (neither written nor attended)."""
+        if cache is None or not isinstance(slots, Tensor) or positions.shape[0] != 1:
+            raise ValueError("seq_lens needs a KV cache, cache_slots as a (B,) tensor and (1, T) tokens")
+        lens = seq_lens.to(torch.long)
+        B, T, n = lens.numel(), positions.shape[1], int(lens.sum())
+        if slots.shape != (B,) or n > T or bool((lens < 1).any()):
+            raise ValueError(f"seq_lens {lens.tolist()} (each >= 1) must cover at most the call's {T} tokens, "
+                             f"one per cache slot given ({tuple(slots.shape)})")
+        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        pos = positions[0, :n]
+        key_len = int(pos.max()) + 1
+        if key_len > cache.max_len:
+            raise ValueError(f"position {key_len - 1} exceeds the KV cache length {cache.max_len}")
+        Tq = int(lens.max())
+        starts = torch.cumsum(lens, 0) - lens
+        t = torch.arange(Tq)
+        real = t[None, :] < lens[:, None]  # (B, Tq): a sequence's query t exists
+        pad_index = torch.where(real, starts[:, None] + t, 0).reshape(-1)  # padded queries read token 0
+        seq_of_token = torch.repeat_interleave(torch.arange(B), lens)
+        unpad_index = torch.zeros(T, dtype=torch.long)
+        unpad_index[:n] = seq_of_token * Tq + (torch.arange(n) - starts[seq_of_token])
+        qpos = torch.where(real, pos[pad_index].view(B, Tq), -1)
+        mask = torch.arange(key_len)[None, None, :] <= qpos[:, :, None]  # (B, Tq, S)
+        mask[:, :, 0] |= ~mask.any(-1)  # a padded query attends one key, so softmax stays finite (output unused)
+        write_rows = None if n == T else torch.arange(n)
+        write_at = (slots[seq_of_token], slice(None), pos)
+        read_at = (slots, slice(None), slice(None, key_len))
+        return AttentionInputs(cos, sin, mask[:, None], torch.float32 if Tq == 1 else dtype, cache, write_rows,
+                               write_at, read_at, pad_index, unpad_index, (B, Tq))
+
     def forward(
         self,
         input_ids: Tensor,
@@ -303,14 +347,29 @@ class Transformer(nn.Module):
         cache_slots: Tensor | slice | None = None,
         hook: ProjectionHook | None = None,
         logits_index: Tensor | None = None,
+        seq_lens: Tensor | None = None,
     ) -> Tensor:
         """input_ids (B, T); positions (B, T) default arange; attention_mask (B, T) 1 = real token.
 
         With `cache`, each sequence b reads and writes cache slot `cache_slots[b]` (a slice start:start+B reads
         the cache as a view instead of gathering); padding tokens are not written. `logits_index` (M,) selects
         flattened B*T positions so the LM head runs only where needed.
+
+        Ragged (`seq_lens` (B,)): input_ids and positions are (1, T), the first sum(seq_lens) tokens B sequences
+        laid end to end (sequence b in cache slot `cache_slots[b]`), any tokens after them padding. Projections run
+        on the T tokens as one batch; attention per sequence. This is how a step mixes prompt chunks with decode
+        tokens without padding every sequence to the longest.
         """
         B, T = input_ids.shape
+        if seq_lens is not None:
+            if positions is None or attention_mask is not None:
+                raise ValueError("a ragged call (seq_lens) takes positions and no attention_mask")
+            top = hook if getattr(hook, "model_level", False) else None
+            x = self.model.embed_tokens(input_ids)
+            if top is not None:
+                x = top(MODEL_LAYER, "embed_tokens", input_ids, x)
+            return self._run(x, self._ragged_inputs(positions, seq_lens, cache, cache_slots, x.dtype), hook, top,
+                             logits_index)
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
@@ -319,7 +378,13 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         if top is not None:
             x = top(MODEL_LAYER, "embed_tokens", input_ids, x)
-        a = self._attention_inputs(positions, valid, cache, cache_slots, x.dtype)
+        return self._run(x, self._attention_inputs(positions, valid, cache, cache_slots, x.dtype), hook, top,
+                         logits_index)
+
+    def _run(self, x: Tensor, a: AttentionInputs, hook: ProjectionHook | None, top: ProjectionHook | None,
+             logits_index: Tensor | None) -> Tensor:
+        """Embeddings x (B, T, H) through the layers, the final norm and the LM head -> logits."""
+        B, T, _ = x.shape
         for block in self.model.layers:
             x = block(x, a, hook)
         x = _norm(self.model.norm, MODEL_LAYER, FINAL_NORM, x, top)

@@ -36,6 +36,10 @@ class EngineConfig:
     max_model_len: prompt + generated tokens per sequence (the KV slot length).
     kv_cache_bytes: if set, caps max_batch so the KV cache fits this budget.
     prefill_tokens: prompt tokens processed per step at most (longer prompts are chunked).
+    mixed_steps: a step with both decode tokens and prompt chunks runs them in one forward (the tokens laid end to
+        end, attention per sequence; padded to a multiple of `prefill_bucket` tokens). Each forward reads every base
+        weight once, so a prompt admitted while others decode costs its tokens' compute, not a second pass over the
+        weights. False: a prefill forward, then a decode forward.
     prefill_bucket: a prefill step's rows are padded to a multiple of this many tokens (padding is masked: it is
         neither attended to nor written to the KV cache). Every distinct token count that reaches a oneDNN matmul
         creates a primitive that stays cached, so without buckets memory grows with every new prompt length
@@ -92,6 +96,7 @@ class EngineConfig:
     adapter_dtype: str | None = None
     prepack: bool = True
     prefill_bucket: int = 16
+    mixed_steps: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_model_len", "prefill_tokens", "max_queue", "host_cache_bytes", "prefill_bucket",

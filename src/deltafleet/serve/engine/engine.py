@@ -5,9 +5,10 @@ Each `step()`:
    adapter is resident or can be made so (loading happens on a background thread; a request whose adapter
    is still loading waits without blocking others);
 2. prefills admitted prompts (chunked to `prefill_tokens` per step), sampling a first token where a prompt
-   completes;
-3. decodes one token for every sequence already decoding;
-4. retires finished sequences, compacting the KV cache so running sequence i always owns cache slot i
+   completes, and decodes one token for every sequence already decoding: both in one forward when the step has
+   both (`EngineConfig.mixed_steps`: the tokens laid end to end, attention per sequence, as vLLM's and SGLang's
+   chunked prefill do), else a prefill forward and a decode forward;
+3. retires finished sequences, compacting the KV cache so running sequence i always owns cache slot i
    (decode then reads the cache as a view, with no per-step gather).
 
 The batch adapter layout (`BatchLayout`) is computed once per forward and read by every layer. Base-only
@@ -51,6 +52,7 @@ from deltafleet.serve.engine.sampling import RowFailure, sample
 from deltafleet.serve.engine.sequence import Seq
 from deltafleet.serve.engine.stream import AsyncStream
 from deltafleet.serve.engine.types import (
+    NO_ADAPTER,
     EngineShutdownError,
     FinishReason,
     InvalidParameterError,
@@ -106,8 +108,11 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # decode_* count steps of decode tokens only, prefill_seconds steps of prompt chunks only, mixed_* the
+        # steps that run both in one forward (`EngineConfig.mixed_steps`)
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "steps": 0,
-                         "decode_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0}
+                         "decode_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0,
+                         "mixed_steps": 0, "mixed_decode_tokens": 0, "mixed_seconds": 0.0}
         self.ttft: deque[float] = deque(maxlen=4096)
         self.itl: deque[float] = deque(maxlen=16384)
 
@@ -201,7 +206,14 @@ class Engine:
             self._admit()
             decoding = [s for s in self.running if not s.in_prefill and s.finish is None]
             prefilling = [s for s in self.running if s.in_prefill]
-            if prefilling:
+            if prefilling and decoding and self.config.mixed_steps:
+                t0 = time.perf_counter()
+                self._mixed(decoding, self._chunks(prefilling))
+                self.counters["mixed_seconds"] += time.perf_counter() - t0
+                self.counters["mixed_steps"] += 1
+                self.counters["mixed_decode_tokens"] += len(decoding)
+                decoding = []
+            elif prefilling:
                 t0 = time.perf_counter()
                 self._prefill(prefilling)
                 self.counters["prefill_seconds"] += time.perf_counter() - t0
@@ -314,7 +326,8 @@ class Engine:
             s.error = s.error or error
         self._finish(s, FinishReason.ERROR)
 
-    def _prefill(self, seqs: list[Seq]) -> None:
+    def _chunks(self, seqs: list[Seq]) -> list[tuple[Seq, int]]:
+        """This step's prompt chunks (sequence, tokens), at most `prefill_tokens` in all, in admission order."""
         budget = self.config.prefill_tokens
         chunks: list[tuple[Seq, int]] = []
         for s in seqs:
@@ -323,15 +336,60 @@ class Engine:
             n = min(s.prompt_len - s.computed, budget)
             chunks.append((s, n))
             budget -= n
-        for part, logits in self._isolated(chunks, self._prefill_forward, seq=lambda chunk: chunk[0]):
-            done = []
-            for s, n in part:
-                s.computed += n
-                self.counters["prompt_tokens"] += n
-                if s.computed == s.prompt_len:
-                    done.append(s)
-            if done:
-                self._emit(done, sample(logits, [s.req.params for s in done], [s.gen for s in done]))
+        return chunks
+
+    def _prefill(self, seqs: list[Seq]) -> None:
+        for part, logits in self._isolated(self._chunks(seqs), self._prefill_forward, seq=lambda chunk: chunk[0]):
+            self._chunks_done(part, logits)
+
+    def _chunks_done(self, chunks: list[tuple[Seq, int]], logits: torch.Tensor) -> None:
+        """Account computed prompt chunks; sample a first token for those that end a prompt (their rows of
+        `logits`, in order)."""
+        done = []
+        for s, n in chunks:
+            s.computed += n
+            self.counters["prompt_tokens"] += n
+            if s.computed == s.prompt_len:
+                done.append(s)
+        if done:
+            self._emit(done, sample(logits, [s.req.params for s in done], [s.gen for s in done]))
+
+    def _mixed(self, decoding: list[Seq], chunks: list[tuple[Seq, int]]) -> None:
+        """One forward for a decode token of every decoding sequence and this step's prompt chunks."""
+        items = [(s, 0) for s in decoding] + chunks  # (sequence, prompt tokens; 0: its decode token)
+        for part, logits in self._isolated(items, self._mixed_forward, seq=lambda item: item[0]):
+            dec = [s for s, n in part if n == 0]
+            if dec:
+                self._emit(dec, sample(logits[:len(dec)], [s.req.params for s in dec], [s.gen for s in dec]))
+            self._chunks_done([(s, n) for s, n in part if n], logits[len(dec):])
+
+    def _mixed_forward(self, items: list[tuple[Seq, int]]) -> torch.Tensor:
+        """Decode tokens (n = 0) and prompt chunks (n tokens) laid end to end in one ragged forward (padded to a
+        multiple of `prefill_bucket` tokens) -> logits of the decode tokens, then of the chunks that end a prompt.
+        Items must list the decode tokens first."""
+        ids, pos, lens, last = [], [], [], []
+        for s, n in items:
+            if n == 0:
+                ids.append(s.out[-1])
+                pos.append(s.prompt_len + len(s.out) - 1)
+                lens.append(1)
+            else:
+                ids.extend(s.req.prompt_ids[s.computed:s.computed + n])
+                pos.extend(range(s.computed, s.computed + n))
+                lens.append(n)
+            if n == 0 or s.computed + n == s.prompt_len:
+                last.append(len(ids) - 1)
+        bucket = self.config.prefill_bucket
+        pad = -len(ids) % bucket
+        rows = self._rows([s for s, _ in items])
+        if pad:
+            rows.append((None, NO_ADAPTER))  # padding tokens: the base model, never written nor attended
+        layout = BatchLayout.build(rows, lens + [pad] if pad else lens)
+        logits_index = torch.tensor(last)
+        return self.model(torch.tensor([ids + [0] * pad]), positions=torch.tensor([pos + [0] * pad]),
+                          cache=self.cache, cache_slots=torch.tensor([s.kv for s, _ in items]),
+                          hook=layout.hook(self.backend, logits_index), logits_index=logits_index,
+                          seq_lens=torch.tensor(lens))
 
     def _prefill_forward(self, chunks: list[tuple[Seq, int]]) -> torch.Tensor:
         """Prompt chunks (sequence, tokens) through the model -> logits (D, V) of the D chunks that end a prompt."""

@@ -14,6 +14,8 @@ logits (the additive method, over the rows `logits_index` keeps, each table at i
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -32,12 +34,19 @@ class BatchLayout:
     num_tokens: int
     pool_steps: list[PoolStep]
     rows: list[tuple[Pool | None, int]] = field(default_factory=list)
-    tokens_per_row: int = 1
+    tokens_per_row: int | list[int] = 1
 
     @classmethod
-    def build(cls, rows: list[tuple[Pool | None, int]], tokens_per_row: int) -> BatchLayout:
-        """rows[b] = (pool, slot) of row b, or (None, NO_ADAPTER) for the base model."""
-        T, N = tokens_per_row, len(rows) * tokens_per_row
+    def build(cls, rows: list[tuple[Pool | None, int]], tokens_per_row: int | list[int]) -> BatchLayout:
+        """rows[b] = (pool, slot) of row b, or (None, NO_ADAPTER) for the base model. `tokens_per_row`: each row's
+        token count, one for all (a (B, T) batch, flattened row-major) or one per row (rows laid end to end: a
+        ragged step, `Transformer.forward(seq_lens=...)`)."""
+        counts = [tokens_per_row] * len(rows) if isinstance(tokens_per_row, int) else list(tokens_per_row)
+        if len(counts) != len(rows):
+            raise ValueError(f"{len(counts)} token counts for {len(rows)} rows")
+        n_tok = torch.tensor(counts, dtype=torch.long)
+        starts = torch.cumsum(n_tok, 0) - n_tok  # first token of each row
+        N = int(n_tok.sum())
         by_pool: dict[int, tuple[Pool, list[tuple[int, int]]]] = {}
         for b, (pool, slot) in enumerate(rows):
             if pool is None or slot == NO_ADAPTER:
@@ -48,22 +57,30 @@ class BatchLayout:
             row_index = torch.full((len(rows),), pool.null, dtype=torch.long)
             for b, slot in members:
                 row_index[b] = slot
-            index = row_index.repeat_interleave(T)
+            index = row_index.repeat_interleave(n_tok)
             by_slot = sorted(members, key=lambda m: m[1])
-            order = (torch.tensor([b for b, _ in by_slot])[:, None] * T + torch.arange(T)).reshape(-1)
+            member_rows = torch.tensor([b for b, _ in by_slot])
+            order = _ranges(starts[member_rows], n_tok[member_rows])
             slots = [s for _, s in by_slot]
             used = set(slots)
             module_sets = list({id(m): m for m in (pool.slot_modules[s] for s in used)}.values())
-            counts = torch.bincount(torch.tensor(slots), minlength=slots[-1] + 1) * T
+            counts_by_slot = torch.zeros(slots[-1] + 1, dtype=torch.long).index_add_(0, torch.tensor(slots),
+                                                                                     n_tok[member_rows])
             steps.append(PoolStep(
                 pool=pool, index=index,
                 members=None if len(members) == len(rows) else order.sort().values,
-                order=order, offs=counts.cumsum(0).to(torch.int32),
+                order=order, offs=counts_by_slot.cumsum(0).to(torch.int32),
                 width=max(pool.slot_width[s] for s in used),
                 modules=module_sets[0] if len(module_sets) == 1 else frozenset().union(*module_sets),
                 distinct=len(used),
             ))
-        return cls(N, steps, list(rows), T)
+        return cls(N, steps, list(rows), tokens_per_row)
+
+    def row_of_token(self, i: int) -> int:
+        """The row that flattened token `i` belongs to."""
+        if isinstance(self.tokens_per_row, int):
+            return i // self.tokens_per_row
+        return bisect.bisect_right(list(itertools.accumulate(self.tokens_per_row)), i)
 
     def hook(self, backend: Backend, logits_index: Tensor | None = None) -> ProjectionHook | None:
         """The step's projection hook; `logits_index`: the flattened token rows the LM head runs on (as passed to
@@ -114,13 +131,19 @@ class BatchLayout:
         the pool's LM-head table."""
         if id(st) not in cache:
             sub: PoolStep | None = st
-            every_row = logits_index is not None and self.tokens_per_row == 1 and logits_index.numel() == \
-                self.num_tokens and bool((logits_index == torch.arange(self.num_tokens)).all())  # a decode step
+            every_row = logits_index is not None and logits_index.numel() == self.num_tokens and \
+                bool((logits_index == torch.arange(self.num_tokens)).all())  # a decode step: every token
             if logits_index is not None and not every_row:
-                T = self.tokens_per_row
-                rows = [self.rows[i // T] for i in logits_index.tolist()]
+                rows = [self.rows[self.row_of_token(i)] for i in logits_index.tolist()]
                 sub = next((s for s in BatchLayout.build(rows, 1).pool_steps if s.pool is st.pool), None)
             table = st.pool.tensors[(MODEL_LAYER, "lm_head")]
             width = (table["A"] if "A" in table else table["bits"]).shape[1]  # additive or qadditive rows
             cache[id(st)] = None if sub is None else replace(sub, width=width)
         return cache[id(st)]
+
+
+def _ranges(starts: Tensor, lengths: Tensor) -> Tensor:
+    """The concatenated ranges [starts[j], starts[j] + lengths[j]) in order, (sum(lengths),) long."""
+    ends = torch.cumsum(lengths, 0)
+    within = torch.arange(int(ends[-1])) - torch.repeat_interleave(ends - lengths, lengths)
+    return torch.repeat_interleave(starts, lengths) + within

@@ -15,7 +15,7 @@ root = Path.home()/".cache/deltafleet/density-tenants"
 model, path = load_model(cfg.base, dtype=torch.bfloat16)
 ft = D.kind_configs(model.config, cfg.ratio)["ft"]
 rows = max(sum(r for _, r in ft.ranks(*model.config.linear_shape(p))) for p in PROJECTIONS)
-ecfg = EngineConfig(dtype="bfloat16", max_batch=32, max_model_len=40, lora_slots=32, max_lora_rank=16, road_slots=32, delta_slots=0, qdelta_slots=32, max_delta_rank=rows, pafi_slots=0, hiwi_slots=0)
+ecfg = EngineConfig(mixed_steps=os.environ.get("MIXED", "1") == "1", dtype="bfloat16", max_batch=32, max_model_len=40, lora_slots=32, max_lora_rank=16, road_slots=32, delta_slots=0, qdelta_slots=32, max_delta_rank=rows, pafi_slots=0, hiwi_slots=0)
 engine = Engine.spawn(lambda: Engine(model, load_tokenizer(path), ecfg))
 names = [n for n, _ in D.tenant_names(1000)]
 for n in names: engine.adapters.add(n, root / n)
@@ -32,6 +32,6 @@ for base in (True, False, False):
     tps, failed, _ = D._run(engine, reqs, base, 32)
     stop = True; th.join()
     run = [r for r, _ in samples]; wait = [w for _, w in samples]
-    print("base" if base else "tenants", f"tok/s {tps:.1f}", f"running mean {statistics.mean(run):.1f}", f"waiting mean {statistics.mean(wait):.1f}", "steps", engine.stats()["steps"]-c0["steps"], "decode_s %.1f" % (engine.stats()["decode_seconds"]-c0["decode_seconds"]), "prefill_s %.1f" % (engine.stats()["prefill_seconds"]-c0["prefill_seconds"]), "loads", engine.stats()["adapter_cache"]["loads"]-c0["adapter_cache"]["loads"], "misses", engine.stats()["adapter_cache"]["misses"]-c0["adapter_cache"]["misses"])
+    print("base" if base else "tenants", f"tok/s {tps:.1f}", f"running mean {statistics.mean(run):.1f}", f"waiting mean {statistics.mean(wait):.1f}", "steps", engine.stats()["steps"]-c0["steps"], "decode_s %.1f" % (engine.stats()["decode_seconds"]-c0["decode_seconds"]), "prefill_s %.1f" % (engine.stats()["prefill_seconds"]-c0["prefill_seconds"]), "mixed_s %.1f" % (engine.stats()["mixed_seconds"]-c0["mixed_seconds"]), "mixed_steps", engine.stats()["mixed_steps"]-c0["mixed_steps"], "loads", engine.stats()["adapter_cache"]["loads"]-c0["adapter_cache"]["loads"], "misses", engine.stats()["adapter_cache"]["misses"]-c0["adapter_cache"]["misses"])
 print(engine.stats())
 engine.shutdown() if hasattr(engine, "shutdown") else None

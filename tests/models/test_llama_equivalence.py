@@ -177,13 +177,13 @@ def test_ragged_step_equals_each_sequence_alone(tiny_checkpoints, name, pad):
     run alone, the KV cache ends the same, and padding writes nothing."""
     ours, _ = load_model(tiny_checkpoints[name])
     cfg = ours.config
-    ids = token_batch(cfg.vocab_size, 4, 12, seed=6)
-    done = [5, 0, 9, 3]  # tokens already in each sequence's cache
-    lens = [1, 6, 1, 4]  # this call: a decode token, a first chunk, a decode token, a later chunk
-    slots = torch.tensor([3, 0, 2, 1])
+    ids = token_batch(cfg.vocab_size, 6, 12, seed=6)
+    done = [5, 2, 0, 9, 3, 7]  # tokens already in each sequence's cache
+    lens = [1, 1, 6, 1, 4, 1]  # two decode tokens at different positions, a first chunk, a decode token, a later
+    slots = torch.tensor([3, 4, 0, 2, 1, 6])  # chunk, a decode token; consecutive slots are read as a view
     with torch.no_grad():
-        cache = KVCache.allocate(cfg, slots=5, max_len=16, dtype=torch.float32)
-        alone_cache = KVCache.allocate(cfg, slots=5, max_len=16, dtype=torch.float32)
+        cache = KVCache.allocate(cfg, slots=7, max_len=16, dtype=torch.float32)
+        alone_cache = KVCache.allocate(cfg, slots=7, max_len=16, dtype=torch.float32)
         for b, n in enumerate(done):
             if n:
                 for c in (cache, alone_cache):
@@ -191,7 +191,7 @@ def test_ragged_step_equals_each_sequence_alone(tiny_checkpoints, name, pad):
         chunks = list(enumerate(zip(done, lens, strict=True)))
         flat = torch.cat([ids[b, d:d + n] for b, (d, n) in chunks] + [torch.ones(pad, dtype=torch.long)])
         pos = torch.cat([torch.arange(d, d + n) for _, (d, n) in chunks] + [torch.zeros(pad, dtype=torch.long)])
-        snapshot = cache.k[:, 4].clone()  # slot 4 belongs to nobody: padding must not write there (or anywhere)
+        snapshot = cache.k[:, 5].clone()  # slot 5 belongs to nobody: padding must not write there (or anywhere)
         got = ours(flat[None], positions=pos[None], cache=cache, cache_slots=slots, seq_lens=torch.tensor(lens))[0]
         start = 0
         for b, (d, n) in chunks:
@@ -204,7 +204,11 @@ def test_ragged_step_equals_each_sequence_alone(tiny_checkpoints, name, pad):
             s = int(slots[b])
             assert_close(cache.k[:, s, :, :d + n], alone_cache.k[:, s, :, :d + n], "reordered",
                          **forward_chain(cfg))
-        assert torch.equal(cache.k[:, 4], snapshot) and torch.equal(cache.k[:, :, :, 13:], alone_cache.k[:, :, :, 13:])
+        assert torch.equal(cache.k[:, 5], snapshot) and torch.equal(cache.k[:, :, :, 13:], alone_cache.k[:, :, :, 13:])
+        groups = ours._ragged_inputs(pos[None], torch.tensor(lens), cache, slots, torch.float32).groups
+        assert [(g.start, g.rows, g.queries) for g in groups] == [(0, 2, 1), (2, 1, 6), (8, 1, 1), (9, 1, 4),
+                                                                   (13, 1, 1)]
+        assert groups[0].read_at[0] == slice(3, 5) and groups[0].mask is not None and groups[2].mask is None
 
 
 def test_ragged_call_refuses_what_it_cannot_run(tiny_llama):

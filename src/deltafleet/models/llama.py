@@ -115,12 +115,31 @@ class AttentionInputs:
     write_rows: Tensor | None  # (M,) row b * T + t of each written token among the call's B * T; None: all, in order
     write_at: tuple | None  # (slot, :, position) of each written token: (M,) tensors, or (slice, :, int) for a view
     read_at: tuple | None  # (slots, :, :S): slots (B,) indices, or a slice (a view, no gather)
-    # A ragged call (`seq_lens`): its T tokens are B sequences laid end to end (then padding). Queries are
-    # attended per sequence, padded to Tq: `pad_index` (B * Tq,) picks each (sequence, query) token, `unpad_index`
-    # (T,) each token's row among the B * Tq outputs. None: the call is a (B, T) batch.
-    pad_index: Tensor | None = None
-    unpad_index: Tensor | None = None
-    padded: tuple[int, int] | None = None  # (B, Tq)
+    # A ragged call (`seq_lens`): its tokens are sequences laid end to end (then padding), attended in groups
+    # (`AttentionGroup`), their outputs concatenated in token order. None: the call is a (B, T) batch.
+    groups: list[AttentionGroup] | None = None
+    padding: int = 0  # tokens after the last group (outputs zero)
+
+
+@dataclass
+class AttentionGroup:
+    """Consecutive tokens [start, start + rows * queries) of a ragged call attended as one (rows, queries) batch:
+    a run of one-token sequences (decode tokens: rows of one query each, in fp32) or one sequence's chunk."""
+
+    start: int
+    rows: int
+    queries: int
+    mask: Tensor | None  # (rows, 1, queries, S) bool; None: every query attends all S keys
+    read_at: tuple  # (slots (rows,), :, :S)
+    attn_dtype: torch.dtype
+
+
+def _rows_of(slots: Tensor) -> Tensor | slice:
+    """Cache slots (n,) as a slice when consecutive (the cache is then read as a view, not gathered)."""
+    first = int(slots[0])
+    if bool((slots == torch.arange(first, first + slots.numel())).all()):
+        return slice(first, first + slots.numel())
+    return slots
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -181,15 +200,28 @@ class Attention(nn.Module):
             ck[a.write_at] = k.to(ck.dtype)
             cv[a.write_at] = v.to(cv.dtype)
             k, v = ck[a.read_at], cv[a.read_at]  # (B, nkv, S, hd)
-        dt = a.attn_dtype
-        if a.pad_index is not None:  # ragged: (1, T) tokens -> (Bs, Tq) queries, one row per sequence
-            q = q.reshape(B * T, nh, hd)[a.pad_index].view(*a.padded, nh, hd)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2).to(dt), k.to(dt), v.to(dt), attn_mask=a.mask,
-                                           enable_gqa=True)  # (B, nh, T, hd), ragged (Bs, nh, Tq, hd)
-        y = y.transpose(1, 2).reshape(-1, nh * hd)
-        if a.unpad_index is not None:
-            y = y[a.unpad_index]
-        return _project(self.o_proj, layer, "o_proj", y.view(B, T, nh * hd).to(x.dtype), hook)
+        if a.groups is not None:
+            y = self._ragged(q.reshape(B * T, nh, hd), a).view(B, T, nh * hd)
+        else:
+            dt = a.attn_dtype
+            y = F.scaled_dot_product_attention(q.transpose(1, 2).to(dt), k.to(dt), v.to(dt), attn_mask=a.mask,
+                                               enable_gqa=True)  # (B, nh, T, hd)
+            y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return _project(self.o_proj, layer, "o_proj", y.to(x.dtype), hook)
+
+    def _ragged(self, q: Tensor, a: AttentionInputs) -> Tensor:
+        """q (T, nh, hd) of a ragged call -> attention outputs (T, nh * hd), group by group from the cache."""
+        ck, cv = a.cache.k[self.layer], a.cache.v[self.layer]
+        nh, hd, out = self.nh, self.hd, []
+        for g in a.groups:
+            n, dt = g.rows * g.queries, g.attn_dtype
+            qg = q[g.start:g.start + n].view(g.rows, g.queries, nh, hd).transpose(1, 2)
+            y = F.scaled_dot_product_attention(qg.to(dt), ck[g.read_at].to(dt), cv[g.read_at].to(dt),
+                                               attn_mask=g.mask, enable_gqa=True)  # (rows, nh, queries, hd)
+            out.append(y.transpose(1, 2).reshape(n, nh * hd).to(q.dtype))
+        if a.padding:
+            out.append(q.new_zeros(a.padding, nh * hd))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
 
 class MLP(nn.Module):
@@ -312,31 +344,40 @@ class Transformer(nn.Module):
         if cache is None or not isinstance(slots, Tensor) or positions.shape[0] != 1:
             raise ValueError("seq_lens needs a KV cache, cache_slots as a (B,) tensor and (1, T) tokens")
         lens = seq_lens.to(torch.long)
-        B, T, n = lens.numel(), positions.shape[1], int(lens.sum())
-        if slots.shape != (B,) or n > T or bool((lens < 1).any()):
+        B, T, n_tok = lens.numel(), positions.shape[1], int(lens.sum())
+        if slots.shape != (B,) or n_tok > T or bool((lens < 1).any()):
             raise ValueError(f"seq_lens {lens.tolist()} (each >= 1) must cover at most the call's {T} tokens, "
                              f"one per cache slot given ({tuple(slots.shape)})")
         cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
-        pos = positions[0, :n]
+        pos = positions[0, :n_tok]
         key_len = int(pos.max()) + 1
         if key_len > cache.max_len:
             raise ValueError(f"position {key_len - 1} exceeds the KV cache length {cache.max_len}")
-        Tq = int(lens.max())
-        starts = torch.cumsum(lens, 0) - lens
-        t = torch.arange(Tq)
-        real = t[None, :] < lens[:, None]  # (B, Tq): a sequence's query t exists
-        pad_index = torch.where(real, starts[:, None] + t, 0).reshape(-1)  # padded queries read token 0
         seq_of_token = torch.repeat_interleave(torch.arange(B), lens)
-        unpad_index = torch.zeros(T, dtype=torch.long)
-        unpad_index[:n] = seq_of_token * Tq + (torch.arange(n) - starts[seq_of_token])
-        qpos = torch.where(real, pos[pad_index].view(B, Tq), -1)
-        mask = torch.arange(key_len)[None, None, :] <= qpos[:, :, None]  # (B, Tq, S)
-        mask[:, :, 0] |= ~mask.any(-1)  # a padded query attends one key, so softmax stays finite (output unused)
-        write_rows = None if n == T else torch.arange(n)
+        groups, b, start = [], 0, 0
+        lens_list, pos_list = lens.tolist(), pos.tolist()
+        while b < B:
+            if lens_list[b] == 1:  # a run of decode tokens: rows of one query, in fp32 (as a decode step)
+                e = b
+                while e < B and lens_list[e] == 1:
+                    e += 1
+                qpos = pos[start:start + e - b]
+                S = int(qpos.max()) + 1
+                mask = None if bool((qpos == S - 1).all()) else \
+                    (torch.arange(S)[None, :] <= qpos[:, None])[:, None, None, :]
+                groups.append(AttentionGroup(start, e - b, 1, mask, (_rows_of(slots[b:e]), slice(None), slice(None, S)),
+                                             torch.float32))
+                start, b = start + e - b, e
+                continue
+            n = lens_list[b]  # one sequence's chunk: causal over its cached prefix and itself
+            first, S = pos_list[start], pos_list[start + n - 1] + 1
+            mask = (torch.arange(S)[None, :] <= torch.arange(first, S)[:, None])[None, None]
+            groups.append(AttentionGroup(start, 1, n, mask, (_rows_of(slots[b:b + 1]), slice(None), slice(None, S)),
+                                         dtype))
+            start, b = start + n, b + 1
+        write_rows = None if n_tok == T else torch.arange(n_tok)
         write_at = (slots[seq_of_token], slice(None), pos)
-        read_at = (slots, slice(None), slice(None, key_len))
-        return AttentionInputs(cos, sin, mask[:, None], torch.float32 if Tq == 1 else dtype, cache, write_rows,
-                               write_at, read_at, pad_index, unpad_index, (B, Tq))
+        return AttentionInputs(cos, sin, None, dtype, cache, write_rows, write_at, None, groups, T - n_tok)
 
     def forward(
         self,

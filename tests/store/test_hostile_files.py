@@ -271,3 +271,26 @@ def test_tenancy_toml_that_breaks_the_parser(tmp_path, text, rule):
     (tmp_path / "tenancy.toml").write_text(text)
     with pytest.raises(ArtifactError, match=rf"tenancy\.toml: {rule}"):
         Tenancy.from_file(tmp_path / "tenancy.toml")
+
+
+# ---------------------------------------------------------------------------------------------- tensor values
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("size", [7, (1 << 16) + 1])  # checked inside a concatenation, and alone
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_names_the_tensor_among_many(tmp_path, dtype, size, bad):
+    """A thousand clean small tensors of several dtypes, integer codes, and one bad value in one tensor: the error
+    names that tensor (the clean ones are checked in one pass per dtype)."""
+    from deltafleet.store.safetensors_io import check_finite
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"m{i}.{n}": torch.randn(5, generator=gen).to(dt) for i in range(300)
+               for n, dt in (("a", torch.float32), ("b", torch.float16), ("c", torch.bfloat16))}
+    tensors |= {f"m{i}.codes": torch.randint(0, 255, (9,), dtype=torch.uint8) for i in range(300)}
+    check_finite(tensors, tmp_path / "x.safetensors")
+    if dtype == torch.float8_e4m3fn and bad == bad:
+        pytest.skip("float8_e4m3fn has NaN but no infinity")
+    victim = torch.zeros(size).to(dtype)
+    victim[size // 2] = bad
+    tensors["m150.victim"] = victim
+    with pytest.raises(ArtifactError, match=r"x\.safetensors: tensor 'm150\.victim' holds non-finite values"):
+        check_finite(tensors, tmp_path / "x.safetensors")

@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -149,11 +150,19 @@ def _check_header(path: Path) -> dict:
     return header
 
 
+READ_WHOLE_BYTES = 64 << 20
+"""A file up to this size is read in one call and its tensors built from the bytes (`safetensors.torch.load`):
+for an adapter of 1,538 small tensors (a Delta-CoMe tenant of SmolLM2) that took 19 ms against 41-47 ms through
+`safe_open`, a call per tensor. Larger files (a base's weights) are opened lazily, as `safe_open` does."""
+
+
 def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file."""
     path = Path(path)
     _check_header(path)
     try:
+        if device == "cpu" and path.stat().st_size <= READ_WHOLE_BYTES:
+            return safetensors.torch.load(path.read_bytes())
         out = {}
         with safe_open(str(path), framework="pt", device=device) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
@@ -166,13 +175,29 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
 
 
 def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Raise naming the first floating-point tensor that holds NaN or inf (integer codes cannot); one pass each."""
+    """Raise naming the first floating-point tensor that holds NaN or inf (integer codes cannot). Small tensors of
+    one dtype are checked in one pass over their concatenation (an adapter may hold over a thousand of them; one
+    isfinite call each cost a fifth of a load); only a failing dtype's are looked at one by one, for the name."""
+    batched = {name for name, t in tensors.items() if _batchable(t)}
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for name in batched:
+        t = tensors[name]
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    clean = {dt for dt, ts in by_dtype.items() if bool(torch.isfinite(torch.cat(ts)).all())}
     for name, t in tensors.items():
+        if name in batched and t.dtype in clean:
+            continue
         if not (t.is_floating_point() or t.is_complex()):
             continue
         x = t.float() if t.is_floating_point() and t.element_size() == 1 else t  # isfinite lacks some fp8 kernels
         if not bool(torch.isfinite(x).all()):
             raise ArtifactError(path, f"tensor {name!r} holds non-finite values (NaN or inf); refusing to load it")
+
+
+def _batchable(t: torch.Tensor) -> bool:
+    """A tensor `check_finite` checks inside a concatenation: small (the copy is cheap) and of a float dtype of 2 or
+    more bytes (isfinite lacks some fp8 kernels)."""
+    return t.is_floating_point() and t.element_size() > 1 and t.numel() <= 1 << 16
 
 
 def stored_dtypes(path: str | Path) -> set[str]:

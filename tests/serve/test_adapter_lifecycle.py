@@ -276,9 +276,15 @@ def test_the_loader_thread_runs_torch_on_one_thread_and_leaves_other_threads_alo
 
     from deltafleet.serve.engine.adapters import loader_thread_init
 
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0
+
     before = torch.get_num_threads()
+    torch.ones(1 << 18).sum()  # this thread's OpenMP team exists
+    n0 = threads()
     with ThreadPoolExecutor(1, initializer=loader_thread_init) as ex:
         inside = ex.submit(lambda: (torch.ones(1 << 18).sum(), torch.get_num_threads())[1]).result()
+        grown = threads() - n0
     later = []
     t = threading.Thread(target=lambda: later.append((torch.ones(1 << 18).sum(), torch.get_num_threads())[1]))
     t.start()
@@ -290,3 +296,5 @@ def test_the_loader_thread_runs_torch_on_one_thread_and_leaves_other_threads_alo
     except OSError:
         gomp = False
     assert inside == (1 if gomp else before)  # torch's OpenMP runtime here is libgomp; another one: unchanged
+    if gomp and n0:  # the loader thread alone: no OpenMP workers of its own (they would make libgomp's
+        assert grown == 1  # workers sleep between regions, slowing every op of the engine loop)

@@ -113,12 +113,16 @@ class Lease:
 
 
 def loader_thread_init() -> None:
-    """A loader thread runs its torch ops on one OpenMP thread: loads are many small ops, and a second OpenMP team
-    spinning on the cores the engine loop's team uses slows both (on 2 cores a Zipf stream with loads lost about
-    1.7 s of engine time per second of loading). The count is set for this thread only, through the OpenMP runtime
+    """A loader thread runs its torch ops on one OpenMP thread, set for this thread only through the OpenMP runtime
     torch already loaded (`torch.set_num_threads` would also change the default of every thread created later);
-    with another runtime, nothing changes."""
-    torch.ones(1 << 17).sum()  # torch sets a thread's OpenMP count at its first parallel op: let it happen first
+    with another runtime, nothing changes.
+
+    It is set before the thread's first parallel op, so the thread never gets an OpenMP team of its own. A team's
+    idle workers count against the cores for libgomp: with more OpenMP threads than cores it stops spinning between
+    regions, and every parallel region of the engine loop then waits for its workers to wake. Once a loader had
+    run one two-thread op, a bf16 576x576 projection of 32 rows took 250-350 us instead of 130, and a RoAd call
+    90-114 us instead of 13 (2-core AMD EPYC; the thread idle). Loads are many small ops: one thread is also their
+    fastest."""
     try:
         gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)  # only if already loaded (by torch)
     except (OSError, AttributeError):

@@ -100,6 +100,30 @@ def test_runs_of_one_slot_match_the_reference(dtype):
     assert torch.equal(got[untouched], y[untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scattered_tokens_of_one_slot_are_grouped_and_match_the_reference(dtype):
+    """A decode step's rows: a tenant's tokens scattered among others' (here 19 of slot 0, over the group length of
+    16, and 5 of slot 2), each row dequantized once per group: the same answers, every token where it was; a
+    token in the same slot as others and alone, the same answer."""
+    pool, null = _pool(PLANS, seed=8)
+    index = torch.tensor([0, 1, 0, null, 2, 0, 0, 3, 2, 0] + [0, 1] * 7 + [2, 0, 2, 0, 2] + [0])
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(len(index), IN, generator=g).to(dtype)
+    y = torch.randn(len(index), OUT, generator=g).to(dtype)
+    got = y.clone()
+    kernel = native.BoundQBgmv.bind(pool, IN, OUT, G)
+    assert kernel(x, got, index, null)
+    want = _reference(pool, x, y, index, null)
+    op = "reordered" if dtype is torch.float32 else "rounded"
+    assert_close(got.float(), want, op, dtype, k=IN * 16, scale=float(want.abs().max()))
+    untouched = (index == null) | (index == 3)
+    assert torch.equal(got[untouched], y[untouched])
+    for i in (0, 4, 27):  # alone (a one-token call) against grouped
+        one = y[i:i + 1].clone()
+        assert kernel(x[i:i + 1], one, index[i:i + 1], null)
+        assert_close(got[i:i + 1].float(), one.float(), op, dtype, k=IN * 16, scale=float(want.abs().max()))
+
+
 def test_every_bit_width_alone():
     for bits in QBITS:
         pool, null = _pool([((bits, 3),)], seed=bits)

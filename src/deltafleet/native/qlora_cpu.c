@@ -28,8 +28,9 @@
  * B rows accumulate into a permuted buffer that is added back once per band. Without AVX2 the rows are read
  * code by code in column order.
  *
- * Consecutive tokens of one slot (a prefill chunk's rows) form runs of up to QRUN_MAX tokens: each row is then
- * dequantized once into a float buffer and applied to every token of the run, instead of once per token. */
+ * The tokens of one slot (a prefill chunk's rows, or several decode rows of one tenant) form groups of up to
+ * QRUN_MAX tokens: each row is then dequantized once into a float buffer and applied to every token of the group,
+ * instead of once per token. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -343,23 +344,23 @@ static void qtoken(int64_t in_f, int64_t out_f, int64_t G, int64_t gin, int64_t 
     narrow(yf, yi, act_bf16, out_f);
 }
 
-/* m > 1 consecutive tokens of one slot (a prefill chunk's): each row dequantized once into w, then applied to every
- * token of the run, in the row's permuted order (activations permuted per band, outputs added back per band). */
-static void qrun(int64_t m, int64_t in_f, int64_t out_f, int64_t G, int64_t gin, int64_t gout, const char *x0,
-                 char *y0, int64_t esz, int act_bf16, const uint8_t *bk, int64_t nrows, const int64_t *ao,
-                 const int64_t *bo, const uint8_t *dk, const float *as, const float *ab, const float *bs,
-                 const float *bb) {
+/* m > 1 tokens of one slot (tok: their rows in x and y): each row dequantized once into w, then applied to every
+ * token of the group, in the row's permuted order (activations permuted per band, outputs added back per band). */
+static void qrun(int64_t m, const int64_t *tok, int64_t in_f, int64_t out_f, int64_t G, int64_t gin, int64_t gout,
+                 const char *x, int64_t sx, char *y, int64_t sy, int64_t esz, int act_bf16, const uint8_t *bk,
+                 int64_t nrows, const int64_t *ao, const int64_t *bo, const uint8_t *dk, const float *as,
+                 const float *ab, const float *bs, const float *bb) {
     const int64_t wn = in_f > out_f ? in_f : out_f;
     float *buf = (float *)malloc(sizeof(float) * (size_t)(m * (2 * in_f + 2 * out_f + nrows) + wn));
     if (buf == NULL) { /* out of memory: one token at a time needs no heap */
         for (int64_t t = 0; t < m; t++)
-            qtoken(in_f, out_f, G, gin, gout, x0 + t * in_f * esz, y0 + t * out_f * esz, act_bf16, bk, nrows, ao, bo,
-                   dk, as, ab, bs, bb);
+            qtoken(in_f, out_f, G, gin, gout, x + tok[t] * sx * esz, y + tok[t] * sy * esz, act_bf16, bk, nrows, ao,
+                   bo, dk, as, ab, bs, bb);
         return;
     }
     float *xf = buf, *xp = xf + m * in_f, *yf = xp + m * in_f, *yp = yf + m * out_f, *h = yp + m * out_f,
           *w = h + m * nrows;
-    for (int64_t t = 0; t < m; t++) widen(x0 + t * in_f * esz, act_bf16, xf + t * in_f, in_f);
+    for (int64_t t = 0; t < m; t++) widen(x + tok[t] * sx * esz, act_bf16, xf + t * in_f, in_f);
     int64_t K = -1;
     for (int64_t j = 0; j < nrows; j++) {
         const int b = bk[j];
@@ -375,7 +376,7 @@ static void qrun(int64_t m, int64_t in_f, int64_t out_f, int64_t G, int64_t gin,
             h[t * nrows + j] = acc;
         }
     }
-    for (int64_t t = 0; t < m; t++) widen(y0 + t * out_f * esz, act_bf16, yf + t * out_f, out_f);
+    for (int64_t t = 0; t < m; t++) widen(y + tok[t] * sy * esz, act_bf16, yf + t * out_f, out_f);
     for (int64_t j = 0; j < nrows;) {
         const int b = bk[j];
         memset(yp, 0, sizeof(float) * (size_t)(m * out_f));
@@ -389,7 +390,7 @@ static void qrun(int64_t m, int64_t in_f, int64_t out_f, int64_t G, int64_t gin,
         }
         for (int64_t t = 0; t < m; t++) unpermute_add(yp + t * out_f, yf + t * out_f, out_f, layout_codes(b));
     }
-    for (int64_t t = 0; t < m; t++) narrow(yf + t * out_f, y0 + t * out_f * esz, act_bf16, out_f);
+    for (int64_t t = 0; t < m; t++) narrow(yf + t * out_f, y + tok[t] * sy * esz, act_bf16, out_f);
     free(buf);
 }
 
@@ -397,39 +398,50 @@ static void qrun(int64_t m, int64_t in_f, int64_t out_f, int64_t G, int64_t gin,
 #define QRUN_MAX 16 /* tokens of one slot sharing a row's dequantization (heap: QRUN_MAX * (in + out) floats x 2) */
 #endif
 
-/* act_bf16: whether x, y are bfloat16 (else float32). Consecutive tokens of one slot form runs (at most QRUN_MAX
- * tokens); runs are handed to threads one at a time. */
+/* act_bf16: whether x, y are bfloat16 (else float32). The tokens of one slot, wherever they sit in the batch (a
+ * prefill chunk's, or the decode rows of a tenant with several requests), form groups of at most QRUN_MAX tokens,
+ * in order of first appearance; groups are handed to threads one at a time. */
 void qlora_bgmv(int64_t n, int64_t in_f, int64_t out_f, int64_t R, int64_t G, const void *x, int64_t sx, void *y,
                 int64_t sy, int64_t act_bf16, const uint8_t *bits, const int64_t *aoff, const int64_t *boff,
                 const uint8_t *data, int64_t sd, const float *ascale, const float *abias, const float *bscale,
                 const float *bbias, const int64_t *idx, int64_t null_row) {
     const int64_t gin = (in_f + G - 1) / G, gout = (out_f + G - 1) / G, esz = act_bf16 ? 2 : 4;
-    int64_t start[n > 0 ? n : 1], len[n > 0 ? n : 1], runs = 0;
-    for (int64_t i = 0; i < n;) {
-        int64_t j = i + 1;
-        while (j < n && idx[j] == idx[i] && j - i < QRUN_MAX) j++;
-        if (idx[i] != null_row && bits[idx[i] * R] != 0) {
-            start[runs] = i;
-            len[runs++] = j - i;
-        }
-        i = j;
+    const int64_t cap = n > 0 ? n : 1;
+    int64_t tok[cap], start[cap], len[cap], next[cap], last[null_row + 1], groups = 0, used = 0;
+    /* next[i]: the following token of i's slot (-1: none), so each slot's tokens are walked once (slots <= null_row) */
+    for (int64_t k = 0; k <= null_row; k++) last[k] = -1;
+    for (int64_t i = n - 1; i >= 0; i--) {
+        next[i] = -1;
+        if (idx[i] < 0 || idx[i] > null_row) continue; /* (never from the engine) read as the null row */
+        next[i] = last[idx[i]];
+        last[idx[i]] = i;
     }
-    _Pragma("omp parallel for schedule(dynamic, 1) if (runs > 1)")
-    for (int64_t r = 0; r < runs; r++) {
-        const int64_t i = start[r], k = idx[i], nrows = rows_of(bits + k * R, R);
-        const char *xi = (const char *)x + i * sx * esz;
-        char *yi = (char *)y + i * sy * esz;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t k = idx[i];
+        if (k < 0 || k >= null_row || last[k] != i || bits[k * R] == 0) continue; /* null, a later token, no rows */
+        for (int64_t j = i, m = QRUN_MAX; j >= 0; j = next[j], m++) {
+            if (m == QRUN_MAX) {
+                start[groups] = used;
+                len[groups++] = 0;
+                m = 0;
+            }
+            tok[used++] = j;
+            len[groups - 1]++;
+        }
+    }
+    _Pragma("omp parallel for schedule(dynamic, 1) if (groups > 1)")
+    for (int64_t r = 0; r < groups; r++) {
+        const int64_t *tr = tok + start[r], k = idx[tr[0]], nrows = rows_of(bits + k * R, R);
         const uint8_t *bk = bits + k * R, *dk = data + k * sd;
         const int64_t *ao = aoff + k * R, *bo = boff + k * R;
         const float *as = ascale + k * R * gin, *ab = abias + k * R * gin, *bs = bscale + k * R * gout,
                     *bb = bbias + k * R * gout;
-        if (len[r] == 1 || sx != in_f || sy != out_f)
-            for (int64_t t = 0; t < len[r]; t++)
-                qtoken(in_f, out_f, G, gin, gout, xi + t * sx * esz, yi + t * sy * esz, (int)act_bf16, bk, nrows, ao,
-                       bo, dk, as, ab, bs, bb);
+        if (len[r] == 1)
+            qtoken(in_f, out_f, G, gin, gout, (const char *)x + tr[0] * sx * esz, (char *)y + tr[0] * sy * esz,
+                   (int)act_bf16, bk, nrows, ao, bo, dk, as, ab, bs, bb);
         else
-            qrun(len[r], in_f, out_f, G, gin, gout, xi, yi, esz, (int)act_bf16, bk, nrows, ao, bo, dk, as, ab, bs,
-                 bb);
+            qrun(len[r], tr, in_f, out_f, G, gin, gout, (const char *)x, sx, (char *)y, sy, esz, (int)act_bf16, bk,
+                 nrows, ao, bo, dk, as, ab, bs, bb);
     }
 }
 

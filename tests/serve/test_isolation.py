@@ -211,6 +211,37 @@ def test_forward_failure_fails_only_the_adapter_that_raises(tiny_llama, adapters
     assert_exact(outs[1:], reqs, solo)
 
 
+def test_a_prompt_that_fails_inside_a_mixed_step_fails_alone(tiny_llama, adapters_dir, solo):
+    """The attacker's prompt arrives while the victims decode, so it runs in their step's forward (mixed steps), and
+    its adapter raises there: the step runs again per adapter group, the attacker fails, every victim's answer
+    stays exact."""
+    engine = make_engine(tiny_llama, adapters_dir, max_batch=12)
+    engine.add_adapter("boom", adapters_dir / "lora-r4-ko")
+    real = engine.backend.apply_additive
+
+    def exploding(x, y, tensors, step):
+        e = engine.adapters.entries.get("boom")
+        if e.slot is not None and step.pool is e.slot[0] and bool((step.index == e.slot[1]).any()):
+            raise RuntimeError("kernel exploded")
+        return real(x, y, tensors, step)
+
+    engine.backend.apply_additive = exploding
+    reqs = victims()
+    handles = [engine.submit(r) for r in reqs]
+    engine.step()  # the victims' prompts
+    assert engine.counters["mixed_steps"] == 0
+    attack = engine.submit(Request(ATTACK_PROMPT, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
+                                   adapter="boom"))
+    engine.adapters.wait_loaded("boom")
+    while not all(h.done.is_set() for h in [*handles, attack]):
+        if not engine.step():
+            time.sleep(0.001)
+    assert engine.counters["mixed_steps"] >= 1
+    assert attack.result.finish_reason == FinishReason.ERROR and attack.result.token_ids == []
+    assert attack.result.error == "adapter 'boom': forward pass failed: RuntimeError: kernel exploded"
+    assert_exact([h.result for h in handles], reqs, solo)
+
+
 def test_whole_forward_failure_fails_that_step_and_the_engine_thread_goes_on(tiny_llama, adapters_dir, solo):
     engine = make_engine(tiny_llama, adapters_dir, max_batch=12)
     real = engine.model.forward

@@ -199,8 +199,9 @@ class Attention(nn.Module):
                 k, v = k[a.write_rows], v[a.write_rows]  # (M, nkv, hd)
             ck[a.write_at] = k.to(ck.dtype)
             cv[a.write_at] = v.to(cv.dtype)
-            k, v = ck[a.read_at], cv[a.read_at]  # (B, nkv, S, hd)
-        if a.groups is not None:
+            if a.groups is None:
+                k, v = ck[a.read_at], cv[a.read_at]  # (B, nkv, S, hd)
+        if a.groups is not None:  # a ragged call: each group reads its own keys and values
             y = self._ragged(q.reshape(B * T, nh, hd), a).view(B, T, nh * hd)
         else:
             dt = a.attn_dtype
@@ -402,25 +403,21 @@ class Transformer(nn.Module):
         tokens without padding every sequence to the longest.
         """
         B, T = input_ids.shape
-        if seq_lens is not None:
-            if positions is None or attention_mask is not None:
-                raise ValueError("a ragged call (seq_lens) takes positions and no attention_mask")
-            top = hook if getattr(hook, "model_level", False) else None
-            x = self.model.embed_tokens(input_ids)
-            if top is not None:
-                x = top(MODEL_LAYER, "embed_tokens", input_ids, x)
-            return self._run(x, self._ragged_inputs(positions, seq_lens, cache, cache_slots, x.dtype), hook, top,
-                             logits_index)
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                 else attention_mask.to(torch.bool))
+        if seq_lens is not None and (positions is None or attention_mask is not None):
+            raise ValueError("a ragged call (seq_lens) takes positions and no attention_mask")
         top = hook if getattr(hook, "model_level", False) else None  # hooks of the model-level modules
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         if top is not None:
             x = top(MODEL_LAYER, "embed_tokens", input_ids, x)
-        return self._run(x, self._attention_inputs(positions, valid, cache, cache_slots, x.dtype), hook, top,
-                         logits_index)
+        if seq_lens is not None:
+            a = self._ragged_inputs(positions, seq_lens, cache, cache_slots, x.dtype)
+        else:
+            if positions is None:
+                positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                     else attention_mask.to(torch.bool))
+            a = self._attention_inputs(positions, valid, cache, cache_slots, x.dtype)
+        return self._run(x, a, hook, top, logits_index)
 
     def _run(self, x: Tensor, a: AttentionInputs, hook: ProjectionHook | None, top: ProjectionHook | None,
              logits_index: Tensor | None) -> Tensor:

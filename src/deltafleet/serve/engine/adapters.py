@@ -394,10 +394,13 @@ class AdapterManager:
         finally:
             future.set_result(None)
             with self._lock:
-                if self._preload:
-                    self._executor.submit(self._preload_next)  # behind the loads requests queued meanwhile
-                else:
-                    self._preloading = False
+                self._preloading = bool(self._preload)
+                if self._preloading:
+                    try:
+                        self._executor.submit(self._preload_next)  # behind the loads requests queued meanwhile
+                    except RuntimeError:  # shut down meanwhile
+                        self._preload.clear()
+                        self._preloading = False
 
     def _put_host(self, e: _Entry, form: ServingForm | CompactForm) -> None:
         self.host[e.name] = form

@@ -110,10 +110,12 @@ def _rows(params: Params, prefix: str, bits: int, r: int, columns: int, group: i
     return QRows(bits, t[f"{prefix}.qcodes"], scale, -t[f"{prefix}.qzero"].float() * scale)
 
 
-def qlowrank_quantized(cfg: QLowRankConfig, params: Params, out_f: int, in_f: int) -> dict[str, Tensor] | None:
+def qlowrank_quantized(cfg: QLowRankConfig, params: Params, out_f: int, in_f: int,
+                       ranks: Ranks | None = None) -> dict[str, Tensor] | None:
     """The qadditive slot tensors of one module (`adapters.qadditive`), or None when the layout does not allow it:
-    U grouped along the rank, or a row that is not a whole number of bytes."""
-    bands = _ranks(cfg, params, out_f, in_f)
+    U grouped along the rank, or a row that is not a whole number of bytes. `ranks`: the module's bands when the
+    caller has them (`qlowrank_plan`), else found from `params`."""
+    bands = _ranks(cfg, params, out_f, in_f) if ranks is None else ranks
     if cfg.u_groups != "out" or any(b not in QBITS or (in_f * b) % 8 or (out_f * b) % 8 for b, _ in bands):
         return None
     a, b = [], []
@@ -182,8 +184,8 @@ class QLowRankKind(AdapterKind):
         return ServingParams(ADDITIVE, S.numel(), {"A": Vt * S[:, None], "B": U.t()})
 
     def quantized_form(self, cfg: QLowRankConfig, params: Params) -> ServingParams | None:
-        out_f, in_f = qlowrank_shape(cfg, params)
-        tensors = qlowrank_quantized(cfg, params, out_f, in_f)
+        out_f, in_f, ranks = qlowrank_plan(cfg, params)
+        tensors = qlowrank_quantized(cfg, params, out_f, in_f, ranks)
         if tensors is None:
             return None
         return ServingParams(QADDITIVE, int(tensors["bits"].numel()), tensors, group=cfg.group_size)

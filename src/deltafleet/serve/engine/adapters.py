@@ -284,13 +284,18 @@ class AdapterManager:
             e = self._entry(name)
             if e.future is not None and not e.future.done() and e.requested is None:
                 e.requested = time.perf_counter()  # being preloaded: the request waits for that read
-            if e.slot is not None or (e.future and not e.future.done()) or e.error:
+            if self._busy(e):
                 return
             if name in self.host:
                 self._stage_later(e)
                 return
             e.requested = time.perf_counter()
             e.future = self._executor.submit(self._load, e)
+
+    @staticmethod
+    def _busy(e: _Entry) -> bool:
+        """Nothing to read for `e` now: in a slot, being read, or FAILED."""
+        return e.slot is not None or (e.future is not None and not e.future.done()) or bool(e.error)
 
     def _stage_later(self, e: _Entry) -> None:
         form = self.host.get(e.name)
@@ -381,9 +386,7 @@ class AdapterManager:
             e = None
             while self._preload and e is None:
                 cand = self.entries.get(self._preload.popleft())
-                busy = cand is None or cand.error or cand.slot is not None or cand.name in self.host or (
-                    cand.future is not None and not cand.future.done())
-                e = None if busy else cand
+                e = None if cand is None or self._busy(cand) or cand.name in self.host else cand
             if e is None:
                 self._preloading = False
                 return

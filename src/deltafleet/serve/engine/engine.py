@@ -207,25 +207,25 @@ class Engine:
             decoding = [s for s in self.running if not s.in_prefill and s.finish is None]
             prefilling = [s for s in self.running if s.in_prefill]
             if prefilling and decoding and self.config.mixed_steps:
-                t0 = time.perf_counter()
-                self._mixed(decoding, self._chunks(prefilling))
-                self.counters["mixed_seconds"] += time.perf_counter() - t0
+                self._timed("mixed_seconds", self._mixed, decoding, self._chunks(prefilling))
                 self.counters["mixed_steps"] += 1
                 self.counters["mixed_decode_tokens"] += len(decoding)
                 decoding = []
             elif prefilling:
-                t0 = time.perf_counter()
-                self._prefill(prefilling)
-                self.counters["prefill_seconds"] += time.perf_counter() - t0
+                self._timed("prefill_seconds", self._prefill, prefilling)
             if decoding:
-                t0 = time.perf_counter()
-                self._decode(decoding)
-                self.counters["decode_seconds"] += time.perf_counter() - t0
+                self._timed("decode_seconds", self._decode, decoding)
                 self.counters["decode_tokens"] += len(decoding)
             self._retire()
             if prefilling or decoding:
                 self.counters["steps"] += 1
             return bool(prefilling or decoding)
+
+    def _timed(self, counter: str, fn: Callable, *args) -> None:
+        """fn(*args), its seconds added to `counters[counter]`."""
+        t0 = time.perf_counter()
+        fn(*args)
+        self.counters[counter] += time.perf_counter() - t0
 
     def _reap_aborted(self) -> None:
         for s in list(self.waiting):
@@ -371,7 +371,7 @@ class Engine:
         for s, n in items:
             if n == 0:
                 ids.append(s.out[-1])
-                pos.append(s.prompt_len + len(s.out) - 1)
+                pos.append(s.decode_position)
                 lens.append(1)
             else:
                 ids.extend(s.req.prompt_ids[s.computed:s.computed + n])
@@ -420,7 +420,7 @@ class Engine:
         """One token per decoding sequence through the model -> logits (B, V)."""
         B = len(seqs)
         ids = torch.tensor([[s.out[-1]] for s in seqs])
-        pos = torch.tensor([[s.prompt_len + len(s.out) - 1] for s in seqs])
+        pos = torch.tensor([[s.decode_position] for s in seqs])
         kv = [s.kv for s in seqs]
         slots = slice(0, B) if kv == list(range(B)) else torch.tensor(kv)
         layout = BatchLayout.build(self._rows(seqs), 1)

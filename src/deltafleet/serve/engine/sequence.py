@@ -43,3 +43,8 @@ class Seq:
     @property
     def in_prefill(self) -> bool:
         return self.computed < self.prompt_len
+
+    @property
+    def decode_position(self) -> int:
+        """The position of its next decode step's input token, the last one sampled (`out[-1]`)."""
+        return self.prompt_len + len(self.out) - 1

@@ -51,17 +51,17 @@ def _dense(pool, k, in_f=IN, out_f=OUT, group=G):
     return dense_rows({n: t[k] for n, t in pool.items()}, in_f, out_f, group)
 
 
-def _reference(pool, x, y, index, null):
+def _reference(pool, x, y, index, null, group=G):
     out = y.float().clone()
     for i, k in enumerate(index.tolist()):
         if k != null:
-            A, B = _dense(pool, k)
+            A, B = _dense(pool, k, x.shape[1], y.shape[1], group)
             out[i] += (x[i].float() @ A.T) @ B
     return out
 
 
 def test_kernel_builds_here():
-    assert native.qlora("qlora_bgmv") is not None and native.qlora_path() in ("avx2", "portable")
+    assert native.qlora("qlora_bgmv") is not None and native.qlora_path() in ("avx512_bf16", "avx2", "portable")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -195,3 +195,79 @@ def test_portable_build_matches_the_native_one(tmp_path):
        t["abias"].data_ptr(), t["bscale"].data_ptr(), t["bbias"].data_ptr(), index.data_ptr(), null)
     assert native.BoundQBgmv.bind(pool, IN, OUT, G)(x, want, index, null)
     assert_close(got, want, "reordered", k=IN * 16, scale=float(want.abs().max()))
+
+
+AVX2_ONLY = ("-march=haswell",)  # AVX2, FMA, F16C; no AVX-512: the fp32 row loops for every dtype
+
+
+def _call(fn, pool, x, y, index, null, in_f, out_f, group):
+    t = pool
+    fn(len(index), in_f, out_f, t["bits"].shape[1], group, x.data_ptr(), in_f, y.data_ptr(), out_f,
+       int(y.dtype is torch.bfloat16), t["bits"].data_ptr(), t["aoff"].data_ptr(), t["boff"].data_ptr(),
+       t["data"].data_ptr(), t["data"].stride(0), t["ascale"].data_ptr(), t["abias"].data_ptr(),
+       t["bscale"].data_ptr(), t["bbias"].data_ptr(), index.data_ptr(), null)
+
+
+def test_bf16_dot_product_path_is_taken_where_the_cpu_has_it():
+    from deltafleet.dtypes import cpu_flags
+    has = {"avx512_bf16", "avx512vl", "avx512bw", "avx2", "fma", "f16c"} <= cpu_flags()
+    assert (native.qlora_path() == "avx512_bf16") == has
+
+
+# (in, out, group, plan): the serving shapes of SmolLM2 at 1/64 (2-bit bands, group 128, an in of 576 = 4.5 groups),
+# odd and single-row bands, 4 bits, and 2/4-bit bands beside the fp32 rows' widths in one slot
+FAST_CASES = [(576, 1536, 128, ((2, 47),)), (1536, 576, 128, ((2, 47),)), (192, 320, 64, ((2, 1),)),
+              (320, 192, 64, ((4, 7),)), (192, 320, 64, ((4, 3), (2, 6))), (192, 320, 64, ((8, 2), (4, 3), (2, 5))),
+              (256, 448, 128, ((16, 1), (3, 2), (2, 3)))]
+
+
+@pytest.mark.parametrize("in_f,out_f,group,plan", FAST_CASES)
+def test_bf16_activations_match_the_reference_and_the_avx2_rows(in_f, out_f, group, plan, tmp_path):
+    """bf16 activations (the AVX512-BF16 rows where the CPU has them): distinct slots, a slot's scattered tokens (run
+    one by one when every row is 2 or 4 bits) and the null row, against the fp32 reference and against the AVX2-only
+    build of the same source."""
+    pool, null = _pool([plan, plan, plan], in_f=in_f, out_f=out_f, group=group, seed=in_f + len(plan))
+    index = torch.tensor([0, 1, null, 2, 0, 0, 3, 1, 0, 2, 0])
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(len(index), in_f, generator=g).bfloat16()
+    y = torch.randn(len(index), out_f, generator=g).bfloat16()
+    want = _reference(pool, x, y, index, null, group)
+    got = y.clone()
+    assert native.BoundQBgmv.bind(pool, in_f, out_f, group)(x, got, index, null)
+    untouched = (index == null) | (index == 3)
+    assert torch.equal(got[untouched], y[untouched])
+    scale = float(want.abs().max())
+    assert_close(got.float(), want, "rounded", torch.bfloat16, scale=scale)
+    lib = build_with("qlora_cpu", tmp_path, AVX2_ONLY)
+    lib.qlora_path.restype = ctypes.c_int
+    assert lib.qlora_path() == 2
+    fn = lib.qlora_bgmv
+    fn.argtypes = native._QLORA_ARGS["qlora_bgmv"]
+    avx2 = y.clone()
+    _call(fn, pool, x, avx2, index, null, in_f, out_f, group)
+    assert_close(avx2.float(), want, "rounded", torch.bfloat16, scale=scale)
+    assert_close(got.float(), avx2.float(), "rounded", torch.bfloat16, scale=scale)
+    xf, yf = x.float(), y.float()  # fp32 activations: the AVX2 rows in both builds
+    native32, avx32 = yf.clone(), yf.clone()
+    assert native.BoundQBgmv.bind(pool, in_f, out_f, group)(xf, native32, index, null)
+    _call(fn, pool, xf, avx32, index, null, in_f, out_f, group)
+    assert_close(native32, _reference(pool, xf, yf, index, null, group), "reordered", k=in_f * 16, scale=scale)
+    assert_close(native32, avx32, "reordered", k=in_f * 16, scale=scale)
+
+
+def test_bf16_embedding_lookup_of_a_two_bit_table():
+    """The table's lookup adds B's coefficients times A's rows: 2-bit rows on the bf16 path."""
+    H, V = 576, 1024
+    pool, null = _pool([((2, 9),), ((2, 4),)], in_f=H, out_f=V, group=128, seed=13)
+    index = torch.tensor([1, 0, null, 0, 1])
+    ids = torch.tensor([5, V - 1, 7, 0, 129])
+    y = torch.randn(5, H).bfloat16()
+    want = y.float().clone()
+    for i, k in enumerate(index.tolist()):
+        if k != null:
+            A, B = _dense(pool, k, H, V, 128)
+            want[i] += B[:, ids[i]] @ A
+    got = y.clone()
+    assert native.BoundQBgmv.bind(pool, H, V, 128).embedding(ids, got, index, null)
+    assert_close(got.float(), want, "rounded", torch.bfloat16)
+    assert torch.equal(got[2], y[2])

@@ -460,9 +460,10 @@ def qlora(name: str):
 
 @cache
 def qlora_path() -> str | None:
-    """Which path this CPU's build of qlora_cpu.c took: 'avx2' or 'portable' (None: no kernel)."""
+    """Which path this CPU's build of qlora_cpu.c took: 'avx512_bf16' (AVX2 rows, and AVX512-BF16 rows of 2 and 4
+    bits for bfloat16 activations), 'avx2' or 'portable' (None: no kernel)."""
     fn = _function("qlora_cpu", "qlora_path", [], ctypes.c_int)
-    return None if fn is None else {2: "avx2", 0: "portable"}[fn()]
+    return None if fn is None else {3: "avx512_bf16", 2: "avx2", 0: "portable"}[fn()]
 
 
 class BoundQBgmv:

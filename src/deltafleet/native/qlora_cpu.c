@@ -40,6 +40,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define DF_AVX2 1
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define DF_BF16DP 1
+#endif
 #endif
 
 static inline float f16_to_f32(uint16_t h) {
@@ -232,6 +235,170 @@ static inline void qaxpy(int b, float h, const uint8_t *p, const float *sc, cons
 }
 
 static inline int64_t layout_codes(int b) { return lane_codes(b); }
+
+#ifdef DF_BF16DP
+/* Rows of 2 or 4 bits with bfloat16 activations, on AVX512-BF16. A unit is 16 bytes of one row (64 columns at 2
+ * bits, 32 at 4), widened to 16 words; slice s of every word (its s-th code c) becomes the bfloat16 128 + c exactly
+ * (0x4300 | c: exponent 2^7, mantissa step 1), and vdpbf16ps adds two exact products per fp32 lane; 128 times the
+ * sum of the other operand is taken off once per group. Word i of a unit at column u is lane i % 8 of block i / 8,
+ * so its slice s is column u + (i / 8) * 8K + (i % 8) * K + s (K = 8 / b codes a byte).
+ *   A rows (h = A x): the activation is permuted once per token into that order (xq[u + 16 s + i]).
+ *   B rows (y += B^T h): columns outer, rows inner, two rows a step (their words interleaved into lane pairs),
+ *   accumulated in registers and transposed back to column order once per unit. The coefficient h[j] * sc[j, g]
+ *   is rounded to bfloat16, as a bf16 matmul rounds the intermediate of a LoRA product.
+ * Numerics: bf16-level (the activations and y are bf16). fp32 activations keep the AVX2 rows. */
+static inline int fast16(int b, int act_bf16) { return act_bf16 && (b == 2 || b == 4); }
+
+static inline __m256i unit_words(const uint8_t *p) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+
+static inline __m256i slice_bf16(__m256i w, int shift, __m256i mask, __m256i base) {
+    return _mm256_ternarylogic_epi32(_mm256_srli_epi16(w, shift), mask, base, 0xEA); /* (w >> shift & mask) | base */
+}
+
+static inline int64_t unit_column(int64_t i, int64_t s, int64_t K) { return (i / 8) * 8 * K + (i % 8) * K + s; }
+
+/* x (C,) bfloat16 in column order -> xq in unit order for K codes a byte (C a multiple of 64) */
+static void permute16(const uint16_t *x, uint16_t *xq, int64_t C, int64_t K) {
+    uint16_t idx[64];
+    for (int64_t t = 0; t < 16 * K; t++) idx[t] = (uint16_t)unit_column(t % 16, t / 16, K);
+    const __m512i i0 = _mm512_loadu_si512(idx);
+    if (K == 4) {
+        const __m512i i1 = _mm512_loadu_si512(idx + 32);
+        for (int64_t u = 0; u < C; u += 64) {
+            const __m512i lo = _mm512_loadu_si512(x + u), hi = _mm512_loadu_si512(x + u + 32);
+            _mm512_storeu_si512(xq + u, _mm512_permutex2var_epi16(lo, i0, hi));
+            _mm512_storeu_si512(xq + u + 32, _mm512_permutex2var_epi16(lo, i1, hi));
+        }
+    } else {
+        for (int64_t u = 0; u < C; u += 32)
+            _mm512_storeu_si512(xq + u, _mm512_permutexvar_epi16(i0, _mm512_loadu_si512(x + u)));
+    }
+}
+
+/* One row's h = sum_g sc[g] * sum_{c in g} code_c x_c + bi[g] * xs[g], for B bits (a constant once inlined) */
+static inline __attribute__((always_inline)) float qdot16_b(const int B, const uint8_t *p, const uint16_t *xq,
+                                                            const float *sc, const float *bi, const float *xs,
+                                                            int64_t C, int64_t G) {
+    const int64_t K = 8 / B, uc = 16 * K;
+    const __m256i mask = _mm256_set1_epi16((short)((1 << B) - 1)), base = _mm256_set1_epi16(0x4300);
+    __m256 total = _mm256_setzero_ps();
+    float corr = 0.0f;
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {
+        const int64_t end = g0 + G < C ? g0 + G : C;
+        __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+        for (int64_t c = g0; c < end; c += uc) {
+            const __m256i w = unit_words(p + c / uc * 16);
+            for (int64_t s = 0; s < K; s += 2) {
+                acc = _mm256_dpbf16_ps(acc, (__m256bh)slice_bf16(w, (int)(s * B), mask, base),
+                                       (__m256bh)_mm256_loadu_si256((const __m256i *)(xq + c + 16 * s)));
+                acc2 = _mm256_dpbf16_ps(acc2, (__m256bh)slice_bf16(w, (int)((s + 1) * B), mask, base),
+                                        (__m256bh)_mm256_loadu_si256((const __m256i *)(xq + c + 16 * (s + 1))));
+            }
+        }
+        total = _mm256_fmadd_ps(_mm256_set1_ps(sc[gi]), _mm256_add_ps(acc, acc2), total);
+        corr += xs[gi] * (bi[gi] - 128.0f * sc[gi]);
+    }
+    return hsum8(total) + corr;
+}
+
+static inline float qdot16(int b, const uint8_t *p, const uint16_t *xq, const float *sc, const float *bi,
+                           const float *xs, int64_t C, int64_t G) {
+    return b == 2 ? qdot16_b(2, p, xq, sc, bi, xs, C, G) : qdot16_b(4, p, xq, sc, bi, xs, C, G);
+}
+
+/* cf (np, ng): row pair q's coefficients in group g, bf16(h[2q] sc[2q, g]) | bf16(h[2q+1] sc[2q+1, g]) << 16 (a
+ * missing odd row: 0); corr (ng,): sum_j h[j] bi[j, g] - 128 sum_j (the coefficients as rounded) */
+static void band16_coefficients(int64_t nr, const float *sc, const float *bi, int64_t ng, const float *h, uint32_t *cf,
+                                float *corr) {
+    const int64_t np = (nr + 1) / 2;
+    for (int64_t g = 0; g < ng; g += 16) {
+        const __mmask16 m = ng - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1u);
+        __m512 cv = _mm512_setzero_ps();
+        for (int64_t q = 0; q < np; q++) {
+            __m512i dw = _mm512_setzero_si512();
+            for (int64_t r = 0; r < 2 && 2 * q + r < nr; r++) {
+                const int64_t j = 2 * q + r;
+                const __m512 c = _mm512_mul_ps(_mm512_set1_ps(h[j]), _mm512_maskz_loadu_ps(m, sc + j * ng + g));
+                const __m512i w = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(c));
+                cv = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), _mm512_maskz_loadu_ps(m, bi + j * ng + g), cv);
+                cv = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), cv);
+                dw = _mm512_or_si512(dw, _mm512_slli_epi32(w, (unsigned)(16 * r)));
+            }
+            _mm512_mask_storeu_epi32(cf + q * ng + g, m, dw);
+        }
+        _mm512_mask_storeu_ps(corr + g, m, cv);
+    }
+}
+
+/* y[c + 0..7] += v + corr */
+static inline void add8(float *y, __m256 v, __m256 corr) {
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), _mm256_add_ps(v, corr)));
+}
+
+/* y (C,) float32 += sum_j h[j] * row_j over the nr rows of one band of b = 2 or 4 bits (offsets off, scales sc and
+ * biases bi (nr, ng)) */
+static inline __attribute__((always_inline)) void band16_axpy_b(const int b, int64_t nr, const int64_t *off,
+                                                                 const uint8_t *data, const float *sc, const float *bi,
+                                                                 int64_t ng, const float *h, float *y, int64_t C,
+                                                                 int64_t G) {
+    const int64_t K = 8 / b, uc = 16 * K, np = (nr + 1) / 2;
+    const __m256i mask = _mm256_set1_epi16((short)((1 << b) - 1)), base = _mm256_set1_epi16(0x4300);
+    uint32_t cf[np * ng];
+    float corr[ng];
+    band16_coefficients(nr, sc, bi, ng, h, cf, corr);
+    for (int64_t g0 = 0, gi = 0; g0 < C; g0 += G, gi++) {
+        const int64_t end = g0 + G < C ? g0 + G : C;
+        const __m256 cg = _mm256_set1_ps(corr[gi]);
+        for (int64_t c = g0; c < end; c += uc) {
+            __m256 acc[8]; /* acc[2 s + half], lane d: word (d & 3) + 4 half + 8 (d >> 2), slice s */
+            for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+            for (int64_t q = 0; q < np; q++) {
+                const uint8_t *pa = data + off[2 * q] + c / uc * 16;
+                const uint8_t *pb = 2 * q + 1 < nr ? data + off[2 * q + 1] + c / uc * 16 : pa; /* coefficient 0 */
+                const __m256i wa = unit_words(pa), wb = unit_words(pb);
+                const __m256bh v = (__m256bh)_mm256_set1_epi32((int)cf[q * ng + gi]);
+                for (int64_t s = 0; s < K; s++) {
+                    const __m256i ra = slice_bf16(wa, (int)(s * b), mask, base);
+                    const __m256i rb = slice_bf16(wb, (int)(s * b), mask, base);
+                    acc[2 * s] = _mm256_dpbf16_ps(acc[2 * s], (__m256bh)_mm256_unpacklo_epi16(ra, rb), v);
+                    acc[2 * s + 1] = _mm256_dpbf16_ps(acc[2 * s + 1], (__m256bh)_mm256_unpackhi_epi16(ra, rb), v);
+                }
+            }
+            for (int64_t half = 0; half < 2; half++) {
+                if (K == 4) { /* column 32 blk + 16 half + 4 (d & 3) + s: a 4 x 4 transpose per block */
+                    const __m256 t0 = _mm256_unpacklo_ps(acc[half], acc[2 + half]);
+                    const __m256 t1 = _mm256_unpackhi_ps(acc[half], acc[2 + half]);
+                    const __m256 t2 = _mm256_unpacklo_ps(acc[4 + half], acc[6 + half]);
+                    const __m256 t3 = _mm256_unpackhi_ps(acc[4 + half], acc[6 + half]);
+                    const __m256 r0 = _mm256_shuffle_ps(t0, t2, 0x44), r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+                    const __m256 r2 = _mm256_shuffle_ps(t1, t3, 0x44), r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+                    float *o = y + c + 16 * half;
+                    add8(o, _mm256_permute2f128_ps(r0, r1, 0x20), cg);
+                    add8(o + 8, _mm256_permute2f128_ps(r2, r3, 0x20), cg);
+                    add8(o + 32, _mm256_permute2f128_ps(r0, r1, 0x31), cg);
+                    add8(o + 40, _mm256_permute2f128_ps(r2, r3, 0x31), cg);
+                } else { /* column 16 blk + 8 half + 2 (d & 3) + s */
+                    const __m256 lo = _mm256_unpacklo_ps(acc[half], acc[2 + half]);
+                    const __m256 hi = _mm256_unpackhi_ps(acc[half], acc[2 + half]);
+                    float *o = y + c + 8 * half;
+                    add8(o, _mm256_permute2f128_ps(lo, hi, 0x20), cg);
+                    add8(o + 16, _mm256_permute2f128_ps(lo, hi, 0x31), cg);
+                }
+            }
+        }
+    }
+}
+
+static void band16_axpy(int b, int64_t nr, const int64_t *off, const uint8_t *data, const float *sc, const float *bi,
+                        int64_t ng, const float *h, float *y, int64_t C, int64_t G) {
+    if (b == 2)
+        band16_axpy_b(2, nr, off, data, sc, bi, ng, h, y, C, G);
+    else
+        band16_axpy_b(4, nr, off, data, sc, bi, ng, h, y, C, G);
+}
+#endif
 #else
 /* Portable rows: column order (no permutation). */
 static inline float qdot(int b, const uint8_t *p, const float *xp, const float *sc, const float *bi,
@@ -285,9 +452,19 @@ static void unpermute_add(const float *yp, float *y, int64_t n, int64_t K) {
 
 /* y (C,) += sum over rows j0 <= j < j1 of h[j] * row_j, rows taken band by band (equal bit widths are adjacent) */
 static void rows_axpy(const uint8_t *bits, const int64_t *off, const uint8_t *data, const float *sc, const float *bi,
-                      int64_t ng, const float *h, int64_t nrows, float *y, float *yp, int64_t C, int64_t G) {
+                      int64_t ng, const float *h, int64_t nrows, float *y, float *yp, int64_t C, int64_t G,
+                      int act_bf16) {
     for (int64_t j = 0; j < nrows;) {
         const int b = bits[j];
+#ifdef DF_BF16DP
+        if (fast16(b, act_bf16)) {
+            int64_t e = j;
+            while (e < nrows && bits[e] == b) e++;
+            band16_axpy(b, e - j, off + j, data, sc + j * ng, bi + j * ng, ng, h + j, y, C, G);
+            j = e;
+            continue;
+        }
+#endif
         const int64_t K = layout_codes(b);
         memset(yp, 0, (size_t)C * sizeof *yp);
         for (; j < nrows && bits[j] == b; j++) qaxpy(b, h[j], data + off[j], sc + j * ng, bi + j * ng, yp, C, G);
@@ -326,13 +503,28 @@ static void qtoken(int64_t in_f, int64_t out_f, int64_t G, int64_t gin, int64_t 
     float xf[in_f], xp[in_f], xs[gin], h[nrows], yf[out_f], yp[out_f];
     widen(xi, act_bf16, xf, in_f);
     for (int64_t g = 0; g < gin; g++) {
+        const int64_t end = (g + 1) * G < in_f ? (g + 1) * G : in_f; /* one bound: the sum vectorises */
         float s = 0.0f;
-        for (int64_t c = g * G; c < in_f && c < (g + 1) * G; c++) s += xf[c];
+        for (int64_t c = g * G; c < end; c++) s += xf[c];
         xs[g] = s;
     }
     int64_t K = -1;
+#ifdef DF_BF16DP
+    uint16_t xq[in_f];
+    int64_t K16 = -1;
+#endif
     for (int64_t j = 0; j < nrows; j++) {
         const int b = bk[j];
+#ifdef DF_BF16DP
+        if (fast16(b, act_bf16)) {
+            if (8 / b != K16) {
+                K16 = 8 / b;
+                permute16((const uint16_t *)xi, xq, in_f, K16);
+            }
+            h[j] = qdot16(b, dk + ao[j], xq, as + j * gin, ab + j * gin, xs, in_f, G);
+            continue;
+        }
+#endif
         if (layout_codes(b) != K) {
             K = layout_codes(b);
             permute(xf, xp, in_f, K);
@@ -340,7 +532,7 @@ static void qtoken(int64_t in_f, int64_t out_f, int64_t G, int64_t gin, int64_t 
         h[j] = qdot(b, dk + ao[j], xp, as + j * gin, ab + j * gin, xs, in_f, G);
     }
     widen(yi, act_bf16, yf, out_f);
-    rows_axpy(bk, bo, dk, bs, bb, gout, h, nrows, yf, yp, out_f, G);
+    rows_axpy(bk, bo, dk, bs, bb, gout, h, nrows, yf, yp, out_f, G, act_bf16);
     narrow(yf, yi, act_bf16, out_f);
 }
 
@@ -398,6 +590,19 @@ static void qrun(int64_t m, const int64_t *tok, int64_t in_f, int64_t out_f, int
 #define QRUN_MAX 16 /* tokens of one slot sharing a row's dequantization (heap: QRUN_MAX * (in + out) floats x 2) */
 #endif
 
+/* Whether every row of a slot takes the AVX512-BF16 path: its tokens then run one by one (faster than a group's
+ * shared fp32 dequantization). */
+static inline int all_fast16(const uint8_t *bk, int64_t R, int act_bf16) {
+#ifdef DF_BF16DP
+    for (int64_t j = 0; j < R && bk[j]; j++)
+        if (!fast16(bk[j], act_bf16)) return 0;
+    return 1;
+#else
+    (void)bk, (void)R, (void)act_bf16;
+    return 0;
+#endif
+}
+
 /* act_bf16: whether x, y are bfloat16 (else float32). The tokens of one slot, wherever they sit in the batch (a
  * prefill chunk's, or the decode rows of a tenant with several requests), form groups of at most QRUN_MAX tokens,
  * in order of first appearance; groups are handed to threads one at a time. */
@@ -419,8 +624,9 @@ void qlora_bgmv(int64_t n, int64_t in_f, int64_t out_f, int64_t R, int64_t G, co
     for (int64_t i = 0; i < n; i++) {
         const int64_t k = idx[i];
         if (k < 0 || k >= null_row || last[k] != i || bits[k * R] == 0) continue; /* null, a later token, no rows */
-        for (int64_t j = i, m = QRUN_MAX; j >= 0; j = next[j], m++) {
-            if (m == QRUN_MAX) {
+        const int64_t run = all_fast16(bits + k * R, R, (int)act_bf16) ? 1 : QRUN_MAX;
+        for (int64_t j = i, m = run; j >= 0; j = next[j], m++) {
+            if (m == run) {
                 start[groups] = used;
                 len[groups++] = 0;
                 m = 0;
@@ -463,14 +669,17 @@ void qlora_embed(int64_t n, int64_t H, int64_t V, int64_t R, int64_t G, const in
             coef[j] = code_at(dk + boff[k * R + j], bk[j], t) * bscale[(k * R + j) * gv + g] + bbias[(k * R + j) * gv + g];
         void *yi = (char *)y + i * sy * esz;
         widen(yi, (int)act_bf16, yf, H);
-        rows_axpy(bk, aoff + k * R, dk, ascale + k * R * gh, abias + k * R * gh, gh, coef, nrows, yf, yp, H, G);
+        rows_axpy(bk, aoff + k * R, dk, ascale + k * R * gh, abias + k * R * gh, gh, coef, nrows, yf, yp, H, G,
+                  (int)act_bf16);
         narrow(yf, yi, (int)act_bf16, H);
     }
 }
 
-/* 2: AVX2 row loops, 0: portable */
+/* 3: AVX2 row loops with AVX512-BF16 rows of 2 and 4 bits, 2: AVX2 row loops, 0: portable */
 int qlora_path(void) {
-#ifdef DF_AVX2
+#if defined(DF_BF16DP)
+    return 3;
+#elif defined(DF_AVX2)
     return 2;
 #else
     return 0;

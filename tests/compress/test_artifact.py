@@ -149,3 +149,18 @@ def test_an_embedding_table_on_a_tied_base_is_refused(tiny_deltas, tiny_checkpoi
     cfg = dataclasses.replace(ModelConfig.from_file(tiny_deltas.base_path / "config.json"), tie_word_embeddings=True)
     with pytest.raises(ArtifactError, match="ties its LM head to the embedding"):
         load_adapter(d, cfg)
+
+
+def test_dare_drops_a_table_whose_row_pointers_exceed_its_budget(tiny_deltas, tiny_llama, tmp_path):
+    """At 1/64 a tiny table's CSR row pointers (4 bytes a row) cost more than its share of the budget: DARE keeps
+    nothing of it (the delta is dropped, recorded as 0 bytes), the rest within the ratio; the artifact round-trips
+    and merges."""
+    c = compress_deltas(tiny_deltas, CompressSettings("dare", ratio=1 / 64))
+    tables = [k for k in tiny_deltas.deltas if k[0] < 0]
+    assert tables and not any(k in c.adapter.params for k in tables)
+    assert all(st.bytes == 0 and st.rel_error == pytest.approx(1.0) for st in c.stats if st.layer < 0)
+    assert any(k in c.adapter.params for k in tiny_deltas.deltas if k[0] >= 0)
+    assert c.bytes <= c.settings.ratio * c.fp16_bytes
+    d = save_compressed(c, tmp_path / "dare64", base_fingerprint="sha256:base")
+    a = load_adapter(d, ModelConfig.from_file(tiny_llama / "config.json"), expected_fingerprint="sha256:base")
+    assert set(a.params) == set(c.adapter.params)

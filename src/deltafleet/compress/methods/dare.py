@@ -3,7 +3,8 @@ at random with rate p and rescale the survivors by 1/(1-p), stored sparse (CSR) 
 
 The budget fixes the number kept, k = `budget.sparse_nnz(out, in, budget)`, so instead of a Bernoulli mask
 exactly k entries are drawn uniformly without replacement (p = 1 - k / (out * in)); the draw is seeded per
-projection. The result is an export/merge baseline: the engine does not serve sparse deltas.
+projection. A matrix whose budget cannot hold its CSR row pointers and one entry (k = 0: SmolLM2's 49152-row
+table below about 1/200 of the whole delta) keeps nothing: its delta is dropped, as the pipeline allows. The result is an export/merge baseline: the engine does not serve sparse deltas.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class Dare(Method):
             index = (layer * len(PROJECTIONS) + PROJECTIONS.index(proj) if proj in PROJECTIONS
                      else -1 - TABLES.index(proj))  # a table: its own stream
             g = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
-            params[(layer, proj)] = dare_sparsify(delta, cfg.count(*delta.shape), g)
+            nnz_m = cfg.count(*delta.shape)
+            if nnz_m > 0:  # else not even the row pointers fit the budget: the module's delta is dropped
+                params[(layer, proj)] = dare_sparsify(delta, nnz_m, g)
             ctx.tick()
         return Adapter(cfg, params)
 

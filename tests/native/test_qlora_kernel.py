@@ -9,6 +9,8 @@ import ctypes
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltafleet import native
 from deltafleet.adapters.qadditive import DATA_PAD, QBITS, dense_rows
@@ -230,7 +232,7 @@ def test_bf16_activations_match_the_reference_and_the_avx2_rows(in_f, out_f, gro
     index = torch.tensor([0, 1, null, 2, 0, 0, 3, 1, 0, 2, 0])
     g = torch.Generator().manual_seed(11)
     x = torch.randn(len(index), in_f, generator=g).bfloat16()
-    y = torch.randn(len(index), out_f, generator=g).bfloat16()
+    y = (torch.randn(len(index), out_f, generator=g) * 1e-3).bfloat16()  # small: the bound is on the delta's scale
     want = _reference(pool, x, y, index, null, group)
     got = y.clone()
     assert native.BoundQBgmv.bind(pool, in_f, out_f, group)(x, got, index, null)
@@ -271,3 +273,40 @@ def test_bf16_embedding_lookup_of_a_two_bit_table():
     assert native.BoundQBgmv.bind(pool, H, V, 128).embedding(ids, got, index, null)
     assert_close(got.float(), want, "rounded", torch.bfloat16)
     assert torch.equal(got[2], y[2])
+
+
+@st.composite
+def _bf16_cases(draw):
+    """Shapes (in, out multiples of 64; a group size that need not divide them), a slot's bands (2/4-bit among
+    the other widths, 1-9 rows each, highest bits first) and a batch's slot ids (repeats, the null row, the empty
+    slot)."""
+    group = draw(st.sampled_from([64, 128, 192]))
+    in_f, out_f = 64 * draw(st.integers(1, 6)), 64 * draw(st.integers(1, 6))
+    pool_widths = [4, 2] if draw(st.booleans()) else [16, 8, 4, 3, 2]  # half: only the bf16 path's widths
+    widths = sorted(draw(st.sets(st.sampled_from(pool_widths), min_size=1, max_size=3)), reverse=True)
+    if not {2, 4} & set(widths):
+        widths.append(draw(st.sampled_from([4, 2])))
+    plan = tuple((b, draw(st.integers(1, 9))) for b in sorted(widths, reverse=True))
+    index = draw(st.lists(st.integers(0, 3), min_size=1, max_size=12))  # slot 2: the empty one; 3: null
+    return in_f, out_f, group, plan, index
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(_bf16_cases())
+def test_bf16_rows_match_the_reference_on_random_shapes_and_plans(case):
+    """The AVX512-BF16 rows (where the CPU has them; the AVX2 rows elsewhere) against the fp32 reference, over
+    random shapes, group sizes (a last group cut short), band plans (odd and single-row bands beside 3/8/16-bit
+    ones) and slot patterns."""
+    in_f, out_f, group, plan, slots = case
+    pool, null = _pool([plan, plan[::-1][:1]], in_f=in_f, out_f=out_f, group=group, seed=in_f * out_f + group)
+    assert null == 3
+    index = torch.tensor(slots)
+    g = torch.Generator().manual_seed(len(slots))
+    x = torch.randn(len(slots), in_f, generator=g).bfloat16()
+    y = (torch.randn(len(slots), out_f, generator=g) * 1e-3).bfloat16()  # small: the bound is on the delta's scale
+    want = _reference(pool, x, y, index, null, group)
+    got = y.clone()
+    assert native.BoundQBgmv.bind(pool, in_f, out_f, group)(x, got, index, null)
+    untouched = (index == null) | (index == 2)
+    assert torch.equal(got[untouched], y[untouched])
+    assert_close(got.float(), want, "rounded", torch.bfloat16, scale=float(want.abs().max()))

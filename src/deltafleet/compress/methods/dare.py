@@ -4,7 +4,8 @@ at random with rate p and rescale the survivors by 1/(1-p), stored sparse (CSR) 
 The budget fixes the number kept, k = `budget.sparse_nnz(out, in, budget)`, so instead of a Bernoulli mask
 exactly k entries are drawn uniformly without replacement (p = 1 - k / (out * in)); the draw is seeded per
 projection. A matrix whose budget cannot hold its CSR row pointers and one entry (k = 0: SmolLM2's 49152-row
-table below about 1/200 of the whole delta) keeps nothing: its delta is dropped, as the pipeline allows. The result is an export/merge baseline: the engine does not serve sparse deltas.
+table below about 1/200 of the whole delta) keeps nothing: its delta is dropped, as the pipeline allows. The
+result is an export/merge baseline: the engine does not serve sparse deltas.
 """
 
 from __future__ import annotations

@@ -1,0 +1,96 @@
+"""Where a mixed decode step's time goes (README: Tenant density). Batch 32, every tenant resident: 11 LoRA r16,
+11 RoAd and 10 compressed whole fine-tunes (`ft`, 1/64), against the base alone, 3 interleaved rounds: the
+decode forward per step; the time inside each family's native kernel call (LoRA BGMV, RoAd, the quantized
+BGMV), timed around the call from Python; and the same mixed step with every kernel call replaced by a no-op that
+keeps the Python side (the batch checks), which leaves the adapters' dispatch and the gain-norm path. Needs the
+tenants `deltafleet bench density` writes.
+    python results/serve/mixed_step_breakdown.py > results/serve/mixed_step_breakdown.txt"""
+import collections
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from deltafleet import native
+from deltafleet.bench.density import kind_configs, tenant_names
+from deltafleet.dtypes import cpu_flags
+from deltafleet.models.loading import load_model, load_tokenizer
+from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from deltafleet.serve.engine import engine as engine_module
+
+acc: collections.Counter = collections.Counter()
+NOOP = False
+KERNELS = {"BoundBgmv": "lora", "BoundRoad": "road", "BoundQBgmv": "ft"}
+
+
+def timed_kernel(call, family):
+    def wrapper(self, *args):
+        if NOOP:  # the Python side runs; the C function is swapped for a no-op for this call
+            name = "bgmv" if hasattr(self, "bgmv") else "fns"
+            saved = getattr(self, name)
+            setattr(self, name, (lambda *a: None) if name == "bgmv" else {k: (lambda *a: None) for k in saved})
+            try:
+                return call(self, *args)
+            finally:
+                setattr(self, name, saved)
+        t0 = time.perf_counter()
+        out = call(self, *args)
+        acc[family] += time.perf_counter() - t0
+        return out
+    return wrapper
+
+
+for cls, family in KERNELS.items():
+    C = getattr(native, cls)
+    C.__call__ = timed_kernel(C.__call__, family)
+forward = engine_module.Engine._decode_forward
+
+
+def timed_forward(self, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = forward(self, *args, **kwargs)
+    acc["forward"] += time.perf_counter() - t0
+    acc["steps"] += 1
+    return out
+
+
+engine_module.Engine._decode_forward = timed_forward
+model, path = load_model("smollm2-135m", dtype=torch.bfloat16)
+kc = kind_configs(model.config, 1 / 64)
+rank = max(sum(r for _, r in kc["ft"].ranks(*model.config.linear_shape(p)))
+           for p in ("q_proj", "k_proj", "gate_proj", "down_proj"))
+e = Engine(model, load_tokenizer(path), EngineConfig(
+    dtype="bfloat16", max_batch=32, max_model_len=80, lora_slots=32, road_slots=32, delta_slots=0, qdelta_slots=64,
+    max_delta_rank=rank, pafi_slots=0, hiwi_slots=0))
+root = Path.home() / ".cache/deltafleet/density-tenants"
+names = tenant_names(96)
+for n, _ in names:
+    e.adapters.add(n, root / n)
+by = {k: [n for n, kk in names if kk == k] for k in ("lora", "road", "ft")}
+mixed = by["lora"][:11] + by["road"][:11] + by["ft"][:10]
+
+
+def run(adapters, noop=False):
+    global NOOP
+    NOOP = noop
+    reqs = [Request([5 + i] * 8, SamplingParams(max_tokens=48, ignore_eos=True), adapter=a)
+            for i, a in enumerate(adapters)]
+    acc.clear()
+    e.generate(reqs)
+    return {k: v * 1e3 / acc["steps"] for k, v in acc.items() if k != "steps"}
+
+
+run(mixed)
+cases = {"base": ([None] * 32, False), "mixed": (mixed, False), "mixed, kernels no-op": (mixed, True)}
+res = {k: [] for k in cases}
+for _ in range(3):
+    for k, (a, noop) in cases.items():
+        res[k].append(run(a, noop))
+print(f"CPU: {'avx512_bf16' if 'avx512_bf16' in cpu_flags() else 'no avx512_bf16'}; kernel path "
+      f"{native.qlora_path()}; ms per decode step (medians of 3 interleaved rounds; the rounds in brackets)")
+for k, rows in res.items():
+    for key in ("forward", *KERNELS.values()):
+        vals = [r.get(key, 0.0) for r in rows]
+        if any(vals):
+            print(f"{k:22s} {key:8s} {statistics.median(vals):7.1f}   [{', '.join(f'{v:.1f}' for v in vals)}]")

@@ -180,6 +180,34 @@ def rms_norm_(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tens
     return True
 
 
+_GAIN_ARGS = [_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64]
+
+
+@cache
+def norm_gain(dtype: torch.dtype):
+    """norm_cpu.c's per-token gain delta for u, y, delta of `dtype` (float32 or bfloat16), or None."""
+    suffix = _GEMV_SUFFIX.get(dtype)
+    return None if suffix is None else _function("norm_cpu", f"norm_gain_{suffix}", _GAIN_ARGS)
+
+
+def norm_gain_(u: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
+    """y[i] += u[i] * delta[index[i]] in place for every i with index[i] != null_row (norm_cpu.c). u, y (n, d) and
+    delta (S, d) of one dtype (float32 or bfloat16) with contiguous rows, index (n,) int64 contiguous (an id outside
+    [0, S) is read as the null row), all on the CPU. Returns False (y untouched) when the kernel is unavailable or
+    the tensors do not fit."""
+    fn = norm_gain(y.dtype)
+    if fn is None or u.dim() != 2 or y.dim() != 2 or delta.dim() != 2 or index.dim() != 1:
+        return False
+    n, d = y.shape
+    if not (u.dtype is y.dtype and delta.dtype is y.dtype and index.dtype is _I64T and u.shape == (n, d)
+            and delta.shape[1] == d and index.shape[0] == n and u.stride(1) == y.stride(1) == delta.stride(1) == 1
+            and index.is_contiguous() and u.is_cpu and y.is_cpu and delta.is_cpu and index.is_cpu):
+        return False
+    fn(n, d, u.data_ptr(), u.stride(0), y.data_ptr(), y.stride(0), delta.data_ptr(), delta.stride(0),
+       delta.shape[0], index.data_ptr(), null_row)
+    return True
+
+
 DEQUANT_BITS = (2, 3, 4, 8)
 
 

@@ -40,3 +40,31 @@ void rms_norm_bf16(int64_t n, int64_t d, const uint16_t *x, int64_t sx, const ui
             yi[j] = f32_to_bf16(bf16_to_f32(w[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[j]) * r)));
     }
 }
+
+/* Per-token gain deltas on RMSNorm outputs (a whole fine-tune's or HiWi's norms, served in mixed batches):
+ *
+ *     y[i, j] += u[i, j] * delta[idx[i], j]      for every row i with idx[i] != null_row (others untouched)
+ *
+ *   u (n, d) the normalised input (row stride su), y (n, d) the norm's output (row stride sy), updated in place;
+ *   delta (S, d) row stride sdl, of y's dtype; idx (n,) int64 (an id outside [0, S) is read as the null row).
+ *   bfloat16: the product and sum in float32, y rounded once (torch's addcmul on bf16 tensors). */
+void norm_gain_f32(int64_t n, int64_t d, const float *u, int64_t su, float *y, int64_t sy, const float *delta,
+                   int64_t sdl, int64_t S, const int64_t *idx, int64_t null_row) {
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] == null_row || idx[i] < 0 || idx[i] >= S) continue;
+        const float *ui = u + i * su, *di = delta + idx[i] * sdl;
+        float *yi = y + i * sy;
+        for (int64_t j = 0; j < d; j++) yi[j] += ui[j] * di[j];
+    }
+}
+
+void norm_gain_bf16(int64_t n, int64_t d, const uint16_t *u, int64_t su, uint16_t *y, int64_t sy,
+                    const uint16_t *delta, int64_t sdl, int64_t S, const int64_t *idx, int64_t null_row) {
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] == null_row || idx[i] < 0 || idx[i] >= S) continue;
+        const uint16_t *ui = u + i * su, *di = delta + idx[i] * sdl;
+        uint16_t *yi = y + i * sy;
+        for (int64_t j = 0; j < d; j++)
+            yi[j] = f32_to_bf16(bf16_to_f32(yi[j]) + bf16_to_f32(ui[j]) * bf16_to_f32(di[j]));
+    }
+}

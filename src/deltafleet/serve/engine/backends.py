@@ -45,6 +45,7 @@ from deltafleet.adapters.qadditive import QADDITIVE, dense_rows
 from deltafleet.adapters.road.functional import rotate_half_grouped
 from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SPARSE
 from deltafleet.native import BoundBgmv, BoundQBgmv, BoundRoad, BoundSparse
+from deltafleet.native import norm_gain_ as native_norm_gain
 from deltafleet.registry import Registry
 from deltafleet.serve.engine.pools import PoolStep
 
@@ -244,6 +245,14 @@ class CpuBackend(Backend):
             if kernel is not None and kernel(y, step.index, step.pool.null):
                 return y
         return super().apply_elementwise(x, y, tensors, step)
+
+    def apply_norm(self, x, y, tensors, step):
+        # one native pass instead of index_select + cast + addcmul, 61 times a step when a tenant has gains
+        if self.native and y.is_contiguous():
+            d = y.shape[-1]
+            if native_norm_gain(x.reshape(-1, d), y.view(-1, d), tensors["delta"], step.index, step.pool.null):
+                return y
+        return super().apply_norm(x, y, tensors, step)
 
     def apply_sparse(self, x, y, tensors, step):
         if self.native:

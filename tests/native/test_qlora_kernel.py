@@ -223,6 +223,22 @@ FAST_CASES = [(576, 1536, 128, ((2, 47),)), (1536, 576, 128, ((2, 47),)), (192, 
               (256, 448, 128, ((16, 1), (3, 2), (2, 3)))]
 
 
+def _bf16_matches_reference(pool, null, empty, index, in_f, out_f, group, seed):
+    """The bound kernel on bf16 x, y (y small: the bound is on the delta's scale) against the fp32 reference; rows
+    of the null row and the empty slot untouched. Returns x, y, the reference, the kernel's answer and the scale."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(index), in_f, generator=g).bfloat16()
+    y = (torch.randn(len(index), out_f, generator=g) * 1e-3).bfloat16()
+    want = _reference(pool, x, y, index, null, group)
+    got = y.clone()
+    assert native.BoundQBgmv.bind(pool, in_f, out_f, group)(x, got, index, null)
+    untouched = (index == null) | (index == empty)
+    assert torch.equal(got[untouched], y[untouched])
+    scale = float(want.abs().max())
+    assert_close(got.float(), want, "rounded", torch.bfloat16, scale=scale)
+    return x, y, want, got, scale
+
+
 @pytest.mark.parametrize("in_f,out_f,group,plan", FAST_CASES)
 def test_bf16_activations_match_the_reference_and_the_avx2_rows(in_f, out_f, group, plan, tmp_path):
     """bf16 activations (the AVX512-BF16 rows where the CPU has them): distinct slots, a slot's scattered tokens (run
@@ -230,16 +246,7 @@ def test_bf16_activations_match_the_reference_and_the_avx2_rows(in_f, out_f, gro
     build of the same source."""
     pool, null = _pool([plan, plan, plan], in_f=in_f, out_f=out_f, group=group, seed=in_f + len(plan))
     index = torch.tensor([0, 1, null, 2, 0, 0, 3, 1, 0, 2, 0])
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(len(index), in_f, generator=g).bfloat16()
-    y = (torch.randn(len(index), out_f, generator=g) * 1e-3).bfloat16()  # small: the bound is on the delta's scale
-    want = _reference(pool, x, y, index, null, group)
-    got = y.clone()
-    assert native.BoundQBgmv.bind(pool, in_f, out_f, group)(x, got, index, null)
-    untouched = (index == null) | (index == 3)
-    assert torch.equal(got[untouched], y[untouched])
-    scale = float(want.abs().max())
-    assert_close(got.float(), want, "rounded", torch.bfloat16, scale=scale)
+    x, y, want, got, scale = _bf16_matches_reference(pool, null, 3, index, in_f, out_f, group, seed=11)
     lib = build_with("qlora_cpu", tmp_path, AVX2_ONLY)
     lib.qlora_path.restype = ctypes.c_int
     assert lib.qlora_path() == 2
@@ -300,13 +307,4 @@ def test_bf16_rows_match_the_reference_on_random_shapes_and_plans(case):
     in_f, out_f, group, plan, slots = case
     pool, null = _pool([plan, plan[::-1][:1]], in_f=in_f, out_f=out_f, group=group, seed=in_f * out_f + group)
     assert null == 3
-    index = torch.tensor(slots)
-    g = torch.Generator().manual_seed(len(slots))
-    x = torch.randn(len(slots), in_f, generator=g).bfloat16()
-    y = (torch.randn(len(slots), out_f, generator=g) * 1e-3).bfloat16()  # small: the bound is on the delta's scale
-    want = _reference(pool, x, y, index, null, group)
-    got = y.clone()
-    assert native.BoundQBgmv.bind(pool, in_f, out_f, group)(x, got, index, null)
-    untouched = (index == null) | (index == 2)
-    assert torch.equal(got[untouched], y[untouched])
-    assert_close(got.float(), want, "rounded", torch.bfloat16, scale=float(want.abs().max()))
+    _bf16_matches_reference(pool, null, 2, torch.tensor(slots), in_f, out_f, group, seed=len(slots))

@@ -276,15 +276,32 @@ def test_the_loader_thread_runs_torch_on_one_thread_and_leaves_other_threads_alo
 
     from deltafleet.serve.engine.adapters import loader_thread_init
 
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0
+    # The loader thread gets an OS name of its own, which the threads it creates (OpenMP workers) inherit: counting
+    # the threads of that name is immune to other threads of the process starting or ending meanwhile.
+    name = b"df-loader-test"
+
+    def named() -> int:
+        tasks = "/proc/self/task"
+        if not os.path.isdir(tasks):
+            return 0
+        count = 0
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/comm", "rb") as f:
+                    count += f.read().strip() == name
+            except OSError:  # the thread ended meanwhile
+                pass
+        return count
+
+    def init():
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME (Linux; elsewhere the count stays 0)
+        loader_thread_init()
 
     before = torch.get_num_threads()
     torch.ones(1 << 18).sum()  # this thread's OpenMP team exists
-    n0 = threads()
-    with ThreadPoolExecutor(1, initializer=loader_thread_init) as ex:
+    with ThreadPoolExecutor(1, initializer=init) as ex:
         inside = ex.submit(lambda: (torch.ones(1 << 18).sum(), torch.get_num_threads())[1]).result()
-        grown = threads() - n0
+        grown = named()
     later = []
     t = threading.Thread(target=lambda: later.append((torch.ones(1 << 18).sum(), torch.get_num_threads())[1]))
     t.start()
@@ -296,5 +313,5 @@ def test_the_loader_thread_runs_torch_on_one_thread_and_leaves_other_threads_alo
     except OSError:
         gomp = False
     assert inside == (1 if gomp else before)  # torch's OpenMP runtime here is libgomp; another one: unchanged
-    if gomp and n0:  # the loader thread alone: no OpenMP workers of its own (they would make libgomp's
-        assert grown == 1  # workers sleep between regions, slowing every op of the engine loop)
+    if gomp and os.path.isdir("/proc/self/task"):  # the loader thread alone: no OpenMP workers of its own (they
+        assert grown == 1  # would make libgomp's workers sleep between regions, slowing every op of the engine loop)

@@ -454,6 +454,7 @@ static void unpermute_add(const float *yp, float *y, int64_t n, int64_t K) {
 static void rows_axpy(const uint8_t *bits, const int64_t *off, const uint8_t *data, const float *sc, const float *bi,
                       int64_t ng, const float *h, int64_t nrows, float *y, float *yp, int64_t C, int64_t G,
                       int act_bf16) {
+    (void)act_bf16; /* read only by the AVX512-BF16 build */
     for (int64_t j = 0; j < nrows;) {
         const int b = bits[j];
 #ifdef DF_BF16DP

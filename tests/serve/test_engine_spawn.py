@@ -1,14 +1,18 @@
 """`Engine.spawn`: the engine is built on the thread that then runs its step loop; requests from other threads get
 the same greedy answers as an engine stepped in the caller's thread; a failing build raises on the caller's
-thread and leaves no loop behind."""
+thread and leaves no loop behind; the caller's idle OpenMP team is freed."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 import time
 
 import pytest
+import torch
 
+from deltafleet.native import openmp
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
 
 
@@ -48,3 +52,48 @@ def test_spawn_raises_the_build_error_here():
     while set(threading.enumerate()) - before and time.monotonic() < deadline:
         time.sleep(0.01)  # the builder thread returns right after handing over the error
     assert not set(threading.enumerate()) - before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or openmp._gomp() is None or torch.get_num_threads() < 2,
+                    reason="needs Linux's /proc, libgomp and two OpenMP threads")
+def test_spawn_frees_the_callers_idle_openmp_team(tiny_llama):
+    # The caller's idle team would leave more OpenMP threads than cores, and libgomp would then stop spinning
+    # between the loop's parallel regions (`native.openmp`). Threads are counted by OS names, which OpenMP workers
+    # inherit from the thread that creates them.
+    caller, loop = b"df-spawn-caller", b"df-spawn-loop"
+    cfg = EngineConfig(dtype="float32", max_batch=4, max_model_len=64)
+    seen = []
+
+    def build():
+        ctypes.CDLL(None).prctl(15, loop, 0, 0, 0)  # PR_SET_NAME, before this thread's first parallel op
+        return Engine.from_pretrained(tiny_llama, config=cfg)
+
+    def body():
+        ctypes.CDLL(None).prctl(15, caller, 0, 0, 0)
+        torch.ones(1 << 20).mul(2).sum()  # a two-thread op: the caller's team exists
+        seen.append(_named(caller))
+        engine = Engine.spawn(build)
+        try:
+            deadline = time.monotonic() + 5
+            while _named(caller) != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(_named(caller))
+            seen.append(len(engine.generate(_requests())))
+        finally:
+            engine.shutdown()
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [torch.get_num_threads(), 1, 3]
+
+
+def _named(name: bytes) -> int:
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm", "rb") as f:
+                count += f.read().strip() == name
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count

@@ -21,9 +21,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -39,6 +37,7 @@ from deltafleet.adapters.qadditive import QADDITIVE
 from deltafleet.adapters.serving import CompactForm, ServingForm, host_forms
 from deltafleet.errors import DeltafleetError
 from deltafleet.models.config import ModelConfig
+from deltafleet.native import openmp
 from deltafleet.serve.engine.pools import Pool
 from deltafleet.store.manifest import read_manifest
 from deltafleet.store.paths import confined_files
@@ -113,21 +112,13 @@ class Lease:
 
 
 def loader_thread_init() -> None:
-    """A loader thread runs its torch ops on one OpenMP thread, set for this thread only through the OpenMP runtime
-    torch already loaded (`torch.set_num_threads` would also change the default of every thread created later);
-    with another runtime, nothing changes.
-
-    It is set before the thread's first parallel op, so the thread never gets an OpenMP team of its own. A team's
-    idle workers count against the cores for libgomp: with more OpenMP threads than cores it stops spinning between
-    regions, and every parallel region of the engine loop then waits for its workers to wake. Once a loader had
-    run one two-thread op, a bf16 576x576 projection of 32 rows took 250-350 us instead of 130, and a RoAd call
-    90-114 us instead of 13 (2-core AMD EPYC; the thread idle). Loads are many small ops: one thread is also their
-    fastest."""
-    try:
-        gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)  # only if already loaded (by torch)
-    except (OSError, AttributeError):
-        return
-    gomp.omp_set_num_threads(1)
+    """A loader thread runs its torch ops on one OpenMP thread (`native.openmp.single_thread`), set before its first
+    parallel op, so it never gets an OpenMP team of its own: a team's idle workers count against the cores for
+    libgomp, and with more OpenMP threads than cores every parallel region of the engine loop waits for its workers
+    to wake. Once a loader had run one two-thread op, a bf16 576x576 projection of 32 rows took 250-350 us instead
+    of 130, and a RoAd call 90-114 us instead of 13 (2-core AMD EPYC; the thread idle). Loads are many small ops:
+    one thread is also their fastest."""
+    openmp.single_thread()
 
 
 class AdapterManager:
@@ -190,7 +181,9 @@ class AdapterManager:
     def replace(self, name: str, source: str | Path | Adapter) -> None:
         """Swap the weights registered under `name` atomically: requests admitted before the swap finish on the old
         weights, every later one gets the new. The new weights are read and validated first, in the caller's
-        thread (this blocks for a directory); if that fails, `AdapterLoadError` is raised and nothing changed."""
+        thread (this blocks for a directory, read on the loader thread: torch ops on the caller's thread would give
+        it an OpenMP team that slows the engine loop, see `loader_thread_init`); if that fails, `AdapterLoadError` is
+        raised and nothing changed."""
         with self._lock:
             self._entry(name)
         if isinstance(source, Adapter):
@@ -198,7 +191,7 @@ class AdapterManager:
             new = _Entry(name, None, info=self._info(source, form, None))
         else:  # the caller chose this path (the HTTP gateway confines it to the adapters root first)
             path = Path(source)
-            form, expanded, info = self._read(name, path)
+            form, expanded, info = self._executor.submit(self._read, name, path).result()
             new = _Entry(name, path, info=info)
         with self._lock:
             self._detach(self._entry(name))

@@ -42,6 +42,7 @@ from deltafleet.errors import DeltafleetError
 from deltafleet.models import prepack
 from deltafleet.models.llama import KVCache, Transformer
 from deltafleet.models.loading import load_model, load_tokenizer
+from deltafleet.native import openmp
 from deltafleet.serve.engine.adapters import AdapterManager, AdapterState, UnknownAdapterError
 from deltafleet.serve.engine.backends import make_backend
 from deltafleet.serve.engine.config import EngineConfig
@@ -535,9 +536,15 @@ class Engine:
     def spawn(cls, build: Callable[[], Engine]) -> Engine:
         """`build()` an engine on a new thread that then runs its step loop (as `start` would), and return it once
         built (or raise what `build` raised). Use it when the engine will run in the background anyway: the model
-        is then loaded and run on one thread. Loaded on one thread and stepped on another, SmolLM2's bf16 steps
-        ran about 1.6x slower (2-core AMD EPYC, torch 2.13's OpenMP build: 92-100 against 145-157 tok/s, batch 8,
-        and the same with the native kernels off), which made the HTTP server half as fast as the engine."""
+        is then loaded and run on one thread.
+
+        The calling thread's idle OpenMP team, if its earlier torch ops made one, is released first
+        (`native.openmp.release_team`): with it, the process has more OpenMP threads than cores, libgomp stops
+        spinning between parallel regions, and every region of the step loop waits for its workers to wake
+        (SmolLM2 bf16 at batch 32 on a 2-core AMD EPYC: 203-250 tokens/s instead of 359-374, the cause of the
+        1.6x an engine loaded on one thread and stepped on another lost before). A caller that goes on running
+        multi-threaded torch ops makes a new team and slows the loop again."""
+        openmp.release_team()
         built: dict[str, object] = {}
         ready = threading.Event()
 
@@ -561,8 +568,10 @@ class Engine:
 
     def start(self) -> None:
         """Run the step loop on a background thread (needed by `stream`). An engine that will only ever run in the
-        background is faster built by `Engine.spawn` (see there)."""
+        background is faster built by `Engine.spawn` (see there). Releases the calling thread's idle OpenMP team
+        (see `spawn`)."""
         if self._thread is None:
+            openmp.release_team()
             self._thread = threading.Thread(target=self._loop, name="deltafleet-engine", daemon=True)
             self._thread.start()
 

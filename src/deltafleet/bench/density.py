@@ -11,7 +11,7 @@ ones in its host cache (LRU, `host_cache_gb`; with `preloaded`, every tenant is 
 `AdapterManager.preload`) and copies the tenants a step needs into slots (32 per kind). A stream of `requests`
 requests with Zipf(`zipf`)-popular tenants runs with batch 32 (a request whose tenant is not in host memory waits
 while the loader thread reads it (prefetch starts at submission), the running batch goes on), alternated with the
-same stream on the base alone, `rounds` times; 32 closed-loop clients (each sends its next request when its last one
+same stream on the base alone, `rounds` times (tenants first in even rounds, the base first in odd ones); 32 closed-loop clients (each sends its next request when its last one
 ends) keep the batch full.
 
 Reported per N: bytes per tenant of each kind (on disk and in host memory), slot-miss rate, host-cache misses, the
@@ -185,9 +185,13 @@ def measure(cfg: DensityConfig, root: Path, n: int, tier: str = "disk", log=lamb
     engine.adapters.timings.to_slot.clear()
     pairs, with_t, base_t, failed, ttft_with, ttft_base = [], [], [], 0, [], []
     for r in range(cfg.rounds):
-        log(f"N={n} ({tier}): round {r + 1}/{cfg.rounds} ({len(stream)} requests with tenants, then on the base)")
-        t, f, tt = _run(engine, stream, False, cfg.batch)
-        b, _, bt = _run(engine, stream, True, cfg.batch)
+        log(f"N={n} ({tier}): round {r + 1}/{cfg.rounds} ({len(stream)} requests with tenants and on the base)")
+        if r % 2 == 0:  # the order alternates (ABBA), so a drift over the rounds does not favour either side
+            t, f, tt = _run(engine, stream, False, cfg.batch)
+            b, _, bt = _run(engine, stream, True, cfg.batch)
+        else:
+            b, _, bt = _run(engine, stream, True, cfg.batch)
+            t, f, tt = _run(engine, stream, False, cfg.batch)
         with_t.append(t)
         base_t.append(b)
         pairs.append(t / b)

@@ -8,11 +8,11 @@ random draws of each kind's own initialiser (non-trivial), so every tenant's byt
 
 For each N (e.g. 100 and 1000) and tier (`TIERS`) one engine registers the first N tenants (disk tier), keeps loaded
 ones in its host cache (LRU, `host_cache_gb`; with `preloaded`, every tenant is read into it before the stream,
-`AdapterManager.preload`) and copies the tenants a step needs into slots (32 per kind). A stream of `requests`
-requests with Zipf(`zipf`)-popular tenants runs with batch 32 (a request whose tenant is not in host memory waits
-while the loader thread reads it (prefetch starts at submission), the running batch goes on), alternated with the
-same stream on the base alone, `rounds` times (tenants first in even rounds, the base first in odd ones); 32 closed-loop clients (each sends its next request when its last one
-ends) keep the batch full.
+`AdapterManager.preload`) and copies the tenants a step needs into slots (32 per kind). A stream of `requests` requests
+with Zipf(`zipf`)-popular tenants runs with batch 32 (a request whose tenant is not in host memory waits while the
+loader thread reads it (prefetch starts at submission), the running batch goes on), alternated with the same stream on
+the base alone, `rounds` times (tenants first in even rounds, the base first in odd ones); 32 closed-loop clients (each
+sends its next request when its last one ends) keep the batch full.
 
 Reported per N: bytes per tenant of each kind (on disk and in host memory), slot-miss rate, host-cache misses, the
 time from a request for a tenant not in host memory to the tenant being there (`to_host`, p50/p99: the read,

@@ -108,6 +108,22 @@ def road_apply(weight_dtype: torch.dtype = torch.float32, act_dtype: torch.dtype
     return None if suffix is None else _function("lora_cpu", f"road_apply_{suffix}", _ROAD_ARGS)
 
 
+_PACKED_ARGS = [_PTR]  # the array's address (an int: the cheapest argument ctypes converts)
+
+
+@cache
+def _packed(unpacked_name: str, library: str):
+    """The one-pointer entry (`<name>_packed(const int64_t *args)`) of a kernel: its arguments in order in an int64
+    array, pointers as integers. A bound caller keeps the array and rewrites only the per-call slots."""
+    return _function(library, f"{unpacked_name}_packed", _PACKED_ARGS)
+
+
+def _args(values) -> tuple[ctypes.Array, int]:
+    """(an int64 array holding `values`, its address)."""
+    a = (_I64 * len(values))(*values)
+    return a, ctypes.addressof(a)
+
+
 @cache
 def dequant_groups():
     """The `dequant_groups_f32` function of dequant_cpu.c, or None when native kernels are unavailable."""
@@ -234,12 +250,14 @@ class BoundBgmv:
     checked once here, so a call (one projection of one decode step) checks only the batch side. Pools are
     allocated once and written in place, so a binding stays valid as long as its pool lives."""
 
-    __slots__ = ("fns", "A", "B", "in_f", "out_f", "R", "static")
+    __slots__ = ("fns", "A", "B", "in_f", "out_f", "R", "args", "argp")
 
     def __init__(self, fns: dict, A: torch.Tensor, B: torch.Tensor):
-        self.fns, self.A, self.B = fns, A, B  # activation dtype -> kernel
+        self.fns, self.A, self.B = fns, A, B  # activation dtype -> kernel (its one-pointer entry)
         self.in_f, self.out_f, self.R = A.shape[2], B.shape[2], min(A.shape[1], B.shape[1])
-        self.static = (A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1))
+        # the kernel's arguments; a call rewrites n (0), r (3), x (4), y (6), index (14) and null_row (15)
+        self.args, self.argp = _args((0, self.in_f, self.out_f, 0, 0, self.in_f, 0, self.out_f, A.data_ptr(),
+                                      A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), 0, 0))
 
     @classmethod
     def bind(cls, A: torch.Tensor, B: torch.Tensor) -> BoundBgmv | None:
@@ -248,7 +266,7 @@ class BoundBgmv:
         if not (A.dtype == B.dtype and A.dim() == B.dim() == 3 and A.shape[0] == B.shape[0]
                 and A.stride(2) == B.stride(2) == 1 and A.device.type == B.device.type == "cpu"):
             return None
-        fns = _kernels(lora_bgmv, A.dtype)
+        fns = _kernels(lora_bgmv, A.dtype, packed=True)
         return cls(fns, A, B) if fns else None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, r: int, null_row: int) -> bool:
@@ -263,8 +281,9 @@ class BoundBgmv:
                 and 0 <= r <= self.R and x.is_contiguous() and y.is_contiguous() and index.is_contiguous()
                 and x.is_cpu and y.is_cpu and index.is_cpu):
             return False
-        fn(n, self.in_f, self.out_f, r, x.data_ptr(), self.in_f, y.data_ptr(), self.out_f, *self.static,
-           index.data_ptr(), null_row)
+        a = self.args
+        a[0], a[3], a[4], a[6], a[14], a[15] = n, r, x.data_ptr(), y.data_ptr(), index.data_ptr(), null_row
+        fn(self.argp)
         return True
 
 
@@ -272,11 +291,13 @@ class BoundRoad:
     """lora_cpu.c's RoAd kernel bound to one pool's c, s (S, out) and group size G, checked once (see
     BoundBgmv)."""
 
-    __slots__ = ("fns", "c", "s", "out_f", "group", "static")
+    __slots__ = ("fns", "c", "s", "out_f", "group", "args", "argp")
 
     def __init__(self, fns: dict, c: torch.Tensor, s: torch.Tensor, group: int):
         self.fns, self.c, self.s, self.out_f, self.group = fns, c, s, c.shape[1], group
-        self.static = (c.data_ptr(), c.stride(0), s.data_ptr(), s.stride(0))
+        # the kernel's arguments; a call rewrites n (0), y (3), index (9) and null_row (10)
+        self.args, self.argp = _args((0, self.out_f, group, 0, self.out_f, c.data_ptr(), c.stride(0), s.data_ptr(),
+                                      s.stride(0), 0, 0))
 
     @classmethod
     def bind(cls, c: torch.Tensor, s: torch.Tensor, group: int) -> BoundRoad | None:
@@ -286,7 +307,7 @@ class BoundRoad:
                 and group % 2 == 0 and c.shape[1] % group == 0 and c.stride(1) == s.stride(1) == 1
                 and c.device.type == s.device.type == "cpu"):
             return None
-        fns = _kernels(road_apply, c.dtype)
+        fns = _kernels(road_apply, c.dtype, packed=True)
         return cls(fns, c, s, group) if fns else None
 
     def __call__(self, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
@@ -299,16 +320,21 @@ class BoundRoad:
                 and y.numel() == n * self.out_f and y.is_contiguous() and index.is_contiguous()
                 and y.is_cpu and index.is_cpu):
             return False
-        fn(n, self.out_f, self.group, y.data_ptr(), self.out_f, *self.static, index.data_ptr(), null_row)
+        a = self.args
+        a[0], a[3], a[9], a[10] = n, y.data_ptr(), index.data_ptr(), null_row
+        fn(self.argp)
         return True
 
 
 _I64T = torch.int64
 
 
-def _kernels(lookup, weight_dtype: torch.dtype) -> dict:
-    """activation dtype -> `lookup(weight_dtype, activation dtype)`, for the pairs that have a kernel."""
+def _kernels(lookup, weight_dtype: torch.dtype, packed: bool = False) -> dict:
+    """activation dtype -> `lookup(weight_dtype, activation dtype)` (with `packed`, that kernel's one-pointer
+    entry), for the pairs that have a kernel."""
     fns = {act: lookup(weight_dtype, act) for act in ACTIVATION_DTYPES}
+    if packed:
+        fns = {act: fn and _packed(fn.__name__, "lora_cpu") for act, fn in fns.items()}
     return {act: fn for act, fn in fns.items() if fn is not None}
 
 
@@ -499,21 +525,23 @@ class BoundQBgmv:
     slot dimension first and at least `DATA_PAD` bytes of data after a slot's rows): `in_f`, `out_f` the module's
     (for a table: H, V), `group` the pool's group size. The pool side is checked once here."""
 
-    __slots__ = ("bgmv", "embed", "t", "in_f", "out_f", "R", "group", "static")
+    __slots__ = ("bgmv", "embed", "t", "in_f", "out_f", "R", "group", "static", "args", "argp")
 
     def __init__(self, t: dict[str, torch.Tensor], in_f: int, out_f: int, group: int):
-        self.bgmv, self.embed, self.t = qlora("qlora_bgmv"), qlora("qlora_embed"), t
+        self.bgmv, self.embed, self.t = _packed("qlora_bgmv", "qlora_cpu"), qlora("qlora_embed"), t
         self.in_f, self.out_f, self.R, self.group = in_f, out_f, t["bits"].shape[1], group
         self.static = (t["bits"].data_ptr(), t["aoff"].data_ptr(), t["boff"].data_ptr(), t["data"].data_ptr(),
                        t["data"].stride(0), t["ascale"].data_ptr(), t["abias"].data_ptr(), t["bscale"].data_ptr(),
                        t["bbias"].data_ptr())
+        # qlora_bgmv's arguments; a call rewrites n (0), x (5), y (7), bf16 (9), index (19) and null_row (20)
+        self.args, self.argp = _args((0, in_f, out_f, self.R, group, 0, in_f, 0, out_f, 0, *self.static, 0, 0))
 
     @classmethod
     def bind(cls, t: dict[str, torch.Tensor], in_f: int, out_f: int, group: int) -> BoundQBgmv | None:
         """None when the kernel is unavailable or the tensors do not fit its contract (dtypes, contiguous, on the
         CPU; in, out and group multiples of `QLORA_ALIGN`)."""
-        if qlora("qlora_bgmv") is None or any(t[n].dtype is not dt or not t[n].is_contiguous() or not t[n].is_cpu
-                                              for n, dt in _QPOOL.items()):
+        if _packed("qlora_bgmv", "qlora_cpu") is None or any(
+                t[n].dtype is not dt or not t[n].is_contiguous() or not t[n].is_cpu for n, dt in _QPOOL.items()):
             return None
         S, R = t["bits"].shape
         gi, go = -(-in_f // max(group, 1)), -(-out_f // max(group, 1))
@@ -536,8 +564,10 @@ class BoundQBgmv:
         n = index.shape[0]
         if not (x.dtype is y.dtype and x.shape[-1] == self.in_f and self._fits(x, y, index, n, self.in_f, self.out_f)):
             return False
-        self.bgmv(n, self.in_f, self.out_f, self.R, self.group, x.data_ptr(), self.in_f, y.data_ptr(), self.out_f,
-                  int(y.dtype is torch.bfloat16), *self.static, index.data_ptr(), null_row)
+        a = self.args
+        a[0], a[5], a[7], a[9], a[19], a[20] = (n, x.data_ptr(), y.data_ptr(), int(y.dtype is torch.bfloat16),
+                                                index.data_ptr(), null_row)
+        self.bgmv(self.argp)
         return True
 
     def embedding(self, ids: torch.Tensor, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:

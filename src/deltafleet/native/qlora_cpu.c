@@ -705,6 +705,17 @@ void qlora_bgmv(int64_t n, int64_t in_f, int64_t out_f, int64_t R, int64_t G, co
     }
 }
 
+/* One-pointer entry for the bound Python caller: a[] holds qlora_bgmv's arguments in order, pointers as integers
+ * (ctypes converts one argument instead of twenty-one). */
+void qlora_bgmv_packed(const int64_t *a) {
+#define P(T, v) ((T *)(intptr_t)(v))
+    qlora_bgmv(a[0], a[1], a[2], a[3], a[4], P(const void, a[5]), a[6], P(void, a[7]), a[8], a[9],
+               P(const uint8_t, a[10]), P(const int64_t, a[11]), P(const int64_t, a[12]), P(const uint8_t, a[13]),
+               a[14], P(const float, a[15]), P(const float, a[16]), P(const float, a[17]), P(const float, a[18]),
+               P(const int64_t, a[19]), a[20]);
+#undef P
+}
+
 void qlora_embed(int64_t n, int64_t H, int64_t V, int64_t R, int64_t G, const int64_t *ids, void *y, int64_t sy,
                  int64_t act_bf16, const uint8_t *bits, const int64_t *aoff, const int64_t *boff,
                  const uint8_t *data, int64_t sd, const float *ascale, const float *abias, const float *bscale,

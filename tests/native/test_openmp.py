@@ -82,3 +82,22 @@ def test_single_thread_keeps_a_thread_from_making_a_team_and_leaves_others_alone
     assert _in_named_thread(name, body) == (1, 1, True)
     assert torch.get_num_threads() == before
     assert _in_named_thread(b"df-omp-other", torch.get_num_threads) == before
+
+
+def test_single_thread_holds_after_torch_set_num_threads():
+    # ATen sets a new thread's OpenMP thread count at its first parallel op to what `torch.set_num_threads` chose
+    # (another test, or a user, may have called it): `single_thread` must not be undone by that.
+    name = b"df-omp-afterset"
+    before = torch.get_num_threads()
+    x = torch.ones(1 << 20)
+
+    def body():
+        assert openmp.single_thread()
+        (x * 2).sum()
+        return _settled(name, 1, timeout=0.2), torch.get_num_threads()
+
+    torch.set_num_threads(before)
+    try:
+        assert _in_named_thread(name, body) == (1, 1)
+    finally:
+        torch.set_num_threads(before)

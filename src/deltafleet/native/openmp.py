@@ -25,6 +25,8 @@ import ctypes
 import os
 from functools import cache
 
+import torch
+
 OMP_PAUSE_HARD = 2  # omp_pause_resource_t: free the runtime's resources (the thread pool)
 
 
@@ -42,6 +44,9 @@ def single_thread() -> bool:
     gomp = _gomp()
     if gomp is None:
         return False
+    # ATen sets a thread's OpenMP thread count at the thread's first parallel op (to the count `torch.set_num_threads`
+    # chose, if anything called it); `get_num_threads` runs that step now, so it cannot undo the setting below.
+    torch.get_num_threads()
     gomp.omp_set_num_threads(1)
     return True
 

@@ -2,7 +2,6 @@
 ever making one. Threads are counted by an OS name given to the test's own thread, which the OpenMP workers it
 creates inherit, so other threads of the process starting or ending meanwhile do not change the count."""
 
-import ctypes
 import os
 import threading
 import time
@@ -11,28 +10,18 @@ import pytest
 import torch
 
 from deltafleet.native import openmp
+from tests.threads import name_this_thread, threads_named
 
 pytestmark = pytest.mark.skipif(
     torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task") or openmp._gomp() is None,
     reason="needs two OpenMP threads, Linux's /proc and libgomp")
 
 
-def _named(name: bytes) -> int:
-    count = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm", "rb") as f:
-                count += f.read().strip() == name
-        except OSError:  # the thread ended meanwhile
-            pass
-    return count
-
-
 def _settled(name: bytes, want: int, timeout: float = 5.0) -> int:
     """The count of threads named `name`, waiting up to `timeout` for it to reach `want` (workers exit after the
     release returns)."""
     end = time.monotonic() + timeout
-    while (n := _named(name)) != want and time.monotonic() < end:
+    while (n := threads_named(name)) != want and time.monotonic() < end:
         time.sleep(0.01)
     return n
 
@@ -41,7 +30,7 @@ def _in_named_thread(name: bytes, body):
     out = []
 
     def run():
-        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+        name_this_thread(name)
         out.append(body())
 
     t = threading.Thread(target=run)
@@ -55,7 +44,7 @@ def test_release_team_frees_the_idle_team_and_a_later_op_makes_a_new_one():
     x = torch.ones(1 << 20)
 
     def body():
-        counts = [_named(name)]
+        counts = [threads_named(name)]
         (x * 2).sum()  # a two-thread op: this thread's team exists from now on
         counts.append(_settled(name, torch.get_num_threads()))
         assert openmp.release_team()

@@ -275,26 +275,17 @@ def test_the_loader_thread_runs_torch_on_one_thread_and_leaves_other_threads_alo
     from concurrent.futures import ThreadPoolExecutor
 
     from deltafleet.serve.engine.adapters import loader_thread_init
+    from tests.threads import name_this_thread, threads_named
 
     # The loader thread gets an OS name of its own, which the threads it creates (OpenMP workers) inherit: counting
     # the threads of that name is immune to other threads of the process starting or ending meanwhile.
     name = b"df-loader-test"
 
     def named() -> int:
-        tasks = "/proc/self/task"
-        if not os.path.isdir(tasks):
-            return 0
-        count = 0
-        for tid in os.listdir(tasks):
-            try:
-                with open(f"{tasks}/{tid}/comm", "rb") as f:
-                    count += f.read().strip() == name
-            except OSError:  # the thread ended meanwhile
-                pass
-        return count
+        return threads_named(name)
 
     def init():
-        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME (Linux; elsewhere the count stays 0)
+        name_this_thread(name)
         loader_thread_init()
 
     before = torch.get_num_threads()

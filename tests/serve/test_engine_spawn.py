@@ -4,7 +4,6 @@ thread and leaves no loop behind; the caller's idle OpenMP team is freed."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -14,6 +13,7 @@ import torch
 
 from deltafleet.native import openmp
 from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from tests.threads import name_this_thread, threads_named
 
 
 def _requests():
@@ -65,19 +65,19 @@ def test_spawn_frees_the_callers_idle_openmp_team(tiny_llama):
     seen = []
 
     def build():
-        ctypes.CDLL(None).prctl(15, loop, 0, 0, 0)  # PR_SET_NAME, before this thread's first parallel op
+        name_this_thread(loop)  # before this thread's first parallel op
         return Engine.from_pretrained(tiny_llama, config=cfg)
 
     def body():
-        ctypes.CDLL(None).prctl(15, caller, 0, 0, 0)
+        name_this_thread(caller)
         torch.ones(1 << 20).mul(2).sum()  # a two-thread op: the caller's team exists
-        seen.append(_named(caller))
+        seen.append(threads_named(caller))
         engine = Engine.spawn(build)
         try:
             deadline = time.monotonic() + 5
-            while _named(caller) != 1 and time.monotonic() < deadline:
+            while threads_named(caller) != 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            seen.append(_named(caller))
+            seen.append(threads_named(caller))
             seen.append(len(engine.generate(_requests())))
         finally:
             engine.shutdown()
@@ -87,13 +87,3 @@ def test_spawn_frees_the_callers_idle_openmp_team(tiny_llama):
     t.join()
     assert seen == [torch.get_num_threads(), 1, 3]
 
-
-def _named(name: bytes) -> int:
-    count = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm", "rb") as f:
-                count += f.read().strip() == name
-        except OSError:  # the thread ended meanwhile
-            pass
-    return count

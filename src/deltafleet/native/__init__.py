@@ -248,7 +248,9 @@ def dequant_groups_(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 class BoundBgmv:
     """lora_cpu.c's BGMV bound to one pool's A (S, R, in) and B (S, R, out): the pool side of the contract is
     checked once here, so a call (one projection of one decode step) checks only the batch side. Pools are
-    allocated once and written in place, so a binding stays valid as long as its pool lives."""
+    allocated once and written in place, so a binding stays valid as long as its pool lives. A binding keeps its
+    kernel's argument array and rewrites it on each call (`_packed`): call it from one thread at a time (the
+    engine's loop; `BoundRoad` and `BoundQBgmv` alike)."""
 
     __slots__ = ("fns", "A", "B", "in_f", "out_f", "R", "args", "argp")
 

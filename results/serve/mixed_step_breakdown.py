@@ -1,9 +1,11 @@
 """Where a mixed decode step's time goes (README: Tenant density). Batch 32, every tenant resident: 11 LoRA r16,
 11 RoAd and 10 compressed whole fine-tunes (`ft`, 1/64), against the base alone, 3 interleaved rounds: the
 decode forward per step; the time inside each family's native kernel call (LoRA BGMV, RoAd, the quantized
-BGMV), timed around the call from Python; and the same mixed step with every kernel call replaced by a no-op that
-keeps the Python side (the batch checks), which leaves the adapters' dispatch and the gain-norm path. Needs the
-tenants `deltafleet bench density` writes.
+BGMV), timed around the call from Python; and the same mixed step with every bound kernel call (`BoundBgmv`,
+`BoundRoad`, `BoundQBgmv`: its checks and the C call) replaced by a method that returns at once, which leaves the
+adapters' dispatch above the kernels and the gain-norm path. (Before session 10 the no-op swapped each C function
+in and out around every call, and that per-call swap inflated the no-op step by several ms.) Needs the tenants
+`deltafleet bench density` writes.
     python results/serve/mixed_step_breakdown.py > results/serve/mixed_step_breakdown.txt"""
 import collections
 import statistics
@@ -26,14 +28,8 @@ KERNELS = {"BoundBgmv": "lora", "BoundRoad": "road", "BoundQBgmv": "ft"}
 
 def timed_kernel(call, family):
     def wrapper(self, *args):
-        if NOOP:  # the Python side runs; the C function is swapped for a no-op for this call
-            name = "bgmv" if hasattr(self, "bgmv") else "fns"
-            saved = getattr(self, name)
-            setattr(self, name, (lambda *a: None) if name == "bgmv" else {k: (lambda *a: None) for k in saved})
-            try:
-                return call(self, *args)
-            finally:
-                setattr(self, name, saved)
+        if NOOP:  # the bound call returns at once (the dispatch above it runs)
+            return True
         t0 = time.perf_counter()
         out = call(self, *args)
         acc[family] += time.perf_counter() - t0

@@ -180,10 +180,10 @@ class AdapterManager:
 
     def replace(self, name: str, source: str | Path | Adapter) -> None:
         """Swap the weights registered under `name` atomically: requests admitted before the swap finish on the old
-        weights, every later one gets the new. The new weights are read and validated first, in the caller's
-        thread (this blocks for a directory, read on the loader thread: torch ops on the caller's thread would give
-        it an OpenMP team that slows the engine loop, see `loader_thread_init`); if that fails, `AdapterLoadError` is
-        raised and nothing changed."""
+        weights, every later one gets the new. The new weights are read and validated first; the caller blocks
+        while a directory is read, on the loader thread (torch ops on the caller's thread would give it an OpenMP
+        team that slows the engine loop, see `loader_thread_init`). If that fails, `AdapterLoadError` is raised and
+        nothing changed."""
         with self._lock:
             self._entry(name)
         if isinstance(source, Adapter):

@@ -1,6 +1,6 @@
 """The per-token gain delta on RMSNorm outputs (`native/norm_cpu.c`: `norm_gain_`, what `CpuBackend.apply_norm`
-runs) against the torch reference (`Backend.apply_norm`'s addcmul), and `unit_rms`'s native bf16 path against the
-torch one."""
+runs) against the torch reference (`Backend.apply_norm`'s addcmul), and `NativeRMSNorm.unit`'s native bf16 path
+against `unit_rms`, the torch one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from deltafleet import native
-from deltafleet.models.llama import unit_rms
+from deltafleet.models.llama import RMSNorm, unit_rms
+from deltafleet.models.prepack import NativeRMSNorm
 from tests.conftest import assert_close
 
 
@@ -41,10 +42,11 @@ def test_norm_gain_reads_ids_outside_the_pool_as_null_and_refuses_misfits():
     assert not native.norm_gain_(u, y.clone(), delta, torch.tensor([0, 1, 2]), 2)  # one id short
 
 
-def test_unit_rms_native_bf16_equals_the_torch_path():
+def test_unit_native_bf16_equals_the_torch_path():
     x = (torch.randn(3, 7, 576) * 3).bfloat16()
     want = F.rms_norm(x.float(), (576,), eps=1e-5).to(torch.bfloat16)
-    assert torch.equal(unit_rms(x, 1e-5), want)
+    norm = NativeRMSNorm(RMSNorm(576, 1e-5).bfloat16())
+    assert torch.equal(unit_rms(x, 1e-5), want) and torch.equal(norm.unit(x), want)
     xg = x.float().requires_grad_()  # gradients: the torch path
-    unit_rms(xg, 1e-5).sum().backward()
+    NativeRMSNorm(RMSNorm(576, 1e-5)).unit(xg).sum().backward()
     assert xg.grad is not None

@@ -18,13 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltafleet import native
 from deltafleet.models.config import FINAL_NORM, MODEL_LAYER, NORMS, ModelConfig, RopeConfig
 
 ProjectionHook = Callable[[int, str, Tensor, Tensor], Tensor]
@@ -157,22 +155,13 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
-
-@cache
-def _ones(d: int, dtype: torch.dtype) -> Tensor:
-    return torch.ones(d, dtype=dtype)
+    def unit(self, x: Tensor) -> Tensor:
+        """The normalised input before the weight (`unit_rms`), which a norm hook receives."""
+        return unit_rms(x, self.eps)
 
 
 def unit_rms(x: Tensor, eps: float) -> Tensor:
-    """x (..., H) -> x * rsqrt(mean(x^2) + eps), computed in fp32 as `RMSNorm` does, in x's dtype. bf16 on the CPU
-    with no gradient wanted: one native call (the native RMSNorm with a weight of ones: the normalised x rounded
-    once, then times 1 exactly) instead of the three ATen ops below (fp32 is one op already)."""
-    if (x.dtype is torch.bfloat16 and x.is_cpu and x.is_contiguous()
-            and not (torch.is_grad_enabled() and x.requires_grad)):
-        d = x.shape[-1]
-        out = x.new_empty(x.shape)
-        if native.rms_norm_(x.view(-1, d), _ones(d, x.dtype), eps, out.view(-1, d)):
-            return out
+    """x (..., H) -> x * rsqrt(mean(x^2) + eps), computed in fp32 as `RMSNorm` does, in x's dtype."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), eps=eps)
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -182,7 +171,7 @@ def _norm(norm: nn.Module, layer: int, name: str, x: Tensor, hook: ProjectionHoo
     y = norm(x)
     if hook is None or not getattr(hook, "norms", False):
         return y
-    return hook(layer, name, unit_rms(x, norm.eps), y)
+    return hook(layer, name, norm.unit(x), y)
 
 
 def _project(linear: nn.Linear, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:

@@ -21,8 +21,9 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
   when few adapters cover many tokens (prefill), else a gather + batched matmul per token.
   Elementwise is the native RoAd kernel (one in-place pass per projection), else one gather and element-wise ops.
   Sparse is the native sparse-additive kernel (each token reads its slot's values over the shared mask), else one
-  gather of inputs and values and one index_add (`adapters.pafi.functional.sparse_apply_batched`). Norm is one
-  gather and one fused multiply-add on every backend (60 norms a step, two ATen ops each). Qadditive is the
+  gather of inputs and values and one index_add (`adapters.pafi.functional.sparse_apply_batched`). Norm is the native
+  per-token gain kernel (`native/norm_cpu.c`'s `norm_gain`: one pass, 61 norms a step), else one gather and one
+  fused multiply-add. Qadditive is the
   native quantized BGMV (`native/qlora_cpu.c`: rows dequantized as read, the stored bytes streamed), and its
   tables' embedding lookup a native kernel too; else each distinct slot's rows are dequantized and applied as a
   matmul pair.

@@ -184,20 +184,41 @@ def test_sampling_exception_fails_only_that_request(tiny_llama, adapters_dir, so
     assert_exact(outs[2:], reqs, solo)
 
 
+def explode(engine, path: str, armed=lambda: True) -> None:
+    """Make adapter 'boom' raise inside the forward while `armed()`: in its pool's additive applier (`path` =
+    "applier", fused calls off), or in the fused call of each projection whose pools include it ("fused")."""
+
+    def boom_in(step):
+        e = engine.adapters.entries.get("boom")
+        return armed() and e.slot is not None and step.pool is e.slot[0] and bool((step.index == e.slot[1]).any())
+
+    def exploding(*args):
+        raise RuntimeError("kernel exploded")
+
+    if path == "applier":
+        real = engine.backend.apply_additive
+
+        def applier(x, y, tensors, step):
+            return exploding() if boom_in(step) else real(x, y, tensors, step)
+
+        engine.backend.apply_additive = applier  # what the batch layout looks up each step
+        engine.backend.fuse = lambda members, x, y: None
+    else:
+        real_fuse = engine.backend.fuse
+
+        def fuse(members, x, y):
+            return exploding if any(boom_in(st) for st, _ in members) else real_fuse(members, x, y)
+
+        engine.backend.fuse = fuse
+
+
+@pytest.mark.parametrize("path", ["applier", "fused"])
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-def test_forward_failure_fails_only_the_adapter_that_raises(tiny_llama, adapters_dir, solo, phase):
+def test_forward_failure_fails_only_the_adapter_that_raises(tiny_llama, adapters_dir, solo, phase, path):
     engine = make_engine(tiny_llama, adapters_dir, max_batch=12)
     engine.add_adapter("boom", adapters_dir / "lora-r4-ko")
-    real = engine.backend.apply_additive
     armed = [phase == "prefill"]
-
-    def exploding(x, y, tensors, step):
-        e = engine.adapters.entries.get("boom")
-        if armed[0] and e.slot is not None and step.pool is e.slot[0] and bool((step.index == e.slot[1]).any()):
-            raise RuntimeError("kernel exploded")
-        return real(x, y, tensors, step)
-
-    engine.backend.apply_additive = exploding  # what the batch layout looks up each step
+    explode(engine, path, lambda: armed[0])
     attack = Request([3, 3, 3], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), adapter="boom")
     reqs = victims()
 
@@ -211,21 +232,14 @@ def test_forward_failure_fails_only_the_adapter_that_raises(tiny_llama, adapters
     assert_exact(outs[1:], reqs, solo)
 
 
-def test_a_prompt_that_fails_inside_a_mixed_step_fails_alone(tiny_llama, adapters_dir, solo):
+@pytest.mark.parametrize("path", ["applier", "fused"])
+def test_a_prompt_that_fails_inside_a_mixed_step_fails_alone(tiny_llama, adapters_dir, solo, path):
     """The attacker's prompt arrives while the victims decode, so it runs in their step's forward (mixed steps), and
     its adapter raises there: the step runs again per adapter group, the attacker fails, every victim's answer
     stays exact."""
     engine = make_engine(tiny_llama, adapters_dir, max_batch=12)
     engine.add_adapter("boom", adapters_dir / "lora-r4-ko")
-    real = engine.backend.apply_additive
-
-    def exploding(x, y, tensors, step):
-        e = engine.adapters.entries.get("boom")
-        if e.slot is not None and step.pool is e.slot[0] and bool((step.index == e.slot[1]).any()):
-            raise RuntimeError("kernel exploded")
-        return real(x, y, tensors, step)
-
-    engine.backend.apply_additive = exploding
+    explode(engine, path)
     reqs = victims()
     handles = [engine.submit(r) for r in reqs]
     engine.step()  # the victims' prompts

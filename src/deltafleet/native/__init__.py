@@ -288,6 +288,14 @@ class BoundBgmv:
         fn(self.argp)
         return True
 
+    def link(self, dtype: torch.dtype, in_f: int, out_f: int, record: PoolRecord) -> tuple[int, ...] | None:
+        """This kernel as a `Chain` link for activations of `dtype`, (n, in_f) -> (n, out_f), reading its pool's
+        step (index, null row, rank) from `record`; None when they do not fit the contract."""
+        fn = self.fns.get(dtype)
+        if not (fn is not None and in_f == self.in_f and out_f == self.out_f and record.max_width <= self.R):
+            return None
+        return (_address(fn), self.argp, 0, 4, 6, 14, 15, 3, -1, 0, record.address)
+
 
 class BoundRoad:
     """lora_cpu.c's RoAd kernel bound to one pool's c, s (S, out) and group size G, checked once (see
@@ -327,8 +335,91 @@ class BoundRoad:
         fn(self.argp)
         return True
 
+    def link(self, dtype: torch.dtype, in_f: int, out_f: int, record: PoolRecord) -> tuple[int, ...] | None:
+        """This kernel as a `Chain` link (it reads no x: `in_f` is not checked); None when it does not fit."""
+        fn = self.fns.get(dtype)
+        if not (fn is not None and out_f == self.out_f):
+            return None
+        return (_address(fn), self.argp, 0, -1, 3, 9, 10, -1, -1, 0, record.address)
+
 
 _I64T = torch.int64
+
+
+def _address(fn) -> int:
+    """A ctypes function's address, for a `Chain` link."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class PoolRecord:
+    """One pool's share of the current batch as the `Chain` links of its kernels read it: the index tensor's address,
+    the null row, the rank and the token count (int64[4]), written once per forward (`set`) for all of the pool's
+    projections. `max_width`: the widest rank `set` may write (a link checks it against its pool's rows once)."""
+
+    __slots__ = ("values", "address", "index", "max_width")
+
+    def __init__(self, max_width: int):
+        self.values, self.address = _args((0, 0, 0, -1))
+        self.index, self.max_width = None, max_width
+
+    def set(self, index: torch.Tensor, null_row: int, width: int) -> bool:
+        """Point the record at a batch: index (n,) int64 contiguous on the CPU, 0 <= width <= max_width. False (and
+        the record then matches no batch: every chain over it declines) when they do not fit."""
+        v = self.values
+        if not (index.dtype is _I64T and index.dim() == 1 and index.is_contiguous() and index.is_cpu
+                and 0 <= width <= self.max_width):
+            self.index, v[3] = None, -1
+            return False
+        self.index = index  # kept alive while the record points at it
+        v[0], v[1], v[2], v[3] = index.data_ptr(), null_row, width, index.shape[0]
+        return True
+
+
+class Chain:
+    """Bound kernels (`BoundBgmv`, `BoundRoad`, `BoundQBgmv` `.link`s) applied to one projection in a single C call
+    (lora_cpu.c's `chain_packed`). Each link reads its pool's step from a `PoolRecord`, so a chain built once serves
+    every step, and a call passes only x and y. A decode step adapts 210 projections, each over up to three pools;
+    the Python of a bound call (checks, the ctypes crossing) costs a few microseconds, paid here once per projection
+    instead of once per pool. Semantics: the links' kernels in order, on the same x and y. Like the bound kernels, a
+    chain rewrites their argument arrays: call it from one thread at a time."""
+
+    __slots__ = ("fn", "args", "argp", "in_f", "out_f", "dtype", "keep")
+
+    def __init__(self, fn, links: list[tuple[int, ...]], in_f: int, out_f: int, dtype: torch.dtype, keep):
+        self.fn, self.in_f, self.out_f, self.dtype, self.keep = fn, in_f, out_f, dtype, keep
+        # count, n, x, y (a call rewrites n (1), x (2) and y (3)), then the links
+        self.args, self.argp = _args((len(links), 0, 0, 0, *(v for link in links for v in link)))
+
+    @classmethod
+    def build(cls, links: list[tuple[int, ...] | None], in_f: int, out_f: int, dtype: torch.dtype,
+              keep=()) -> Chain | None:
+        """None when the chain entry is unavailable or a link is None (some kernel did not fit). `keep`: what the
+        links point into (bound kernels, records), held as long as the chain."""
+        fn = _chain_entry()
+        if fn is None or not links or any(link is None or len(link) != CHAIN_LINK for link in links):
+            return None
+        return cls(fn, links, in_f, out_f, dtype, tuple(keep))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Every link's kernel on x (..., in), y (..., out) in place (both of the chain's dtype, contiguous, on the
+        CPU, with as many rows as each link's record holds tokens). Returns False (and does nothing) when they do not
+        fit."""
+        n = y.numel() // self.out_f
+        if not (x.dtype is self.dtype and y.dtype is self.dtype and x.numel() == n * self.in_f
+                and x.shape[-1] == self.in_f and y.shape[-1] == self.out_f and x.is_contiguous()
+                and y.is_contiguous() and x.is_cpu and y.is_cpu):
+            return False
+        a = self.args
+        a[1], a[2], a[3] = n, x.data_ptr(), y.data_ptr()
+        return self.fn(self.argp) == 0
+
+
+@cache
+def _chain_entry():
+    return _function("lora_cpu", "chain_packed", _PACKED_ARGS, ctypes.c_int)
+
+
+CHAIN_LINK = 11  # int64s a link (lora_cpu.c)
 
 
 def _kernels(lookup, weight_dtype: torch.dtype, packed: bool = False) -> dict:
@@ -571,6 +662,12 @@ class BoundQBgmv:
                                                 index.data_ptr(), null_row)
         self.bgmv(self.argp)
         return True
+
+    def link(self, dtype: torch.dtype, in_f: int, out_f: int, record: PoolRecord) -> tuple[int, ...] | None:
+        """This kernel as a `Chain` link; None when it does not fit the contract."""
+        if not (dtype in ACTIVATION_DTYPES and in_f == self.in_f and out_f == self.out_f):
+            return None
+        return (_address(self.bgmv), self.argp, 0, 5, 7, 19, 20, -1, 9, int(dtype is torch.bfloat16), record.address)
 
     def embedding(self, ids: torch.Tensor, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
         """A table (A (R, H), B (R, V): in_f = H, out_f = V): y[i] += B_k[:, ids[i]] @ A_k in place for every i with

@@ -226,3 +226,35 @@ DEFINE_ROAD_PACKED(road_apply_f32, float, float)
 DEFINE_ROAD_PACKED(road_apply_bf16w, float, uint16_t)
 DEFINE_ROAD_PACKED(road_apply_bf16x_f32w, uint16_t, float)
 DEFINE_ROAD_PACKED(road_apply_bf16x_bf16w, uint16_t, uint16_t)
+
+/* A projection's adapter kernels over several pools in one call: one Python -> C crossing per projection instead of
+ * one per pool (a mixed decode step adapts 210 projections, each over up to three pools). c[] holds
+ *     count, n, x, y, then count links of CHAIN_LINK int64s:
+ *     fn (a `<kernel>_packed` entry), args (its argument array), the positions in args of n, x (< 0: the kernel
+ *     takes no x), y, index, null row and rank (< 0: none), a constant's position (< 0: none) and value, and the
+ *     link's pool record: int64[4] of the step's index pointer, null row, rank and token count, written once per
+ *     step for all of the pool's projections.
+ * Every link's record must hold n tokens, else nothing runs and the call returns 1 (the caller then applies each pool
+ * its own way). Each link's arguments are written into its array, then its kernel runs, in order: the links of one
+ * projection touch disjoint rows of y (each token belongs to one pool), so the order does not change the result. */
+#define CHAIN_LINK 11
+typedef void (*packed_entry)(const int64_t *);
+
+int chain_packed(const int64_t *c) {
+    const int64_t count = c[0], n = c[1], x = c[2], y = c[3];
+    for (int64_t j = 0; j < count; j++)
+        if (P(const int64_t, c[4 + CHAIN_LINK * j + 10])[3] != n) return 1;
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t *l = c + 4 + CHAIN_LINK * j, *rec = P(const int64_t, l[10]);
+        int64_t *a = P(int64_t, l[1]);
+        a[l[2]] = n;
+        if (l[3] >= 0) a[l[3]] = x;
+        a[l[4]] = y;
+        a[l[5]] = rec[0];
+        a[l[6]] = rec[1];
+        if (l[7] >= 0) a[l[7]] = rec[2];
+        if (l[8] >= 0) a[l[8]] = l[9];
+        ((packed_entry)(intptr_t)l[0])(a);
+    }
+    return 0;
+}

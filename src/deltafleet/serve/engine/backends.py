@@ -30,6 +30,14 @@ Null rows (A = B = 0, c = 1, s = 0) make non-member tokens pass through unchange
 
 A backend applies each pool family with its own method, named per family in `Backend.appliers`; the batch layout
 looks the method up once per step and pool (`applier`), so a projection call dispatches on nothing.
+
+Fused projections (`Backend.fuse`): the `cpu` backend applies all of a projection's pools in one C call
+(`native.Chain` over the pools' bound kernels, whose steps it reads from per-pool records that `prepare` points at
+each forward's batch), instead of one Python call per pool; chains are built once and kept across steps. Measured on
+SmolLM2-135M, bf16, batch 32 of 11 LoRA, 11 RoAd and 10 `ft` tenants (2-core AMD EPYC, session 11): one gate_proj
+hook call 65-67 -> 52 us, k_proj 30-31 -> 18 us; a whole decode step 1.9 ms shorter (median of 60 paired steps).
+Pools without a chainable kernel (sparse), a non-contiguous x, or a batch the records do not hold fall back to the
+per-pool appliers, which stay the reference for the fused path.
 """
 
 from __future__ import annotations
@@ -45,13 +53,15 @@ from deltafleet.adapters.pafi.functional import sparse_apply, sparse_apply_batch
 from deltafleet.adapters.qadditive import QADDITIVE, dense_rows
 from deltafleet.adapters.road.functional import rotate_half_grouped
 from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SPARSE
-from deltafleet.native import BoundBgmv, BoundQBgmv, BoundRoad, BoundSparse
+from deltafleet.native import BoundBgmv, BoundQBgmv, BoundRoad, BoundSparse, Chain, PoolRecord
 from deltafleet.native import norm_gain_ as native_norm_gain
 from deltafleet.registry import Registry
 from deltafleet.serve.engine.pools import PoolStep
 
 # (x (..., in), y (..., out), the pool's tensors for the projection, step) -> adapted y (..., out)
 Applier = Callable[[Tensor, Tensor, dict[str, Tensor], PoolStep], Tensor]
+# (x, y) -> whether it adapted y in place for every member pool (False: it did nothing; apply each pool instead)
+Fused = Callable[[Tensor, Tensor], bool]
 
 
 class Backend(ABC):
@@ -69,6 +79,16 @@ class Backend(ABC):
         if name is None:
             raise ValueError(f"pool family {family!r}: backend {self.name!r} applies {sorted(self.appliers)}")
         return getattr(self, name)
+
+    def prepare(self, steps: list[PoolStep]) -> None:
+        """Called once per forward with the batch's pool steps, before any `fuse` of that forward (this one keeps
+        nothing)."""
+        return None
+
+    def fuse(self, members: list[tuple[PoolStep, dict[str, Tensor]]], x: Tensor, y: Tensor) -> Fused | None:
+        """One call applying every member pool (its step and its tensors for this projection) to a projection shaped
+        like x (..., in), y (..., out), or None: then each pool's applier runs. This one never fuses."""
+        return None
 
     def apply_additive(self, x: Tensor, y: Tensor, tensors: dict[str, Tensor], step: PoolStep) -> Tensor:
         shape = y.shape
@@ -206,6 +226,9 @@ class CpuBackend(Backend):
         # pool's per-projection tensor dict, which lives as long as the pool: a decode step makes one call per
         # adapted projection, so per-call Python work is a visible share of the step.
         self._bound: dict[int, tuple[dict[str, Tensor], object]] = {}
+        # pool id -> (pool, its record); (dtype, in, out, member tensor ids) -> (member tensors, chain or None)
+        self._records: dict[int, tuple[object, PoolRecord]] = {}
+        self._chains: dict[tuple, tuple[list[dict[str, Tensor]], Chain | None]] = {}
 
     def _binding(self, tensors: dict[str, Tensor], bind):
         entry = self._bound.get(id(tensors))
@@ -213,19 +236,78 @@ class CpuBackend(Backend):
             entry = self._bound[id(tensors)] = (tensors, bind())
         return entry[1]
 
+    def _bgmv(self, tensors: dict[str, Tensor]) -> BoundBgmv | None:
+        return self._binding(tensors, lambda: BoundBgmv.bind(tensors["A"], tensors["B"]))
+
+    def _qbgmv(self, tensors: dict[str, Tensor], in_f: int, out_f: int, step: PoolStep) -> BoundQBgmv | None:
+        return self._binding(tensors, lambda: BoundQBgmv.bind(tensors, in_f, out_f, step.pool.group))
+
+    def _road(self, tensors: dict[str, Tensor], step: PoolStep) -> BoundRoad | None:
+        return self._binding(tensors, lambda: BoundRoad.bind(tensors["c"], tensors["s"], step.pool.width))
+
+    # pool family -> (x, y, tensors, step) -> the family's bound kernel as a `Chain` link, or None
+    _linkers: ClassVar[dict[str, str]] = {ADDITIVE: "_link_additive", QADDITIVE: "_link_qadditive",
+                                          ELEMENTWISE: "_link_elementwise"}
+
+    def prepare(self, steps):
+        """Point each pool's record at its step (the chains built over it read index, null row and rank from it)."""
+        if not self.native:
+            return
+        for st in steps:
+            pool = st.pool
+            entry = self._records.get(id(pool))
+            if entry is None or entry[0] is not pool:
+                entry = self._records[id(pool)] = (pool, PoolRecord(pool.width))
+            entry[1].set(st.index, pool.null, st.width)
+
+    def fuse(self, members, x, y):
+        """The native kernels of every member pool in one `Chain` (one C call per projection), when each member's
+        family has a bound kernel that fits. Chains are kept across steps, keyed by the members' tensors (a new
+        tensor dict, after a pool regrows, builds a new chain); each reads its pools' steps from their records."""
+        if not (self.native and members):
+            return None
+        key = (x.dtype, x.shape[-1], y.shape[-1], *(id(t) for _, t in members))
+        hit = self._chains.get(key)
+        if hit is None or any(a is not t for a, (_, t) in zip(hit[0], members, strict=True)):
+            hit = self._chains[key] = ([t for _, t in members], self._chain(members, x, y))
+        return hit[1]
+
+    def _chain(self, members, x, y) -> Chain | None:
+        links, keep = [], []
+        for step, tensors in members:
+            entry = self._records.get(id(step.pool))
+            name = self._linkers.get(step.pool.family)
+            if entry is None or entry[0] is not step.pool or name is None:
+                return None
+            kernel = getattr(self, name)(tensors, step, x.shape[-1], y.shape[-1])
+            link = kernel and kernel.link(x.dtype, x.shape[-1], y.shape[-1], entry[1])
+            if link is None:
+                return None
+            links.append(link)
+            keep += [kernel, entry[1]]
+        return Chain.build(links, x.shape[-1], y.shape[-1], x.dtype, keep)
+
+    def _link_additive(self, tensors, step, in_f, out_f):
+        return self._bgmv(tensors)
+
+    def _link_qadditive(self, tensors, step, in_f, out_f):
+        return self._qbgmv(tensors, in_f, out_f, step)
+
+    def _link_elementwise(self, tensors, step, in_f, out_f):
+        return self._road(tensors, step)
+
     # The native kernels take (..., features) tensors as they come (no reshapes: a decode step makes one call
     # per adapted projection, and each reshape costs about 2 us of Python).
     def apply_additive(self, x, y, tensors, step):
         if self.native:
-            kernel = self._binding(tensors, lambda: BoundBgmv.bind(tensors["A"], tensors["B"]))
+            kernel = self._bgmv(tensors)
             if kernel is not None and kernel(x.contiguous(), y, step.index, step.width, step.pool.null):
                 return y
         return super().apply_additive(x, y, tensors, step)
 
     def apply_qadditive(self, x, y, tensors, step):
         if self.native:
-            kernel = self._binding(tensors, lambda: BoundQBgmv.bind(tensors, x.shape[-1], y.shape[-1],
-                                                                    step.pool.group))
+            kernel = self._qbgmv(tensors, x.shape[-1], y.shape[-1], step)
             if kernel is not None and kernel(x.contiguous(), y, step.index, step.pool.null):
                 return y
         return super().apply_qadditive(x, y, tensors, step)
@@ -233,7 +315,7 @@ class CpuBackend(Backend):
     def embed_qadditive(self, ids, y, tensors, step):
         if self.native:
             H, V = y.shape[-1], step.pool.cfg.vocab_size
-            kernel = self._binding(tensors, lambda: BoundQBgmv.bind(tensors, H, V, step.pool.group))
+            kernel = self._qbgmv(tensors, H, V, step)
             out = y.contiguous().clone()
             if kernel is not None and kernel.embedding(ids.reshape(-1).contiguous(), out, step.index,
                                                        step.pool.null):
@@ -242,7 +324,7 @@ class CpuBackend(Backend):
 
     def apply_elementwise(self, x, y, tensors, step):
         if self.native:
-            kernel = self._binding(tensors, lambda: BoundRoad.bind(tensors["c"], tensors["s"], step.pool.width))
+            kernel = self._road(tensors, step)
             if kernel is not None and kernel(y, step.index, step.pool.null):
                 return y
         return super().apply_elementwise(x, y, tensors, step)

@@ -213,3 +213,25 @@ def test_loading_the_kernels_keeps_subnormal_floats():
     tiny = 5e-324  # the smallest subnormal double
     assert tiny * 1.0 > 0.0 and tiny / 2.0 == 0.0
     assert float(torch.tensor(1e-40, dtype=torch.float32) * 1.0) > 0.0
+
+
+@pytest.mark.parametrize(("act", "wdtype"), list(native._SUFFIX))
+@pytest.mark.parametrize("d_in", [64, 77])  # a multiple of the vector loops, and one with tails
+def test_bgmv_tokens_of_one_slot_share_rows_bit_identically(act, wdtype, d_in):
+    """Tokens of one slot are worked in groups (`RUN_MAX`, each weight row read once for the group): every token's
+    output equals what it gets alone, bit for bit, wherever its slot's other tokens sit (prefill runs, decode
+    repeats, leftovers below a full group)."""
+    g = torch.Generator().manual_seed(5)
+    S, R, r, d_out = 5, 16, 13, 96 + d_in % 7
+    A = torch.randn(S, R, d_in, generator=g).to(wdtype)
+    B = torch.randn(S, R, d_out, generator=g).to(wdtype)
+    runs = [0] * 9 + [4, 1, 2, 1, 4, 3] + [2] * 6 + [3, 1, 0, 0]  # 4 = null; slot 0: 11 tokens, slot 1: 3, ...
+    index = torch.tensor(runs)
+    x = torch.randn(len(runs), d_in, generator=g).to(act)
+    y = torch.randn(len(runs), d_out, generator=g).to(act)
+    together = y.clone()
+    assert native.lora_bgmv_(x, together, A, B, index, r, S - 1)
+    for i in range(len(runs)):
+        alone = y[i:i + 1].clone()
+        assert native.lora_bgmv_(x[i:i + 1], alone, A, B, index[i:i + 1], r, S - 1)
+        assert torch.equal(together[i], alone[0]), i

@@ -46,6 +46,12 @@
 #ifndef PREFETCH_HEAD
 #define PREFETCH_HEAD 1024
 #endif
+#ifndef RUN_MAX
+#define RUN_MAX 4 /* tokens of one slot sharing each weight row's reads in a BGMV call */
+#endif
+#ifndef RUN_MAX_FEATURES
+#define RUN_MAX_FEATURES 8192 /* in + out above this (an LM-head table): one token a unit (stack buffers) */
+#endif
 #ifndef ROAD_PARALLEL_MIN
 #define ROAD_PARALLEL_MIN 8192 /* RoAd runs threaded only from this many outputs per call */
 #endif
@@ -115,6 +121,45 @@ static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {  
         y[j] = a * SUF##_load(c, j) - b * SUF##_load(s, j);                                          \
         y[j + h] = b * SUF##_load(c, j + h) + a * SUF##_load(s, j + h);                              \
     }                                                                                                \
+}                                                                                                    \
+/* M tokens sharing one weight row: the row's loads and conversions are shared, each token's arithmetic is    \
+ * dot_/axpy_'s own, in the same order (bit-identical to M single calls). */                                \
+static inline __attribute__((always_inline)) void dotm_##SUF(const W *a, const float *const *x, const int M, \
+                                                             int64_t n, float *out) {                \
+    __m256 s[RUN_MAX][4];                                                                            \
+    for (int t = 0; t < M; t++) s[t][0] = s[t][1] = s[t][2] = s[t][3] = _mm256_setzero_ps();         \
+    int64_t c = 0;                                                                                   \
+    for (; c + 32 <= n; c += 32) {                                                                   \
+        __builtin_prefetch((const char *)(a + c) + PREFETCH_AHEAD, 0, 3);                            \
+        const __m256 a0 = SUF##_load8(a + c), a1 = SUF##_load8(a + c + 8),                           \
+                     a2 = SUF##_load8(a + c + 16), a3 = SUF##_load8(a + c + 24);                     \
+        for (int t = 0; t < M; t++) {                                                                \
+            s[t][0] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(x[t] + c), s[t][0]);                       \
+            s[t][1] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(x[t] + c + 8), s[t][1]);                   \
+            s[t][2] = _mm256_fmadd_ps(a2, _mm256_loadu_ps(x[t] + c + 16), s[t][2]);                  \
+            s[t][3] = _mm256_fmadd_ps(a3, _mm256_loadu_ps(x[t] + c + 24), s[t][3]);                  \
+        }                                                                                            \
+    }                                                                                                \
+    for (int t = 0; t < M; t++) {                                                                    \
+        float acc = hsum8(_mm256_add_ps(_mm256_add_ps(s[t][0], s[t][1]), _mm256_add_ps(s[t][2], s[t][3]))); \
+        for (int64_t cc = c; cc < n; cc++) acc += SUF##_load(a, cc) * x[t][cc];                      \
+        out[t] = acc;                                                                                \
+    }                                                                                                \
+}                                                                                                    \
+static inline __attribute__((always_inline)) void axpym_##SUF(const float *h, const W *b, float *const *y, \
+                                                              const int M, int64_t n) {              \
+    int64_t c = 0;                                                                                   \
+    for (; c + 16 <= n; c += 16) {                                                                   \
+        __builtin_prefetch((const char *)(b + c) + PREFETCH_AHEAD, 0, 3);                            \
+        const __m256 b0 = SUF##_load8(b + c), b1 = SUF##_load8(b + c + 8);                          \
+        for (int t = 0; t < M; t++) {                                                                \
+            const __m256 hv = _mm256_set1_ps(h[t]);                                                  \
+            _mm256_storeu_ps(y[t] + c, _mm256_fmadd_ps(hv, b0, _mm256_loadu_ps(y[t] + c)));          \
+            _mm256_storeu_ps(y[t] + c + 8, _mm256_fmadd_ps(hv, b1, _mm256_loadu_ps(y[t] + c + 8)));  \
+        }                                                                                            \
+    }                                                                                                \
+    for (int t = 0; t < M; t++)                                                                      \
+        for (int64_t cc = c; cc < n; cc++) y[t][cc] += h[t] * SUF##_load(b, cc);                     \
 }
 #else
 #define DEFINE_ROW_OPS(SUF, W)                                                                       \
@@ -132,6 +177,12 @@ static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {  
         y[j] = a * SUF##_load(c, j) - b * SUF##_load(s, j);                                          \
         y[j + h] = b * SUF##_load(c, j + h) + a * SUF##_load(s, j + h);                              \
     }                                                                                                \
+} \
+static inline void dotm_##SUF(const W *a, const float *const *x, const int M, int64_t n, float *out) {  \
+    for (int t = 0; t < M; t++) out[t] = dot_##SUF(a, x[t], n);                                      \
+}                                                                                                    \
+static inline void axpym_##SUF(const float *h, const W *b, float *const *y, const int M, int64_t n) {   \
+    for (int t = 0; t < M; t++) axpy_##SUF(h[t], b, y[t], n);                                        \
 }
 #endif
 
@@ -152,23 +203,73 @@ static inline void bf16_narrow(const float *src, uint16_t *dst, int64_t n) {
 #define ROW_BF16(row, buf, n) (bf16_widen((row), (buf), (n)), (buf))
 #define STORE_BF16(buf, row, n) bf16_narrow((buf), (row), (n))
 
+/* Work units of a BGMV call: the member tokens (idx in [0, null_row)) grouped by slot, in order of first
+ * appearance, in units of RUN_MAX tokens of one slot (a prefill chunk's rows; a decode batch's tokens of one tenant)
+ * and a last, shorter unit per slot; with `group` 0 (rows too wide for RUN_MAX stack buffers), one token a unit.
+ * tok[]: the tokens unit after unit; unit u is tok[start[u] .. start[u + 1] - 1]. Returns the unit count. */
+static int64_t run_units(int64_t n, const int64_t *idx, int64_t null_row, int group, int64_t *tok, int64_t *start) {
+    int64_t units = 0, used = 0;
+    if (!group) {
+        for (int64_t i = 0; i < n; i++)
+            if (idx[i] >= 0 && idx[i] < null_row) { start[units++] = used; tok[used++] = i; }
+        start[units] = used;
+        return units;
+    }
+    const int64_t cap = n > 0 ? n : 1;
+    int64_t next[cap], last[null_row > 0 ? null_row : 1];
+    for (int64_t k = 0; k < null_row; k++) last[k] = -1;
+    for (int64_t i = n - 1; i >= 0; i--) { /* next[i]: the following token of i's slot, -1: none */
+        next[i] = -1;
+        if (idx[i] < 0 || idx[i] >= null_row) continue;
+        next[i] = last[idx[i]];
+        last[idx[i]] = i;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] >= null_row || last[idx[i]] != i) continue; /* null, or not its slot's first */
+        for (int64_t j = i, m = RUN_MAX; j >= 0; j = next[j], m++) {
+            if (m == RUN_MAX) { start[units++] = used; m = 0; }
+            tok[used++] = j;
+        }
+    }
+    start[units] = used;
+    return units;
+}
+
 #define DEFINE_BGMV(NAME, X, XS, W, SUF)                                                             \
+/* m tokens of slot k (rows tok[0..m-1] of x and y), m <= RUN_MAX, each row of A and B read once for all m */     \
+static void NAME##_run(int64_t m, const int64_t *tok, int64_t k, int64_t in_f, int64_t out_f, int64_t r,        \
+                       const X *x, int64_t sx, X *y, int64_t sy, const W *A, int64_t sa0, int64_t sa1,        \
+                       const W *B, int64_t sb0, int64_t sb1) {                                       \
+    float xb[m][XS##_BUF(in_f)], yb[m][XS##_BUF(out_f)], h[r > 0 ? r : 1][RUN_MAX];                 \
+    const float *xs[RUN_MAX];                                                                        \
+    float *ys[RUN_MAX];                                                                              \
+    prefetch_head(B + k * sb0);                                                                      \
+    for (int64_t t = 0; t < m; t++) xs[t] = ROW_##XS(x + tok[t] * sx, xb[t], in_f);                  \
+    for (int64_t j = 0; j < r; j++) {                                                                \
+        const W *a = A + k * sa0 + j * sa1;                                                          \
+        if (m == RUN_MAX) dotm_##SUF(a, xs, RUN_MAX, in_f, h[j]);                                    \
+        else for (int64_t t = 0; t < m; t++) h[j][t] = dot_##SUF(a, xs[t], in_f);                    \
+    }                                                                                                \
+    for (int64_t t = 0; t < m; t++) ys[t] = ROW_##XS(y + tok[t] * sy, yb[t], out_f);                 \
+    for (int64_t j = 0; j < r; j++) {                                                                \
+        const W *b = B + k * sb0 + j * sb1;                                                          \
+        if (m == RUN_MAX) axpym_##SUF(h[j], b, ys, RUN_MAX, out_f);                                  \
+        else for (int64_t t = 0; t < m; t++) axpy_##SUF(h[j][t], b, ys[t], out_f);                   \
+    }                                                                                                \
+    for (int64_t t = 0; t < m; t++) STORE_##XS(yb[t], y + tok[t] * sy, out_f);                       \
+}                                                                                                    \
 void NAME(int64_t n, int64_t in_f, int64_t out_f, int64_t r,                                         \
           const X *x, int64_t sx, X *y, int64_t sy,                                                  \
           const W *A, int64_t sa0, int64_t sa1, const W *B, int64_t sb0, int64_t sb1,                \
           const int64_t *idx, int64_t null_row) {                                                    \
-    _Pragma("omp parallel for schedule(dynamic, 1) if (n > 1)")                                      \
-    for (int64_t i = 0; i < n; i++) {                                                                \
-        const int64_t k = idx[i];                                                                    \
-        if (k == null_row) continue;                                                                 \
-        float xb[XS##_BUF(in_f)], yb[XS##_BUF(out_f)], h[r > 0 ? r : 1];                             \
-        prefetch_head(B + k * sb0);                                                                  \
-        if (i + 1 < n && idx[i + 1] != null_row) prefetch_head(A + idx[i + 1] * sa0);                \
-        const float *xi = ROW_##XS(x + i * sx, xb, in_f);                                            \
-        for (int64_t j = 0; j < r; j++) h[j] = dot_##SUF(A + k * sa0 + j * sa1, xi, in_f);           \
-        float *yi = ROW_##XS(y + i * sy, yb, out_f);                                                 \
-        for (int64_t j = 0; j < r; j++) axpy_##SUF(h[j], B + k * sb0 + j * sb1, yi, out_f);          \
-        STORE_##XS(yb, y + i * sy, out_f);                                                           \
+    const int64_t cap = n > 0 ? n : 1;                                                               \
+    int64_t tok[cap], start[cap + 1];                                                                \
+    const int64_t units = run_units(n, idx, null_row, in_f + out_f <= RUN_MAX_FEATURES, tok, start); \
+    _Pragma("omp parallel for schedule(dynamic, 1) if (units > 1)")                                  \
+    for (int64_t u = 0; u < units; u++) {                                                            \
+        const int64_t *tu = tok + start[u], k = idx[tu[0]];                                          \
+        if (u + 1 < units) prefetch_head(A + idx[tok[start[u + 1]]] * sa0);                          \
+        NAME##_run(start[u + 1] - start[u], tu, k, in_f, out_f, r, x, sx, y, sy, A, sa0, sa1, B, sb0, sb1); \
     }                                                                                                \
 }
 

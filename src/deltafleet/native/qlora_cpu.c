@@ -657,6 +657,32 @@ static inline int all_fast16(const uint8_t *bk, int64_t R, int act_bf16) {
 #endif
 }
 
+static inline void prefetch_span(const void *p, int64_t bytes) {
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
+
+/* Every byte a unit of one slot reads (its rows' codes, scales and biases), requested at once before the unit's work:
+ * in DRAM, a row is a few cache lines in five arrays, too short a stream for the hardware prefetcher. A mixed decode
+ * step (32 tenants resident, 10 of them `ft`) took 1.5 ms less with it (median of 40 paired steps, 2-core EPYC). */
+static void prefetch_slot(const uint8_t *bk, int64_t nrows, const int64_t *ao, const int64_t *bo, const uint8_t *dk,
+                          const float *as, const float *ab, const float *bs, const float *bb, int64_t in_f,
+                          int64_t out_f, int64_t gin, int64_t gout) {
+    int64_t lo = INT64_MAX, hi = 0;
+    for (int64_t j = 0; j < nrows; j++) {
+        const int64_t a0 = ao[j], a1 = a0 + in_f * bk[j] / 8, b0 = bo[j], b1 = b0 + out_f * bk[j] / 8;
+        lo = a0 < lo ? a0 : lo;
+        lo = b0 < lo ? b0 : lo;
+        hi = a1 > hi ? a1 : hi;
+        hi = b1 > hi ? b1 : hi;
+    }
+    if (nrows > 0) prefetch_span(dk + lo, hi - lo);
+    prefetch_span(as, nrows * gin * 4);
+    prefetch_span(ab, nrows * gin * 4);
+    prefetch_span(bs, nrows * gout * 4);
+    prefetch_span(bb, nrows * gout * 4);
+}
+
 /* act_bf16: whether x, y are bfloat16 (else float32). The tokens of one slot, wherever they sit in the batch (a
  * prefill chunk's, or the decode rows of a tenant with several requests), form groups of at most QRUN_MAX tokens,
  * in order of first appearance; groups are handed to threads one at a time. */
@@ -696,6 +722,7 @@ void qlora_bgmv(int64_t n, int64_t in_f, int64_t out_f, int64_t R, int64_t G, co
         const int64_t *ao = aoff + k * R, *bo = boff + k * R;
         const float *as = ascale + k * R * gin, *ab = abias + k * R * gin, *bs = bscale + k * R * gout,
                     *bb = bbias + k * R * gout;
+        prefetch_slot(bk, nrows, ao, bo, dk, as, ab, bs, bb, in_f, out_f, gin, gout);
         if (len[r] == 1)
             qtoken(in_f, out_f, G, gin, gout, (const char *)x + tr[0] * sx * esz, (char *)y + tr[0] * sy * esz,
                    (int)act_bf16, bk, nrows, ao, bo, dk, as, ab, bs, bb);

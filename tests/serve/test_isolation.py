@@ -203,13 +203,24 @@ def explode(engine, path: str, armed=lambda: True) -> None:
 
         engine.backend.apply_additive = applier  # what the batch layout looks up each step
         engine.backend.fuse = lambda members, x, y: None
-    else:
-        real_fuse = engine.backend.fuse
+    else:  # fused calls are built once and kept across steps: the check runs at each call, on that forward's steps
+        current, real_prepare, real_fuse = [], engine.backend.prepare, engine.backend.fuse
+
+        def prepare(steps):
+            current[:] = steps
+            real_prepare(steps)
 
         def fuse(members, x, y):
-            return exploding if any(boom_in(st) for st, _ in members) else real_fuse(members, x, y)
+            fused, pools = real_fuse(members, x, y), {id(st.pool) for st, _ in members}
 
-        engine.backend.fuse = fuse
+            def call(x, y):
+                if any(id(st.pool) in pools and boom_in(st) for st in current):
+                    exploding()
+                return fused is not None and fused(x, y)
+
+            return call
+
+        engine.backend.prepare, engine.backend.fuse = prepare, fuse
 
 
 @pytest.mark.parametrize("path", ["applier", "fused"])

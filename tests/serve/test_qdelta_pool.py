@@ -157,3 +157,29 @@ def test_backends_agree_on_a_qdelta_pool(model_cfg, dtype):
     assert all(b is not None for _, b in backends["native"]._bound.values())  # the kernels were taken
     assert torch.equal(got["native"][0][3:6], y[3:6])  # the base row is untouched
     assert not torch.equal(got["native"][0][:3], y[:3])
+
+
+def test_fused_calls_follow_a_regrown_pool(model_cfg):
+    """A projection's fused call (`CpuBackend.fuse`, kept across steps) is built again once the pool regrows (a new
+    tensor dict, `Pool.version`): after a larger tenant arrives, the hook still equals the reference backend's, for
+    the old tenant and the new one."""
+    pool = QAdditivePool(PoolSpec("qdelta", QADDITIVE, 3, 256), model_cfg, torch.bfloat16)
+    pool.write(0, _forms(model_cfg, 1 / 8, 90))
+    native, reference = CpuBackend(), ReferenceBackend()
+    out_f, in_f = model_cfg.linear_shape("gate_proj")
+    g = torch.Generator().manual_seed(3)
+
+    def both(rows):
+        layout = BatchLayout.build(rows, 1)
+        x = torch.randn(len(rows), 1, in_f, generator=g).to(torch.bfloat16)
+        y = torch.randn(len(rows), 1, out_f, generator=g).to(torch.bfloat16)
+        return (layout.hook(native)(0, "gate_proj", x, y.clone()), layout.hook(reference)(0, "gate_proj", x, y.clone()))
+
+    got, want = both([(pool, 0), (None, -1), (pool, 0)])
+    assert_close(got.float(), want.float(), "rounded", torch.bfloat16, k=in_f)
+    version = pool.version
+    pool.write(1, _forms(model_cfg, 1 / 2, 91))  # larger: regrows every module
+    assert pool.version > version
+    got, want = both([(pool, 1), (pool, 0), (None, -1)])
+    assert_close(got.float(), want.float(), "rounded", torch.bfloat16, k=in_f)
+    assert len(native._tables) == 2  # one fused table per pool version

@@ -80,8 +80,14 @@ class Backend(ABC):
             raise ValueError(f"pool family {family!r}: backend {self.name!r} applies {sorted(self.appliers)}")
         return getattr(self, name)
 
+    def fused_table(self, steps: list[PoolStep]) -> dict | None:
+        """A forward's table of fused calls, projection key -> `Fused` or None (filled by the caller with `fuse`,
+        at a projection's first call), kept across forwards over the same pools (and pool versions) and module sets;
+        None when this backend never fuses. The caller then `prepare`s the steps."""
+        return None
+
     def prepare(self, steps: list[PoolStep]) -> None:
-        """Called once per forward with the batch's pool steps, before any `fuse` of that forward (this one keeps
+        """Called once per forward with the batch's pool steps, before any fused call of that forward (this one keeps
         nothing)."""
         return None
 
@@ -229,6 +235,8 @@ class CpuBackend(Backend):
         # pool id -> (pool, its record); (dtype, in, out, member tensor ids) -> (member tensors, chain or None)
         self._records: dict[int, tuple[object, PoolRecord]] = {}
         self._chains: dict[tuple, tuple[list[dict[str, Tensor]], Chain | None]] = {}
+        # pool steps' signature -> their fused table (`fused_table`), at most 64, least recently used evicted first
+        self._tables: dict[tuple, dict] = {}
 
     def _binding(self, tensors: dict[str, Tensor], bind):
         entry = self._bound.get(id(tensors))
@@ -248,6 +256,18 @@ class CpuBackend(Backend):
     # pool family -> (x, y, tensors, step) -> the family's bound kernel as a `Chain` link, or None
     _linkers: ClassVar[dict[str, str]] = {ADDITIVE: "_link_additive", QADDITIVE: "_link_qadditive",
                                           ELEMENTWISE: "_link_elementwise"}
+
+    def fused_table(self, steps):
+        if not self.native:
+            return None
+        signature = tuple((id(st.pool), st.pool.version, st.modules) for st in steps)
+        table = self._tables.pop(signature, None)
+        if table is None:
+            table = {}
+            if len(self._tables) >= 64:  # least recently used first
+                self._tables.pop(next(iter(self._tables)))
+        self._tables[signature] = table
+        return table
 
     def prepare(self, steps):
         """Point each pool's record at its step (the chains built over it read index, null row and rank from it)."""

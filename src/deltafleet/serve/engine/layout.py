@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from deltafleet.adapters.adapter import ModuleKey
 from deltafleet.adapters.serving import NORM
 from deltafleet.models.config import GAIN_NORMS, MODEL_LAYER
 from deltafleet.models.llama import ProjectionHook
-from deltafleet.serve.engine.backends import Applier, Backend
+from deltafleet.serve.engine.backends import Backend
 from deltafleet.serve.engine.pools import Pool, PoolStep
 from deltafleet.serve.engine.types import NO_ADAPTER
 
@@ -95,7 +93,6 @@ class BatchLayout:
         if not self.pool_steps:
             return None
         steps = [(st, backend.applier(st.pool.family)) for st in self.pool_steps]
-        backend.prepare(self.pool_steps)
         gain = backend.applier(NORM)
         logit_steps: dict[int, PoolStep] = {}
 
@@ -118,17 +115,27 @@ class BatchLayout:
                     y = backend.applier(st.pool.family)(x, y, tensors, sub)
             return y
 
-        plans: dict[ModuleKey, Callable[[Tensor, Tensor], Tensor]] = {}
+        table = backend.fused_table(self.pool_steps)  # projection -> one fused call for its pools, across steps
+        if table is not None:
+            backend.prepare(self.pool_steps)
 
         def apply(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
             if layer == MODEL_LAYER or proj in GAIN_NORMS:
                 return model_level(layer, proj, x, y)
             key = (layer, proj)
-            plan = plans.get(key)
-            if plan is None:  # each projection is planned once per step, at its first call
-                plan = plans[key] = _plan([(st, fn, st.pool.tensors[key]) for st, fn in steps if key in st.modules],
-                                          backend, x, y)
-            return plan(x, y)
+            if table is not None:
+                fused = table.get(key, _UNPLANNED)
+                if fused is _UNPLANNED:  # the projection's first call over these pools
+                    members = [(st, st.pool.tensors[key]) for st, _ in steps if key in st.modules]
+                    fused = table[key] = backend.fuse(members, x, y) if members else _NO_MEMBERS
+                if fused is _NO_MEMBERS:
+                    return y
+                if fused is not None and fused(x, y):
+                    return y
+            for st, fn in steps:  # each pool its own way (no fused call, or this call does not fit it)
+                if key in st.modules:
+                    y = fn(x, y, st.pool.tensors[key], st)
+            return y
 
         modules = [k for st in self.pool_steps for k in st.modules]
         # the model skips norm (and model-level) calls unless the hook asks for them
@@ -154,22 +161,5 @@ class BatchLayout:
 
 
 
-def _plan(members: list[tuple[PoolStep, Applier, dict[str, Tensor]]], backend: Backend, x: Tensor,
-          y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """How one projection applies its member pools (step, applier, the pool's tensors for the projection) in this
-    step: the backend's fused call when it has one for them (`Backend.fuse`), else (or when a call's tensors do not
-    fit it) each pool's applier in turn."""
 
-    def each(x: Tensor, y: Tensor) -> Tensor:
-        for st, fn, tensors in members:
-            y = fn(x, y, tensors, st)
-        return y
-
-    fused = backend.fuse([(st, tensors) for st, _, tensors in members], x, y) if members else None
-    if fused is None:
-        return each
-
-    def one(x: Tensor, y: Tensor) -> Tensor:
-        return y if fused(x, y) else each(x, y)
-
-    return one
+_UNPLANNED, _NO_MEMBERS = object(), object()  # fused-table markers: not looked at yet; no pool adapts the projection

@@ -76,6 +76,9 @@ class Pool(ABC):
         # one) instead of hashing every slot's keys again (32 slots x 210 keys cost ~3 ms a step).
         self._module_sets: dict[frozenset[ModuleKey], frozenset[ModuleKey]] = {}
         self.slot_width: list[int] = [0] * self.slots
+        # Bumped whenever a module's tensor dict is added, replaced or dropped: what was built over the old dicts
+        # (a backend's fused calls, `Backend.fused_table`) is then built again.
+        self.version = 0
 
     @staticmethod
     def width_ok(width: int) -> bool:
@@ -105,6 +108,7 @@ class Pool(ABC):
         for key, src in form.modules.items():
             if key not in self.tensors:
                 self.tensors[key] = self._allocate(key, src)
+                self.version += 1
             self._write_module(slot, self.tensors[key], src)
         self.slot_modules[slot] = self._module_sets.setdefault(form.module_keys, form.module_keys)
         self.slot_width[slot] = form.width
@@ -125,6 +129,7 @@ class Pool(ABC):
         for name, t in self.tensors[key].items():
             grown[name][:, :t.shape[1]] = t
         self.tensors[key] = grown
+        self.version += 1
 
 
 class AdditivePool(Pool):
@@ -207,6 +212,7 @@ class QAdditivePool(Pool):
         if not any(self.slot_modules):
             if form.group != self.group:  # an empty pool takes the new group size: scales are shaped by it
                 self.tensors.clear()
+                self.version += 1
             self.group = form.group
         elif form.group != self.group:
             raise ValueError(f"pool {self.name!r}: group size {form.group} differs from the pool's {self.group}")
@@ -309,6 +315,7 @@ class SparsePool(Pool):
         super().clear(slot)
         if not any(self.slot_modules):
             self.tensors.clear()
+            self.version += 1
 
     @property
     def nbytes(self) -> int:

@@ -50,3 +50,26 @@ def test_unit_native_bf16_equals_the_torch_path():
     xg = x.float().requires_grad_()  # gradients: the torch path
     NativeRMSNorm(RMSNorm(576, 1e-5)).unit(xg).sum().backward()
     assert xg.grad is not None
+
+
+@pytest.mark.parametrize("d", [192, 77])
+def test_the_fused_norm_and_gain_equal_the_three_calls_bit_for_bit(d):
+    """`rms_norm_gain_` (one pass) against the native RMSNorm, its unit and `norm_gain_` in turn: every row, members
+    and the null row and out-of-range ids (read as null) alike, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    S, bf = 5, torch.bfloat16
+    norm = NativeRMSNorm(RMSNorm(d, 1e-5))
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+    norm.weight.data = norm.weight.data.to(bf)
+    delta = (torch.randn(S, d, generator=g) * 0.1).to(bf)
+    index = torch.tensor([0, 4, 2, 2, -1, 1, 3, 7])
+    x = (torch.randn(len(index), d, generator=g) * 3).to(bf)
+    with torch.inference_mode():
+        want = norm(x)
+        assert native.norm_gain_(norm.unit(x), want, delta, index, S - 1)
+        got = torch.empty_like(x)
+        assert native.rms_norm_gain_(x, norm.weight, norm.eps, got, delta, index, S - 1)
+    assert torch.equal(got, want)
+    assert not native.rms_norm_gain_(x.float(), norm.weight, norm.eps, got, delta, index, S - 1)  # bf16 only
+    assert not native.rms_norm_gain_(x, norm.weight, norm.eps, got, delta, index[:-1], S - 1)  # index too short

@@ -183,3 +183,31 @@ def test_fused_calls_follow_a_regrown_pool(model_cfg):
     got, want = both([(pool, 1), (pool, 0), (None, -1)])
     assert_close(got.float(), want.float(), "rounded", torch.bfloat16, k=in_f)
     assert len(native._tables) == 2  # one fused table per pool version
+
+
+def test_a_fused_norm_equals_the_norm_then_its_gain_hook(model_cfg):
+    """bf16, the model's native RMSNorm: the hook's one-call norm (`hook.norm`, `CpuBackend.fuse_norm`) gives the
+    bits of the norm followed by the gain hook (`hook(layer, name, unit, y)`), for tenant rows and base rows; over
+    a plain torch RMSNorm it declines (None), so a row's bits never depend on its batch."""
+    from deltafleet.models.llama import RMSNorm
+    from deltafleet.models.prepack import NativeRMSNorm
+
+    pool = QAdditivePool(PoolSpec("qdelta", QADDITIVE, 3, 256), model_cfg, torch.bfloat16)
+    pool.write(0, _forms(model_cfg, 1 / 4, 92))
+    pool.write(2, _forms(model_cfg, 1 / 4, 93))
+    H, g = model_cfg.hidden_size, torch.Generator().manual_seed(4)
+    plain = RMSNorm(H, model_cfg.rms_norm_eps)
+    with torch.no_grad():
+        plain.weight.copy_(1 + 0.1 * torch.randn(H, generator=g))
+    plain.weight.data = plain.weight.data.to(torch.bfloat16)
+    norm = NativeRMSNorm(plain)
+    layout = BatchLayout.build([(pool, 2), (None, -1), (pool, 0), (pool, 2)], 3)
+    x = torch.randn(4, 3, H, generator=g).to(torch.bfloat16) * 4
+    for layer, name in ((1, "post_attention_layernorm"), (MODEL_LAYER, "norm")):
+        with torch.inference_mode():
+            hook = layout.hook(CpuBackend())
+            got = hook.norm(layer, name, norm, x)
+            want = hook(layer, name, norm.unit(x), norm(x))
+            assert got is not None and torch.equal(got, want)
+            assert hook.norm(layer, name, plain, x) is None
+            assert not torch.equal(want[:, 1], want[:, 0])  # (non-trivial gains)

@@ -31,7 +31,9 @@ RMSNorms call it too, by name (`config.NORMS`), with x the normalised input befo
 eps), in the activation dtype) and y the norm's output, when the hook says so (`hook.norms = True`).
 With `hook.model_level = True` the model-level modules call it too, as layer `config.MODEL_LAYER`:
 "embed_tokens" with x the token ids (B, T) and y their embeddings (B, T, H), the final norm "norm" (as a layer's
-norms), and "lm_head" with x the final hidden states (M, H) or (B, T, H) and y the logits."""
+norms), and "lm_head" with x the final hidden states (M, H) or (B, T, H) and y the logits.
+A hook with norms may also offer `hook.norm(layer, name, norm_module, x) -> y | None`: the adapted norm's output in
+one call (a fused kernel); when it returns None, the norm calls the hook as above."""
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -168,10 +170,11 @@ def unit_rms(x: Tensor, eps: float) -> Tensor:
 
 
 def _norm(norm: nn.Module, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:
-    y = norm(x)
     if hook is None or not getattr(hook, "norms", False):
-        return y
-    return hook(layer, name, norm.unit(x), y)
+        return norm(x)
+    whole = getattr(hook, "norm", None)
+    y = None if whole is None else whole(layer, name, norm, x)
+    return hook(layer, name, norm.unit(x), norm(x)) if y is None else y
 
 
 def _project(linear: nn.Linear, layer: int, name: str, x: Tensor, hook: ProjectionHook | None) -> Tensor:

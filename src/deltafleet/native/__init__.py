@@ -224,6 +224,38 @@ def norm_gain_(u: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, index: tor
     return True
 
 
+_NORM_GAIN_ARGS = [_I64, _I64, _PTR, _I64, _PTR, ctypes.c_float, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64]
+
+
+@cache
+def rms_norm_gain():
+    """norm_cpu.c's RMSNorm with a per-token gain delta in one pass (bfloat16), or None."""
+    return _function("norm_cpu", "rms_norm_gain_bf16", _NORM_GAIN_ARGS)
+
+
+def rms_norm_gain_(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, delta: torch.Tensor,
+                   index: torch.Tensor, null_row: int) -> bool:
+    """out (n, d) <- `rms_norm_`(x, weight, eps), then out[i] += unit[i] * delta[index[i]] for every i with index[i]
+    != null_row (unit = x's normalised rows rounded to bf16, `norm_gain_`'s u): bit-identical to the three calls, in
+    one pass. x, weight, out, delta bfloat16 with contiguous rows, index (n,) int64 contiguous (an id outside [0, S)
+    is read as the null row), all on the CPU. Returns False (out untouched) when the kernel is unavailable or the
+    tensors do not fit."""
+    fn = rms_norm_gain()
+    if fn is None or x.dim() != 2 or out.dim() != 2 or weight.dim() != 1 or delta.dim() != 2 or index.dim() != 1:
+        return False
+    n, d = x.shape
+    bf16 = torch.bfloat16
+    if not (x.dtype is bf16 and weight.dtype is bf16 and out.dtype is bf16 and delta.dtype is bf16
+            and index.dtype is _I64T and weight.shape[0] == d and out.shape == (n, d) and delta.shape[1] == d
+            and index.shape[0] == n and x.stride(1) == out.stride(1) == delta.stride(1) == weight.stride(0) == 1
+            and index.is_contiguous() and x.is_cpu and weight.is_cpu and out.is_cpu and delta.is_cpu
+            and index.is_cpu):
+        return False
+    fn(n, d, x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), out.stride(0), delta.data_ptr(),
+       delta.stride(0), delta.shape[0], index.data_ptr(), null_row)
+    return True
+
+
 DEQUANT_BITS = (2, 3, 4, 8)
 
 

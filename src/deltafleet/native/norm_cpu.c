@@ -68,3 +68,37 @@ void norm_gain_bf16(int64_t n, int64_t d, const uint16_t *u, int64_t su, uint16_
             yi[j] = f32_to_bf16(bf16_to_f32(yi[j]) + bf16_to_f32(ui[j]) * bf16_to_f32(di[j]));
     }
 }
+
+/* An RMSNorm and a per-token gain delta in one pass (bfloat16; a whole fine-tune's norms served in a mixed batch):
+ *
+ *     u = bf16(x[i, j] * r)                            (the normalised input, `unit_rms`)
+ *     y[i, j] = bf16(w[j] * u)                         (rms_norm_bf16)
+ *     y[i, j] = bf16(y[i, j] + u * delta[idx[i], j])   (norm_gain_bf16) for every row with idx[i] in [0, S), != null_row
+ *
+ * bit-identical to rms_norm_bf16, the unit (rms_norm_bf16 with w = 1) and norm_gain_bf16 in turn, in one call and
+ * one pass over x instead of three calls. */
+void rms_norm_gain_bf16(int64_t n, int64_t d, const uint16_t *x, int64_t sx, const uint16_t *w, float eps, uint16_t *y,
+                        int64_t sy, const uint16_t *delta, int64_t sdl, int64_t S, const int64_t *idx,
+                        int64_t null_row) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *xi = x + i * sx;
+        uint16_t *yi = y + i * sy;
+        float ss = 0.0f;
+        for (int64_t j = 0; j < d; j++) {
+            const float v = bf16_to_f32(xi[j]);
+            ss += v * v;
+        }
+        const float r = 1.0f / sqrtf(ss / (float)d + eps);
+        const int64_t k = idx[i];
+        if (k == null_row || k < 0 || k >= S) {
+            for (int64_t j = 0; j < d; j++)
+                yi[j] = f32_to_bf16(bf16_to_f32(w[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[j]) * r)));
+            continue;
+        }
+        const uint16_t *di = delta + k * sdl;
+        for (int64_t j = 0; j < d; j++) {
+            const float u = bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[j]) * r));
+            yi[j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(w[j]) * u)) + u * bf16_to_f32(di[j]));
+        }
+    }
+}

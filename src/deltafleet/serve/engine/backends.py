@@ -52,9 +52,11 @@ from torch import Tensor
 from deltafleet.adapters.pafi.functional import sparse_apply, sparse_apply_batched
 from deltafleet.adapters.qadditive import QADDITIVE, dense_rows
 from deltafleet.adapters.road.functional import rotate_half_grouped
-from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, NORM, SPARSE
+from deltafleet.adapters.serving import ADDITIVE, ELEMENTWISE, GAIN, NORM, SPARSE
+from deltafleet.models.prepack import NativeRMSNorm
 from deltafleet.native import BoundBgmv, BoundQBgmv, BoundRoad, BoundSparse, Chain, PoolRecord
 from deltafleet.native import norm_gain_ as native_norm_gain
+from deltafleet.native import rms_norm_gain_ as native_rms_norm_gain
 from deltafleet.registry import Registry
 from deltafleet.serve.engine.pools import PoolStep
 
@@ -62,6 +64,8 @@ from deltafleet.serve.engine.pools import PoolStep
 Applier = Callable[[Tensor, Tensor, dict[str, Tensor], PoolStep], Tensor]
 # (x, y) -> whether it adapted y in place for every member pool (False: it did nothing; apply each pool instead)
 Fused = Callable[[Tensor, Tensor], bool]
+# (norm module, x (..., H)) -> the adapted norm output, or None (it did nothing: take the norm and its applier instead)
+FusedNorm = Callable[[object, Tensor], Tensor | None]
 
 
 class Backend(ABC):
@@ -84,6 +88,11 @@ class Backend(ABC):
         """A forward's table of fused calls, projection key -> `Fused` or None (filled by the caller with `fuse`,
         at a projection's first call), kept across forwards over the same pools (and pool versions) and module sets;
         None when this backend never fuses. The caller then `prepare`s the steps."""
+        return None
+
+    def fuse_norm(self, members: list[tuple[PoolStep, dict[str, Tensor]]], norm, x: Tensor) -> FusedNorm | None:
+        """One call computing RMSNorm `norm` of x and every member pool's gain delta for it (each member: its step and
+        its tensors for this norm), or None: then the norm and the norm applier run. This one never fuses."""
         return None
 
     def prepare(self, steps: list[PoolStep]) -> None:
@@ -291,6 +300,29 @@ class CpuBackend(Backend):
         if hit is None or any(a is not t for a, (_, t) in zip(hit[0], members, strict=True)):
             hit = self._chains[key] = ([t for _, t in members], self._chain(members, x, y))
         return hit[1]
+
+    def fuse_norm(self, members, norm, x):
+        """The native RMSNorm and one pool's gain delta in one pass (`native.rms_norm_gain_`, bf16): only over the
+        model's own native norm (`NativeRMSNorm`), so every row, adapted or not, gets the bits that norm gives, and
+        for one member pool (several: the unfused path). The pool's index comes from its record, per forward."""
+        if not (self.native and len(members) == 1 and isinstance(norm, NativeRMSNorm) and x.dtype is torch.bfloat16):
+            return None
+        step, tensors = members[0]
+        entry, delta = self._records.get(id(step.pool)), tensors.get(GAIN)
+        if entry is None or entry[0] is not step.pool or delta is None or delta.dtype is not x.dtype:
+            return None
+        record, null = entry[1], step.pool.null
+
+        def call(norm, x):
+            index = record.index
+            if index is None or not (isinstance(norm, NativeRMSNorm) and x.is_contiguous()):
+                return None
+            d = x.shape[-1]
+            out = x.new_empty(x.shape)
+            return out if native_rms_norm_gain(x.view(-1, d), norm.weight, norm.eps, out.view(-1, d), delta, index,
+                                               null) else None
+
+        return call
 
     def _chain(self, members, x, y) -> Chain | None:
         links, keep = [], []

@@ -137,6 +137,17 @@ class BatchLayout:
                     y = fn(x, y, st.pool.tensors[key], st)
             return y
 
+        def whole_norm(layer: int, name: str, norm, x: Tensor) -> Tensor | None:
+            """The norm and its gains in one fused call (`Backend.fuse_norm`), or None: then `apply` takes it."""
+            key = (layer, name)
+            fused = table.get(("norm", key), _UNPLANNED)
+            if fused is _UNPLANNED:
+                members = [(st, st.pool.tensors[key]) for st, _ in steps if key in st.modules]
+                fused = table[("norm", key)] = backend.fuse_norm(members, norm, x) if members else None
+            return None if fused is None else fused(norm, x)
+
+        if table is not None:
+            apply.norm = whole_norm
         modules = [k for st in self.pool_steps for k in st.modules]
         # the model skips norm (and model-level) calls unless the hook asks for them
         apply.norms = any(st.pool.family == NORM for st in self.pool_steps) or any(n in GAIN_NORMS for _, n in modules)

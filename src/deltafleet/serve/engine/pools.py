@@ -97,20 +97,36 @@ class Pool(ABC):
         """A projection's tensors for every slot, allocated when the first adapter adapting it (`src`) arrives."""
 
     @abstractmethod
-    def _write_module(self, slot: int, dst: dict[str, Tensor], src: dict[str, Tensor]) -> None: ...
+    def _write_module(self, slot: int, dst: dict[str, Tensor], src: dict[str, Tensor]) -> None:
+        """Write `src` as the slot's whole row of a module: afterwards the row holds src and nothing of before."""
 
     @abstractmethod
     def _clear_module(self, slot: int, dst: dict[str, Tensor]) -> None: ...
 
     @torch.inference_mode()
     def write(self, slot: int, form: ServingForm) -> None:
-        self.clear(slot)
-        for key, src in form.modules.items():
-            if key not in self.tensors:
-                self.tensors[key] = self._allocate(key, src)
-                self.version += 1
-            self._write_module(slot, self.tensors[key], src)
-        self.slot_modules[slot] = self._module_sets.setdefault(form.module_keys, form.module_keys)
+        """Place `form` in `slot`. Each module it adapts is written whole (`_write_module` defines the slot's entire
+        row of it, tails zeroed); the previous occupant's other modules are cleared. The slot is not cleared first:
+        tenants of a kind adapt the same modules, and a slot copy is on the engine's step (a whole fine-tune: 1,749
+        tensors, 10.3 -> 5.7 ms; LoRA r16 4.3 -> 2.4 ms). If a write fails, every module either occupant touched is
+        cleared."""
+        old, new = self.slot_modules[slot], form.module_keys
+        try:
+            for key in old:
+                if key not in new:
+                    self._clear_module(slot, self.tensors[key])
+            for key, src in form.modules.items():
+                if key not in self.tensors:
+                    self.tensors[key] = self._allocate(key, src)
+                    self.version += 1
+                self._write_module(slot, self.tensors[key], src)
+        except BaseException:
+            for key in old | new:
+                if key in self.tensors:
+                    self._clear_module(slot, self.tensors[key])
+            self.slot_modules[slot], self.slot_width[slot] = frozenset(), 0
+            raise
+        self.slot_modules[slot] = self._module_sets.setdefault(new, new)
         self.slot_width[slot] = form.width
 
     @torch.inference_mode()
@@ -168,6 +184,9 @@ class AdditivePool(Pool):
         r = src["A"].shape[0]
         dst["A"][slot, :r] = src["A"]
         dst["B"][slot, :r] = src["B"]
+        if r < dst["A"].shape[1]:  # rows past the slot's rank stay zero (a step reads up to its widest member's)
+            dst["A"][slot, r:].zero_()
+            dst["B"][slot, r:].zero_()
 
     def _clear_module(self, slot, dst):
         for t in dst.values():
@@ -208,9 +227,9 @@ class QAdditivePool(Pool):
 
     @torch.inference_mode()
     def write(self, slot: int, form: ServingForm) -> None:
-        self.clear(slot)
-        if not any(self.slot_modules):
+        if not any(m for s, m in enumerate(self.slot_modules) if s != slot):  # empty but for this slot's occupant
             if form.group != self.group:  # an empty pool takes the new group size: scales are shaped by it
+                self.clear(slot)
                 self.tensors.clear()
                 self.version += 1
             self.group = form.group
@@ -235,6 +254,8 @@ class QAdditivePool(Pool):
                 dst[name][slot, :t.numel()] = t
             else:
                 dst[name][slot, :r] = t
+        if r < dst["bits"].shape[1]:  # a slot's first 0 bits ends its rows: what lies past it is never read
+            dst["bits"][slot, r:].zero_()
 
     def _clear_module(self, slot, dst):
         for t in dst.values():

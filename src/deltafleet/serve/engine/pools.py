@@ -98,7 +98,8 @@ class Pool(ABC):
 
     @abstractmethod
     def _write_module(self, slot: int, dst: dict[str, Tensor], src: dict[str, Tensor]) -> None:
-        """Write `src` as the slot's whole row of a module: afterwards the row holds src and nothing of before."""
+        """Write `src` as the slot's whole row of a module: afterwards the row reads as src alone (nothing of before
+        that a kernel reads remains)."""
 
     @abstractmethod
     def _clear_module(self, slot: int, dst: dict[str, Tensor]) -> None: ...

@@ -53,6 +53,8 @@ def hook(self, *args, **kwargs):
         return h
     w = timed(h, "hooks (incl. native)")
     w.norms, w.model_level = h.norms, h.model_level
+    if hasattr(h, "norm"):  # the fused norms (timed with the norms)
+        w.norm = h.norm
     return w
 
 

@@ -25,20 +25,26 @@ void rms_norm_f32(int64_t n, int64_t d, const float *x, int64_t sx, const float 
     }
 }
 
+/* r = 1 / sqrt(mean(x^2) + eps) of one bfloat16 row */
+static inline float rms_scale_bf16(const uint16_t *xi, int64_t d, float eps) {
+    float ss = 0.0f;
+    for (int64_t j = 0; j < d; j++) {
+        const float v = bf16_to_f32(xi[j]);
+        ss += v * v;
+    }
+    return 1.0f / sqrtf(ss / (float)d + eps);
+}
+
+/* one bfloat16 row: y = bf16(w * bf16(x * r)) */
+static inline void norm_row_bf16(const uint16_t *xi, const uint16_t *w, float r, uint16_t *yi, int64_t d) {
+    for (int64_t j = 0; j < d; j++)
+        yi[j] = f32_to_bf16(bf16_to_f32(w[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[j]) * r)));
+}
+
 void rms_norm_bf16(int64_t n, int64_t d, const uint16_t *x, int64_t sx, const uint16_t *w, float eps, uint16_t *y,
                    int64_t sy) {
-    for (int64_t i = 0; i < n; i++) {
-        const uint16_t *xi = x + i * sx;
-        uint16_t *yi = y + i * sy;
-        float ss = 0.0f;
-        for (int64_t j = 0; j < d; j++) {
-            const float v = bf16_to_f32(xi[j]);
-            ss += v * v;
-        }
-        const float r = 1.0f / sqrtf(ss / (float)d + eps);
-        for (int64_t j = 0; j < d; j++)
-            yi[j] = f32_to_bf16(bf16_to_f32(w[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[j]) * r)));
-    }
+    for (int64_t i = 0; i < n; i++)
+        norm_row_bf16(x + i * sx, w, rms_scale_bf16(x + i * sx, d, eps), y + i * sy, d);
 }
 
 /* Per-token gain deltas on RMSNorm outputs (a whole fine-tune's or HiWi's norms, served in mixed batches):
@@ -83,16 +89,10 @@ void rms_norm_gain_bf16(int64_t n, int64_t d, const uint16_t *x, int64_t sx, con
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *xi = x + i * sx;
         uint16_t *yi = y + i * sy;
-        float ss = 0.0f;
-        for (int64_t j = 0; j < d; j++) {
-            const float v = bf16_to_f32(xi[j]);
-            ss += v * v;
-        }
-        const float r = 1.0f / sqrtf(ss / (float)d + eps);
+        const float r = rms_scale_bf16(xi, d, eps);
         const int64_t k = idx[i];
         if (k == null_row || k < 0 || k >= S) {
-            for (int64_t j = 0; j < d; j++)
-                yi[j] = f32_to_bf16(bf16_to_f32(w[j]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[j]) * r)));
+            norm_row_bf16(xi, w, r, yi, d);
             continue;
         }
         const uint16_t *di = delta + k * sdl;

@@ -235,3 +235,18 @@ def test_bgmv_tokens_of_one_slot_share_rows_bit_identically(act, wdtype, d_in):
         alone = y[i:i + 1].clone()
         assert native.lora_bgmv_(x[i:i + 1], alone, A, B, index[i:i + 1], r, S - 1)
         assert torch.equal(together[i], alone[0]), i
+
+
+def test_bgmv_reads_ids_outside_the_pool_as_the_null_row():
+    """A corrupt index (negative, or past the pool) never reads outside A and B: those rows stay as they are."""
+    g = torch.Generator().manual_seed(6)
+    S, R, d_in, d_out = 4, 8, 64, 96
+    A, B = torch.randn(S, R, d_in, generator=g), torch.randn(S, R, d_out, generator=g)
+    index = torch.tensor([0, -1, 2, 99, S - 1, 1, -(2**62)])
+    x, y = torch.randn(len(index), d_in, generator=g), torch.randn(len(index), d_out, generator=g)
+    got = y.clone()
+    assert native.lora_bgmv_(x, got, A, B, index, R, S - 1)
+    bad = (index < 0) | (index >= S - 1)
+    assert torch.equal(got[bad], y[bad])
+    want = _reference(x, y, A, B, index.clamp(0, S - 1), R, S - 1)
+    torch.testing.assert_close(got[~bad], want[~bad], rtol=1e-5, atol=1e-4)

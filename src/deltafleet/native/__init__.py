@@ -304,7 +304,8 @@ class BoundBgmv:
         return cls(fns, A, B) if fns else None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, r: int, null_row: int) -> bool:
-        """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
+        """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] in [0, null_row)
+        (the null row is the pool's last; any other id is read as it).
         x (..., in), y (..., out) both float32 or both bfloat16, contiguous, on the CPU, with N = prod(...) rows;
         index (N,) int64 contiguous; r <= R. Returns False (and does nothing) when the batch does not fit the
         contract."""
@@ -465,7 +466,8 @@ def _kernels(lookup, weight_dtype: torch.dtype, packed: bool = False) -> dict:
 
 def lora_bgmv_(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
                r: int, null_row: int) -> bool:
-    """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] != null_row.
+    """y[i] += (x[i] @ A[index[i], :r].T) @ B[index[i], :r] in place for every i with index[i] in [0, null_row)
+    (the null row is the pool's last; any other id is read as it).
 
     x (N, in), y (N, out) both float32 or both bfloat16, with contiguous rows; A (S, R, in), B (S, R, out) float32
     or bfloat16 (both the same) with contiguous last dimension; index (N,) int64 contiguous. Returns False (and does

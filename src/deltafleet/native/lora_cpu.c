@@ -3,7 +3,7 @@
  * whole mixed batch. The reference semantics are `ReferenceBackend` in serve/engine/backends.py.
  *
  * BGMV, additive (LoRA and low-rank deltas; Punica, Chen et al. 2023, sec. 4):
- *     for every token i with k = idx[i] != null_row:
+ *     for every token i with k = idx[i] in [0, null_row) (the pool's last row is the null row; other ids read as it):
  *         h = A[k, :r, :] @ x[i, :]          (r,)
  *         y[i, :] += h @ B[k, :r, :]         (out,)
  *   x (n, in) row stride sx; y (n, out) row stride sy, updated in place; A (slots, R, in) strides sa0, sa1;

@@ -4,21 +4,20 @@ decode forward per step; the time inside each family's native kernel call (LoRA 
 BGMV), timed around the call from Python; and the same mixed step with every bound kernel call (`BoundBgmv`,
 `BoundRoad`, `BoundQBgmv`: its checks and the C call) replaced by a method that returns at once, which leaves the
 adapters' dispatch above the kernels and the gain-norm path. (Before session 10 the no-op swapped each C function
-in and out around every call, and that per-call swap inflated the no-op step by several ms.) Needs the tenants
-`deltafleet bench density` writes.
+in and out around every call, and that per-call swap inflated the no-op step by several ms.) Since session 11 the
+projections' kernels run through `native.Chain` (one call per projection), which these timers and the no-op do not
+see: only the LM-head and embedding calls still go through the bound kernels. `mixed_step_paired.py` splits the
+time of the fused path. Needs the tenants `deltafleet bench density` writes.
     python results/serve/mixed_step_breakdown.py > results/serve/mixed_step_breakdown.txt"""
 import collections
 import statistics
 import time
-from pathlib import Path
 
-import torch
+from resident_engine import resident_engine
 
 from deltafleet import native
-from deltafleet.bench.density import kind_configs, tenant_names
 from deltafleet.dtypes import cpu_flags
-from deltafleet.models.loading import load_model, load_tokenizer
-from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from deltafleet.serve.engine import Request, SamplingParams
 from deltafleet.serve.engine import engine as engine_module
 
 acc: collections.Counter = collections.Counter()
@@ -52,19 +51,7 @@ def timed_forward(self, *args, **kwargs):
 
 
 engine_module.Engine._decode_forward = timed_forward
-model, path = load_model("smollm2-135m", dtype=torch.bfloat16)
-kc = kind_configs(model.config, 1 / 64)
-rank = max(sum(r for _, r in kc["ft"].ranks(*model.config.linear_shape(p)))
-           for p in ("q_proj", "k_proj", "gate_proj", "down_proj"))
-e = Engine(model, load_tokenizer(path), EngineConfig(
-    dtype="bfloat16", max_batch=32, max_model_len=80, lora_slots=32, road_slots=32, delta_slots=0, qdelta_slots=64,
-    max_delta_rank=rank, pafi_slots=0, hiwi_slots=0))
-root = Path.home() / ".cache/deltafleet/density-tenants"
-names = tenant_names(96)
-for n, _ in names:
-    e.adapters.add(n, root / n)
-by = {k: [n for n, kk in names if kk == k] for k in ("lora", "road", "ft")}
-mixed = by["lora"][:11] + by["road"][:11] + by["ft"][:10]
+model, e, mixed = resident_engine()
 
 
 def run(adapters, noop=False):

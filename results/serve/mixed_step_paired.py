@@ -7,31 +7,18 @@ one variant is followed by the other's (same inputs, same cache rows), and the h
 import collections
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from resident_engine import resident_engine
 
 from deltafleet import native
-from deltafleet.bench.density import kind_configs, tenant_names
 from deltafleet.dtypes import cpu_flags
 from deltafleet.models.config import MODEL_LAYER
-from deltafleet.models.loading import load_model, load_tokenizer
-from deltafleet.serve.engine import Engine, EngineConfig, Request, SamplingParams
+from deltafleet.serve.engine import Request, SamplingParams
 from deltafleet.serve.engine.layout import BatchLayout
 
-model, path = load_model("smollm2-135m", dtype=torch.bfloat16)
-kc = kind_configs(model.config, 1 / 64)
-rank = max(sum(r for _, r in kc["ft"].ranks(*model.config.linear_shape(p)))
-           for p in ("q_proj", "k_proj", "gate_proj", "down_proj"))
-e = Engine(model, load_tokenizer(path), EngineConfig(
-    dtype="bfloat16", max_batch=32, max_model_len=80, lora_slots=32, road_slots=32, delta_slots=0, qdelta_slots=64,
-    max_delta_rank=rank, pafi_slots=0, hiwi_slots=0))
-root = Path.home() / ".cache/deltafleet/density-tenants"
-names = tenant_names(96)
-for n, _ in names:
-    e.adapters.add(n, root / n)
-by = {k: [n for n, kk in names if kk == k] for k in ("lora", "road", "ft")}
-for i, a in enumerate(by["lora"][:11] + by["road"][:11] + by["ft"][:10]):
+model, e, mixed = resident_engine()
+for i, a in enumerate(mixed):
     e.submit(Request([5 + i] * 8, SamplingParams(max_tokens=70, ignore_eos=True), adapter=a))
 while len(e.running) < 32 or any(s.in_prefill for s in e.running):  # every tenant loaded and prefilled
     e.step()

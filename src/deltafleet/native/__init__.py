@@ -285,11 +285,13 @@ class BoundBgmv:
     engine's loop; `BoundRoad` and `BoundQBgmv` alike)."""
 
     __slots__ = ("fns", "A", "B", "in_f", "out_f", "R", "args", "argp")
+    # where a call's n, x, y, index, null row and rank go in the kernel's argument array (lora_cpu.c's order)
+    N, X, Y, INDEX, NULL, RANK = 0, 4, 6, 14, 15, 3
 
     def __init__(self, fns: dict, A: torch.Tensor, B: torch.Tensor):
         self.fns, self.A, self.B = fns, A, B  # activation dtype -> kernel (its one-pointer entry)
         self.in_f, self.out_f, self.R = A.shape[2], B.shape[2], min(A.shape[1], B.shape[1])
-        # the kernel's arguments; a call rewrites n (0), r (3), x (4), y (6), index (14) and null_row (15)
+        # the kernel's arguments; a call rewrites the slots named above
         self.args, self.argp = _args((0, self.in_f, self.out_f, 0, 0, self.in_f, 0, self.out_f, A.data_ptr(),
                                       A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), 0, 0))
 
@@ -317,7 +319,8 @@ class BoundBgmv:
                 and x.is_cpu and y.is_cpu and index.is_cpu):
             return False
         a = self.args
-        a[0], a[3], a[4], a[6], a[14], a[15] = n, r, x.data_ptr(), y.data_ptr(), index.data_ptr(), null_row
+        a[self.N], a[self.RANK], a[self.X], a[self.Y], a[self.INDEX], a[self.NULL] = (
+            n, r, x.data_ptr(), y.data_ptr(), index.data_ptr(), null_row)
         fn(self.argp)
         return True
 
@@ -327,7 +330,8 @@ class BoundBgmv:
         fn = self.fns.get(dtype)
         if not (fn is not None and in_f == self.in_f and out_f == self.out_f and record.max_width <= self.R):
             return None
-        return (_address(fn), self.argp, 0, 4, 6, 14, 15, 3, -1, 0, record.address)
+        return (_address(fn), self.argp, self.N, self.X, self.Y, self.INDEX, self.NULL, self.RANK, -1, 0,
+                record.address)
 
 
 class BoundRoad:
@@ -335,10 +339,11 @@ class BoundRoad:
     BoundBgmv)."""
 
     __slots__ = ("fns", "c", "s", "out_f", "group", "args", "argp")
+    N, Y, INDEX, NULL = 0, 3, 9, 10  # where a call's arguments go (lora_cpu.c's order); it takes no x
 
     def __init__(self, fns: dict, c: torch.Tensor, s: torch.Tensor, group: int):
         self.fns, self.c, self.s, self.out_f, self.group = fns, c, s, c.shape[1], group
-        # the kernel's arguments; a call rewrites n (0), y (3), index (9) and null_row (10)
+        # the kernel's arguments; a call rewrites the slots named above
         self.args, self.argp = _args((0, self.out_f, group, 0, self.out_f, c.data_ptr(), c.stride(0), s.data_ptr(),
                                       s.stride(0), 0, 0))
 
@@ -364,7 +369,7 @@ class BoundRoad:
                 and y.is_cpu and index.is_cpu):
             return False
         a = self.args
-        a[0], a[3], a[9], a[10] = n, y.data_ptr(), index.data_ptr(), null_row
+        a[self.N], a[self.Y], a[self.INDEX], a[self.NULL] = n, y.data_ptr(), index.data_ptr(), null_row
         fn(self.argp)
         return True
 
@@ -373,7 +378,7 @@ class BoundRoad:
         fn = self.fns.get(dtype)
         if not (fn is not None and out_f == self.out_f):
             return None
-        return (_address(fn), self.argp, 0, -1, 3, 9, 10, -1, -1, 0, record.address)
+        return (_address(fn), self.argp, self.N, -1, self.Y, self.INDEX, self.NULL, -1, -1, 0, record.address)
 
 
 _I64T = torch.int64
@@ -653,6 +658,7 @@ class BoundQBgmv:
     (for a table: H, V), `group` the pool's group size. The pool side is checked once here."""
 
     __slots__ = ("bgmv", "embed", "t", "in_f", "out_f", "R", "group", "static", "args", "argp")
+    N, X, Y, BF16, INDEX, NULL = 0, 5, 7, 9, 19, 20  # where a call's arguments go (qlora_bgmv's order)
 
     def __init__(self, t: dict[str, torch.Tensor], in_f: int, out_f: int, group: int):
         self.bgmv, self.embed, self.t = _packed("qlora_bgmv", "qlora_cpu"), qlora("qlora_embed"), t
@@ -660,7 +666,7 @@ class BoundQBgmv:
         self.static = (t["bits"].data_ptr(), t["aoff"].data_ptr(), t["boff"].data_ptr(), t["data"].data_ptr(),
                        t["data"].stride(0), t["ascale"].data_ptr(), t["abias"].data_ptr(), t["bscale"].data_ptr(),
                        t["bbias"].data_ptr())
-        # qlora_bgmv's arguments; a call rewrites n (0), x (5), y (7), bf16 (9), index (19) and null_row (20)
+        # qlora_bgmv's arguments; a call rewrites the slots named above
         self.args, self.argp = _args((0, in_f, out_f, self.R, group, 0, in_f, 0, out_f, 0, *self.static, 0, 0))
 
     @classmethod
@@ -692,8 +698,8 @@ class BoundQBgmv:
         if not (x.dtype is y.dtype and x.shape[-1] == self.in_f and self._fits(x, y, index, n, self.in_f, self.out_f)):
             return False
         a = self.args
-        a[0], a[5], a[7], a[9], a[19], a[20] = (n, x.data_ptr(), y.data_ptr(), int(y.dtype is torch.bfloat16),
-                                                index.data_ptr(), null_row)
+        a[self.N], a[self.X], a[self.Y], a[self.BF16], a[self.INDEX], a[self.NULL] = (
+            n, x.data_ptr(), y.data_ptr(), int(y.dtype is torch.bfloat16), index.data_ptr(), null_row)
         self.bgmv(self.argp)
         return True
 
@@ -701,7 +707,8 @@ class BoundQBgmv:
         """This kernel as a `Chain` link; None when it does not fit the contract."""
         if not (dtype in ACTIVATION_DTYPES and in_f == self.in_f and out_f == self.out_f):
             return None
-        return (_address(self.bgmv), self.argp, 0, 5, 7, 19, 20, -1, 9, int(dtype is torch.bfloat16), record.address)
+        return (_address(self.bgmv), self.argp, self.N, self.X, self.Y, self.INDEX, self.NULL, -1, self.BF16,
+                int(dtype is torch.bfloat16), record.address)
 
     def embedding(self, ids: torch.Tensor, y: torch.Tensor, index: torch.Tensor, null_row: int) -> bool:
         """A table (A (R, H), B (R, V): in_f = H, out_f = V): y[i] += B_k[:, ids[i]] @ A_k in place for every i with

@@ -80,50 +80,9 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* One weight row: dot(a[:n], x[:n]); y[:n] += h * b[:n]; and RoAd's rotation of one group of 2h outputs. */
+/* M tokens' dot products with one weight row, M axpys of one row (each token's arithmetic in the same order whatever
+ * M is: one token alone is M = 1), and RoAd's rotation of one group of 2h outputs. */
 #define DEFINE_ROW_OPS(SUF, W)                                                                       \
-static inline float dot_##SUF(const W *a, const float *x, int64_t n) {                               \
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;                                      \
-    int64_t c = 0;                                                                                   \
-    for (; c + 32 <= n; c += 32) {                                                                   \
-        __builtin_prefetch((const char *)(a + c) + PREFETCH_AHEAD, 0, 3);                            \
-        s0 = _mm256_fmadd_ps(SUF##_load8(a + c), _mm256_loadu_ps(x + c), s0);                        \
-        s1 = _mm256_fmadd_ps(SUF##_load8(a + c + 8), _mm256_loadu_ps(x + c + 8), s1);                \
-        s2 = _mm256_fmadd_ps(SUF##_load8(a + c + 16), _mm256_loadu_ps(x + c + 16), s2);              \
-        s3 = _mm256_fmadd_ps(SUF##_load8(a + c + 24), _mm256_loadu_ps(x + c + 24), s3);              \
-    }                                                                                                \
-    float acc = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));                  \
-    for (; c < n; c++) acc += SUF##_load(a, c) * x[c];                                               \
-    return acc;                                                                                      \
-}                                                                                                    \
-static inline void axpy_##SUF(float h, const W *b, float *y, int64_t n) {                            \
-    const __m256 hv = _mm256_set1_ps(h);                                                             \
-    int64_t c = 0;                                                                                   \
-    for (; c + 16 <= n; c += 16) {                                                                   \
-        __builtin_prefetch((const char *)(b + c) + PREFETCH_AHEAD, 0, 3);                            \
-        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(hv, SUF##_load8(b + c), _mm256_loadu_ps(y + c)));    \
-        _mm256_storeu_ps(y + c + 8, _mm256_fmadd_ps(hv, SUF##_load8(b + c + 8),                      \
-                                                    _mm256_loadu_ps(y + c + 8)));                    \
-    }                                                                                                \
-    for (; c < n; c++) y[c] += h * SUF##_load(b, c);                                                 \
-}                                                                                                    \
-static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {                       \
-    int64_t j = 0;                                                                                   \
-    for (; j + 8 <= h; j += 8) {                                                                     \
-        const __m256 a = _mm256_loadu_ps(y + j), b = _mm256_loadu_ps(y + j + h);                     \
-        _mm256_storeu_ps(y + j, _mm256_fmsub_ps(a, SUF##_load8(c + j),                               \
-                                                _mm256_mul_ps(b, SUF##_load8(s + j))));              \
-        _mm256_storeu_ps(y + j + h, _mm256_fmadd_ps(b, SUF##_load8(c + j + h),                       \
-                                                    _mm256_mul_ps(a, SUF##_load8(s + j + h))));      \
-    }                                                                                                \
-    for (; j < h; j++) {                                                                             \
-        const float a = y[j], b = y[j + h];                                                          \
-        y[j] = a * SUF##_load(c, j) - b * SUF##_load(s, j);                                          \
-        y[j + h] = b * SUF##_load(c, j + h) + a * SUF##_load(s, j + h);                              \
-    }                                                                                                \
-}                                                                                                    \
-/* M tokens sharing one weight row: the row's loads and conversions are shared, each token's arithmetic is    \
- * dot_/axpy_'s own, in the same order (bit-identical to M single calls). */                                \
 static inline __attribute__((always_inline)) void dotm_##SUF(const W *a, const float *const *x, const int M, \
                                                              int64_t n, float *out) {                \
     __m256 s[RUN_MAX][4];                                                                            \
@@ -160,6 +119,29 @@ static inline __attribute__((always_inline)) void axpym_##SUF(const float *h, co
     }                                                                                                \
     for (int t = 0; t < M; t++)                                                                      \
         for (int64_t cc = c; cc < n; cc++) y[t][cc] += h[t] * SUF##_load(b, cc);                     \
+}                                                                                                    \
+static inline float dot_##SUF(const W *a, const float *x, int64_t n) {                               \
+    float out;                                                                                       \
+    dotm_##SUF(a, &x, 1, n, &out);                                                                   \
+    return out;                                                                                      \
+}                                                                                                    \
+static inline void axpy_##SUF(float h, const W *b, float *y, int64_t n) {                            \
+    axpym_##SUF(&h, b, &y, 1, n);                                                                    \
+}                                                                                                    \
+static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {                       \
+    int64_t j = 0;                                                                                   \
+    for (; j + 8 <= h; j += 8) {                                                                     \
+        const __m256 a = _mm256_loadu_ps(y + j), b = _mm256_loadu_ps(y + j + h);                     \
+        _mm256_storeu_ps(y + j, _mm256_fmsub_ps(a, SUF##_load8(c + j),                               \
+                                                _mm256_mul_ps(b, SUF##_load8(s + j))));              \
+        _mm256_storeu_ps(y + j + h, _mm256_fmadd_ps(b, SUF##_load8(c + j + h),                       \
+                                                    _mm256_mul_ps(a, SUF##_load8(s + j + h))));      \
+    }                                                                                                \
+    for (; j < h; j++) {                                                                             \
+        const float a = y[j], b = y[j + h];                                                          \
+        y[j] = a * SUF##_load(c, j) - b * SUF##_load(s, j);                                          \
+        y[j + h] = b * SUF##_load(c, j + h) + a * SUF##_load(s, j + h);                              \
+    }                                                                                                \
 }
 #else
 #define DEFINE_ROW_OPS(SUF, W)                                                                       \
@@ -177,7 +159,7 @@ static inline void rotate_##SUF(float *y, const W *c, const W *s, int64_t h) {  
         y[j] = a * SUF##_load(c, j) - b * SUF##_load(s, j);                                          \
         y[j + h] = b * SUF##_load(c, j + h) + a * SUF##_load(s, j + h);                              \
     }                                                                                                \
-} \
+}                                                                                                    \
 static inline void dotm_##SUF(const W *a, const float *const *x, const int M, int64_t n, float *out) {  \
     for (int t = 0; t < M; t++) out[t] = dot_##SUF(a, x[t], n);                                      \
 }                                                                                                    \

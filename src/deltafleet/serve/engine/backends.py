@@ -255,18 +255,18 @@ class CpuBackend(Backend):
             entry = self._bound[id(tensors)] = (tensors, bind())
         return entry[1]
 
-    def _bgmv(self, tensors: dict[str, Tensor]) -> BoundBgmv | None:
+    # A pool module's bound kernel: (tensors, step, in, out) -> it, or None (it does not fit the kernel)
+    def _bgmv(self, tensors: dict[str, Tensor], step: PoolStep, in_f: int, out_f: int) -> BoundBgmv | None:
         return self._binding(tensors, lambda: BoundBgmv.bind(tensors["A"], tensors["B"]))
 
-    def _qbgmv(self, tensors: dict[str, Tensor], in_f: int, out_f: int, step: PoolStep) -> BoundQBgmv | None:
+    def _qbgmv(self, tensors: dict[str, Tensor], step: PoolStep, in_f: int, out_f: int) -> BoundQBgmv | None:
         return self._binding(tensors, lambda: BoundQBgmv.bind(tensors, in_f, out_f, step.pool.group))
 
-    def _road(self, tensors: dict[str, Tensor], step: PoolStep) -> BoundRoad | None:
+    def _road(self, tensors: dict[str, Tensor], step: PoolStep, in_f: int, out_f: int) -> BoundRoad | None:
         return self._binding(tensors, lambda: BoundRoad.bind(tensors["c"], tensors["s"], step.pool.width))
 
-    # pool family -> (x, y, tensors, step) -> the family's bound kernel as a `Chain` link, or None
-    _linkers: ClassVar[dict[str, str]] = {ADDITIVE: "_link_additive", QADDITIVE: "_link_qadditive",
-                                          ELEMENTWISE: "_link_elementwise"}
+    # pool family -> the method giving its bound kernel, which a `Chain` links
+    _chainable: ClassVar[dict[str, str]] = {ADDITIVE: "_bgmv", QADDITIVE: "_qbgmv", ELEMENTWISE: "_road"}
 
     def fused_table(self, steps):
         if not self.native:
@@ -330,7 +330,7 @@ class CpuBackend(Backend):
         links, keep = [], []
         for step, tensors in members:
             entry = self._records.get(id(step.pool))
-            name = self._linkers.get(step.pool.family)
+            name = self._chainable.get(step.pool.family)
             if entry is None or entry[0] is not step.pool or name is None:
                 return None
             kernel = getattr(self, name)(tensors, step, x.shape[-1], y.shape[-1])
@@ -341,27 +341,18 @@ class CpuBackend(Backend):
             keep += [kernel, entry[1]]
         return Chain.build(links, x.shape[-1], y.shape[-1], x.dtype, keep)
 
-    def _link_additive(self, tensors, step, in_f, out_f):
-        return self._bgmv(tensors)
-
-    def _link_qadditive(self, tensors, step, in_f, out_f):
-        return self._qbgmv(tensors, in_f, out_f, step)
-
-    def _link_elementwise(self, tensors, step, in_f, out_f):
-        return self._road(tensors, step)
-
     # The native kernels take (..., features) tensors as they come (no reshapes: a decode step makes one call
     # per adapted projection, and each reshape costs about 2 us of Python).
     def apply_additive(self, x, y, tensors, step):
         if self.native:
-            kernel = self._bgmv(tensors)
+            kernel = self._bgmv(tensors, step, x.shape[-1], y.shape[-1])
             if kernel is not None and kernel(x.contiguous(), y, step.index, step.width, step.pool.null):
                 return y
         return super().apply_additive(x, y, tensors, step)
 
     def apply_qadditive(self, x, y, tensors, step):
         if self.native:
-            kernel = self._qbgmv(tensors, x.shape[-1], y.shape[-1], step)
+            kernel = self._qbgmv(tensors, step, x.shape[-1], y.shape[-1])
             if kernel is not None and kernel(x.contiguous(), y, step.index, step.pool.null):
                 return y
         return super().apply_qadditive(x, y, tensors, step)
@@ -369,7 +360,7 @@ class CpuBackend(Backend):
     def embed_qadditive(self, ids, y, tensors, step):
         if self.native:
             H, V = y.shape[-1], step.pool.cfg.vocab_size
-            kernel = self._qbgmv(tensors, H, V, step)
+            kernel = self._qbgmv(tensors, step, H, V)
             out = y.contiguous().clone()
             if kernel is not None and kernel.embedding(ids.reshape(-1).contiguous(), out, step.index,
                                                        step.pool.null):
@@ -378,7 +369,7 @@ class CpuBackend(Backend):
 
     def apply_elementwise(self, x, y, tensors, step):
         if self.native:
-            kernel = self._road(tensors, step)
+            kernel = self._road(tensors, step, x.shape[-1], y.shape[-1])
             if kernel is not None and kernel(y, step.index, step.pool.null):
                 return y
         return super().apply_elementwise(x, y, tensors, step)

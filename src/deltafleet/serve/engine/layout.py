@@ -119,18 +119,22 @@ class BatchLayout:
         if table is not None:
             backend.prepare(self.pool_steps)
 
+        def planned(entry, key, fuse, *args):
+            """The table's fused call for `entry` (a module key, or ("norm", key)), made at its first call over
+            these pools from the pools adapting `key`: `fuse(members, *args)`, or _NO_MEMBERS when none does."""
+            fused = table.get(entry, _UNPLANNED)
+            if fused is _UNPLANNED:
+                members = [(st, st.pool.tensors[key]) for st, _ in steps if key in st.modules]
+                fused = table[entry] = fuse(members, *args) if members else _NO_MEMBERS
+            return fused
+
         def apply(layer: int, proj: str, x: Tensor, y: Tensor) -> Tensor:
             if layer == MODEL_LAYER or proj in GAIN_NORMS:
                 return model_level(layer, proj, x, y)
             key = (layer, proj)
             if table is not None:
-                fused = table.get(key, _UNPLANNED)
-                if fused is _UNPLANNED:  # the projection's first call over these pools
-                    members = [(st, st.pool.tensors[key]) for st, _ in steps if key in st.modules]
-                    fused = table[key] = backend.fuse(members, x, y) if members else _NO_MEMBERS
-                if fused is _NO_MEMBERS:
-                    return y
-                if fused is not None and fused(x, y):
+                fused = planned(key, key, backend.fuse, x, y)
+                if fused is _NO_MEMBERS or (fused is not None and fused(x, y)):
                     return y
             for st, fn in steps:  # each pool its own way (no fused call, or this call does not fit it)
                 if key in st.modules:
@@ -139,12 +143,8 @@ class BatchLayout:
 
         def whole_norm(layer: int, name: str, norm, x: Tensor) -> Tensor | None:
             """The norm and its gains in one fused call (`Backend.fuse_norm`), or None: then `apply` takes it."""
-            key = (layer, name)
-            fused = table.get(("norm", key), _UNPLANNED)
-            if fused is _UNPLANNED:
-                members = [(st, st.pool.tensors[key]) for st, _ in steps if key in st.modules]
-                fused = table[("norm", key)] = backend.fuse_norm(members, norm, x) if members else None
-            return None if fused is None else fused(norm, x)
+            fused = planned(("norm", (layer, name)), (layer, name), backend.fuse_norm, norm, x)
+            return None if fused is None or fused is _NO_MEMBERS else fused(norm, x)
 
         if table is not None:
             apply.norm = whole_norm
@@ -169,8 +169,6 @@ class BatchLayout:
             width = (table["A"] if "A" in table else table["bits"]).shape[1]  # additive or qadditive rows
             cache[id(st)] = None if sub is None else replace(sub, width=width)
         return cache[id(st)]
-
-
 
 
 _UNPLANNED, _NO_MEMBERS = object(), object()  # fused-table markers: not looked at yet; no pool adapts the projection
